@@ -1,0 +1,202 @@
+"""Typed configuration: the one place where every default lives.
+
+A trial is described by `TrialConfig` (model, data, train). Sweep files (see `sweep_schema.py`)
+reuse these models, so a key has one spelling and one default everywhere.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Activation = Literal["relu", "leaky_relu", "elu", "gelu", "sigmoid"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+Schedule = Literal["none", "step", "cosine", "onecycle"]
+Stem = Literal["cifar", "imagenet"]
+Amp = Literal["auto", "bf16", "fp16", "off"]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; finite numbers only (a NaN learning rate is never intended)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class AugmentConfig(Strict):
+    """Per-sample random augmentations, applied to whole batches on the training device."""
+
+    hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
+    crop_padding: int = Field(0, ge=0, le=16, description="random crop after zero padding, px")
+    rotation: float = Field(0.0, ge=0, le=180, description="max rotation, degrees either way")
+    perspective: float = Field(0.0, ge=0, le=1, description="max perspective distortion (torchvision's distortion_scale)")
+    brightness: float = Field(0.0, ge=0, le=1, description="colour jitter: factor in [1-b, 1+b]")
+    contrast: float = Field(0.0, ge=0, le=1)
+    saturation: float = Field(0.0, ge=0, le=1)
+    hue: float = Field(0.0, ge=0, le=0.5, description="hue shift, fraction of a full turn")
+    cutout: int = Field(0, ge=0, le=32, description="side of the square zeroed at a random place, px")
+
+    def enabled(self) -> bool:
+        return self != AugmentConfig()
+
+
+# Named sets, so a sweep can search `data.augment: {choice: [none, flip_crop, seed]}`.
+AUGMENT_PRESETS: dict[str, dict[str, float]] = {
+    "none": {},
+    "flip_crop": {"hflip": 0.5, "crop_padding": 4},
+    # The seed's four: RandomHorizontalFlip, RandomRotation(10), RandomPerspective, ColorJitter.
+    "seed": {"hflip": 0.5, "rotation": 10, "perspective": 0.2, "brightness": 0.2, "contrast": 0.2,
+             "saturation": 0.2, "hue": 0.05},
+    "flip_crop_cutout": {"hflip": 0.5, "crop_padding": 4, "cutout": 8},
+}
+
+
+class DataConfig(Strict):
+    source: str = Field("cifar10", description="cifar10, synthetic, or a path to an image-folder tree/archive or pickled batches")
+    val_size: int = Field(10_000, ge=1, description="validation images taken from the training set")
+    train_size: Optional[int] = Field(None, ge=1, description="cap on training images (stratified, seeded subset)")
+    split_seed: int = Field(0, description="seed of the train/val split: the same for every trial")
+    synthetic_size: int = Field(12_000, ge=20, description="images made by source=synthetic (5/6 train, 1/6 test)")
+    data_dir: Optional[str] = Field(None, description="where cifar10 is looked for and downloaded; default <cache_dir>/downloads")
+    cache_dir: Optional[str] = Field(None, description="decoded-pixel cache; default $CIFAR_RAY_CACHE or ~/.cache/cifar_ray")
+    augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _preset(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value not in AUGMENT_PRESETS:
+                raise ValueError(f"unknown augmentation preset {value!r}; allowed: {', '.join(AUGMENT_PRESETS)}")
+            return AUGMENT_PRESETS[value]
+        return value
+
+
+class ModelConfig(Strict):
+    """Options left as None take the architecture's own value (net1's dropout is 0.2, for example)."""
+
+    name: str = "netconv"
+    stem: Stem = "cifar"
+    activation: Optional[Activation] = None
+    dropout: Optional[float] = Field(None, ge=0, lt=1)
+    batch_norm: Optional[bool] = None
+    width: Optional[float] = Field(None, gt=0, le=8, description="channel/unit multiplier")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from cifar_ray.models import list_models
+
+        known = list_models()
+        if value not in known:
+            raise ValueError(f"unknown model {value!r}{did_you_mean(value, known)}; allowed: {', '.join(known)}")
+        return value
+
+    def options(self) -> dict[str, Any]:
+        """The architecture options that were set, as build_model keyword arguments."""
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    optimizer: Optimizer = "sgd"
+    lr: float = Field(0.01, gt=0, le=10)
+    # lr is for this batch size; with lr_reference_batch set, lr is scaled linearly:
+    # lr_used = lr * batch_size / lr_reference_batch (Goyal et al. 2017), so a sweep can vary batch size.
+    lr_reference_batch: Optional[int] = Field(None, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    schedule: Schedule = "none"
+    step_size: int = Field(10, ge=1, description="epochs between lr drops for schedule=step")
+    gamma: float = Field(0.1, gt=0, le=1, description="lr factor at each step for schedule=step")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="stop after this many epochs without a lower val_loss")
+    seed: int = 0
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    amp: Amp = Field("auto", description="auto: bf16 where the GPU has it, fp16 with a grad scaler on older CUDA GPUs, off on cpu/mps")
+    channels_last: bool = True
+    compile: bool = False
+    eval_batch_size: int = Field(1000, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        ok = value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())
+        if not ok:
+            raise ValueError(f"unknown device {value!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> "TrainConfig":
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer sgd with momentum > 0")
+        return self
+
+    def effective_lr(self) -> float:
+        if self.lr_reference_batch is None:
+            return self.lr
+        return self.lr * self.batch_size / self.lr_reference_batch
+
+
+class TrialConfig(Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the user (`where: key.path: problem`)."""
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def describe_errors(err: ValidationError, where: str, prefix: tuple = ()) -> str:
+    """One line per problem: `where: key.path: message`, with unknown keys given a suggestion."""
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in (*prefix, *e["loc"])]
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            model = _schema_at(TrialConfig, loc[:-1]) if prefix == () else None
+            allowed = list(model.model_fields) if model else []
+            msg = f"unknown key{did_you_mean(loc[-1], allowed)}"
+            if allowed:
+                msg += f"; allowed: {', '.join(allowed)}"
+        elif e["type"] == "literal_error":
+            msg = f"{e['input']!r} is not one of {e['ctx']['expected'].replace(' or ', ', ')}"
+        elif e["type"] in ("finite_number",):
+            msg = "must be a finite number (NaN and inf are not allowed)"
+        lines.append(f"{where}: {'.'.join(loc)}: {msg}")
+    return "\n".join(lines)
+
+
+def _schema_at(model: type[BaseModel], path: list[str]) -> Optional[type[BaseModel]]:
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = getattr(ann, "__args__", (ann,))
+        nxt = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nxt:
+            return None
+        model = nxt[0]
+    return model
+
+
+def trial_config(data: dict, where: str = "config") -> TrialConfig:
+    """Validate a nested dict into a TrialConfig, raising ConfigError with readable lines."""
+    try:
+        return TrialConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(describe_errors(err, where)) from None
+
+
+__all__ = [
+    "Activation", "AugmentConfig", "AUGMENT_PRESETS", "ConfigError", "DataConfig", "ModelConfig",
+    "TrainConfig", "TrialConfig", "describe_errors", "did_you_mean", "trial_config"
+]

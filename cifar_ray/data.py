@@ -1,0 +1,494 @@
+"""CIFAR-10 sources, the decoded-pixel cache and the seeded train/val split.
+
+`python -m cifar_ray.data prepare SOURCE` decodes and caches a source; `info SOURCE` reads the cache.
+Sources: `cifar10` (local copy, else download), `synthetic`, or a path to an image-folder tree, a
+.tar/.tar.gz of one, a `cifar-10-batches-py` folder or `cifar-10-python.tar.gz`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import pickle
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Optional
+
+import numpy as np
+
+from cifar_ray.config import DataConfig
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+CACHE_FORMAT = 1  # bump when the cache layout changes
+ENV_DATA = "CIFAR_RAY_DATA"
+ENV_CACHE = "CIFAR_RAY_CACHE"
+# A 32x32 RGB image is 3 KiB raw; a member this large in an archive is not one (or is a bomb).
+MAX_MEMBER_BYTES = 1 << 20
+MAX_IMAGES = 2_000_000
+
+
+class DataError(ValueError):
+    """A data problem phrased for the user; nothing has been written to the cache."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Decoded pixels: images (N, 3, 32, 32) uint8, labels (N,) int64, for train and test."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into Dataset.train_x for training and validation, and the training set's stats."""
+
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    mean: tuple[float, float, float]  # per channel, on the [0, 1] scale
+    std: tuple[float, float, float]
+
+
+# ---------------------------------------------------------------- where things live
+
+def cache_root(cache_dir: Optional[str] = None) -> Path:
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cifar_ray"
+
+
+def download_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.data_dir).expanduser() if cfg.data_dir else cache_root(cfg.cache_dir) / "downloads"
+
+
+def resolve_source(cfg: DataConfig) -> str | Path:
+    """`synthetic`, or the path to read. For `cifar10`: $CIFAR_RAY_DATA, then the data directory;
+    None-like result means "download". An explicit path or `synthetic` is never overridden."""
+    if cfg.source == "synthetic":
+        return "synthetic"
+    if cfg.source == "cifar10":
+        env = os.environ.get(ENV_DATA)
+        if env:
+            path = Path(env).expanduser()
+            if not path.exists():
+                raise DataError(f"{ENV_DATA}={env}: no such file or folder; unset it or point it at a CIFAR-10 copy")
+            return path
+        local = download_dir(cfg)
+        for candidate in (local / "cifar-10-batches-py", local / "cifar-10-python.tar.gz"):
+            if candidate.exists():
+                return candidate
+        return "download"
+    path = Path(cfg.source).expanduser()
+    if not path.exists():
+        raise DataError(f"data.source: {cfg.source}: no such file or folder "
+                        "(use cifar10, synthetic, or a path to an image folder or archive)")
+    return path.resolve()
+
+
+# ---------------------------------------------------------------- synthetic
+
+def make_synthetic(size: int, seed: int = 0) -> Dataset:
+    """Learnable CIFAR-shaped data, deterministic in (size, seed). Each class is a blocky random colour
+    pattern (70% shared by all classes, 30% its own); an image is its class pattern shifted by up to
+    4 px, with random contrast and brightness and Gaussian noise. 5/6 train, 1/6 test."""
+    import torch  # torch's generator makes the noise several times faster than numpy's
+
+    g = torch.Generator().manual_seed(seed)
+    n_classes, max_shift = len(CIFAR10_CLASSES), 4
+    common = torch.rand(1, 3, 4, 4, generator=g)
+    coarse = 0.7 * common + 0.3 * torch.rand(n_classes, 3, 4, 4, generator=g)
+    protos = coarse.repeat_interleave(8, 2).repeat_interleave(8, 3)  # (10, 3, 32, 32)
+    shifts = [(dy, dx) for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)]
+    table = torch.stack([protos.roll(s, dims=(2, 3)) for s in shifts], 1)  # (10, 81, 3, 32, 32)
+    labels = (torch.arange(size) % n_classes)[torch.randperm(size, generator=g)]
+    images = table[labels, torch.randint(0, len(shifts), (size,), generator=g)]  # (N, 3, 32, 32)
+    contrast = torch.rand(size, 1, 1, 1, generator=g) * 0.5 + 0.5
+    brightness = torch.rand(size, 1, 1, 1, generator=g) * 0.3 - 0.15
+    images.sub_(0.5).mul_(contrast).add_(0.5 + brightness)
+    images.add_(torch.randn(images.shape, generator=g), alpha=0.35)
+    pixels = images.mul_(255).clamp_(0, 255).to(torch.uint8).numpy()
+    labels = labels.numpy().astype(np.int64)
+    n_test = max(size // 6, n_classes)
+    return Dataset(pixels[n_test:], labels[n_test:], pixels[:n_test], labels[:n_test], CIFAR10_CLASSES)
+
+
+# ---------------------------------------------------------------- decoding
+
+def _decode_image(raw: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img.load()
+            if img.size != (32, 32) or img.mode != "RGB":
+                raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]} {img.mode}; every image must be 32x32 RGB")
+            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    except DataError:
+        raise
+    except Exception as exc:  # PIL raises many types for a bad file
+        raise DataError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
+    p = PurePosixPath(member.name)
+    if p.is_absolute() or ".." in p.parts:
+        raise DataError(f"{archive}: refusing member with an unsafe path: {member.name!r}")
+    if member.issym() or member.islnk() or member.isdev() or member.isfifo():
+        raise DataError(f"{archive}: refusing link or special file member: {member.name!r}")
+    if member.size > MAX_MEMBER_BYTES:
+        raise DataError(f"{archive}: member {member.name!r} is {member.size} bytes, far more than a 32x32 image; refusing it")
+
+
+def _iter_archive(path: Path) -> Iterator[tuple[str, Optional[bytes]]]:
+    """Yield (member name, bytes) of regular files and (name, None) of folders, in place, without
+    extracting anything to disk."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            count = 0
+            for member in tar:
+                _check_member(member, path)
+                if member.isdir():
+                    yield member.name, None
+                    continue
+                if not member.isfile():
+                    continue
+                count += 1
+                if count > MAX_IMAGES:
+                    raise DataError(f"{path}: more than {MAX_IMAGES} files; refusing it as a likely archive bomb")
+                f = tar.extractfile(member)
+                yield member.name, f.read() if f else b""
+    except (tarfile.TarError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable tar archive ({exc})") from None
+
+
+def _iter_tree(root: Path) -> Iterator[tuple[str, Optional[bytes]]]:
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            continue  # a tree's links could point anywhere; only regular files inside it count
+        if path.is_dir():
+            yield path.relative_to(root).as_posix(), None
+        elif path.is_file():
+            yield path.relative_to(root).as_posix(), path.read_bytes()
+
+
+def _image_folder(entries: Iterator[tuple[str, Optional[bytes]]], where: Path, total: Optional[int]) -> Dataset:
+    """Decode `[prefix/]train|test/<class>/<image>` entries (raw None for a folder) into a Dataset,
+    checking the layout."""
+    from tqdm import tqdm
+
+    found: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
+    top_level: set[str] = set()
+    class_dirs: list[tuple[str, ...]] = []
+    prefix: Optional[tuple[str, ...]] = None
+    for name, raw in tqdm(entries, total=total, desc=f"decoding {where.name}", unit="file", file=sys.stderr,
+                          disable=None, mininterval=1.0):
+        parts = PurePosixPath(name).parts
+        top_level.add(parts[0])
+        if raw is None:
+            if len(parts) >= 2 and parts[-2] in found:
+                class_dirs.append(parts)
+            continue
+        if len(parts) < 3 or parts[-3] not in found or not name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        if prefix is None:
+            prefix = parts[:-3]
+        elif parts[:-3] != prefix:
+            continue  # a second tree elsewhere in the archive is not part of this data set
+        found[parts[-3]].setdefault(parts[-2], []).append(_decode_image(raw, f"{where}:{name}"))
+    empty = sorted("/".join(p[-2:]) for p in class_dirs if p[:-2] == (prefix or ()) and p[-1] not in found[p[-2]])
+    if empty:
+        raise DataError(f"{where}: class folder without images: {', '.join(empty)}; add images or remove it")
+    missing = [s for s in ("train", "test") if not found[s]]
+    if missing:
+        seen = ", ".join(sorted(top_level)[:10]) or "nothing"
+        raise DataError(f"{where}: no images under {' and '.join(m + '/' for m in missing)}; expected "
+                        f"train/<class>/*.png|jpg and test/<class>/*; found: {seen}")
+    if sorted(found["train"]) != sorted(found["test"]):
+        only_train = sorted(set(found["train"]) - set(found["test"]))
+        only_test = sorted(set(found["test"]) - set(found["train"]))
+        raise DataError(f"{where}: class folders differ between train and test "
+                        f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'})")
+    classes = tuple(sorted(found["train"]))
+    arrays = []
+    for split in ("train", "test"):
+        xs, ys = [], []
+        for label, cls in enumerate(classes):
+            xs.extend(found[split][cls])
+            ys.extend([label] * len(found[split][cls]))
+        arrays += [np.stack(xs), np.asarray(ys, dtype=np.int64)]
+    return Dataset(*arrays, classes=classes)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """The CIFAR batches are pickles: allow only the numpy/builtin names they use, so a crafted
+    file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+
+
+def _read_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        d = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        x = np.frombuffer(bytes(d[b"data"]), dtype=np.uint8) if not isinstance(d[b"data"], np.ndarray) else d[b"data"]
+        x = np.ascontiguousarray(x, dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows are R(1024) G B planes
+        y = np.asarray(d[b"labels"], dtype=np.int64)
+    except Exception as exc:
+        raise DataError(f"{name}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
+    if len(x) != len(y):
+        raise DataError(f"{name}: {len(x)} images but {len(y)} labels")
+    return x, y
+
+
+def _pickled(entries: dict[str, bytes], where: Path) -> Dataset:
+    train = [_read_batch(entries[f"data_batch_{i}"], f"{where}:data_batch_{i}") for i in range(1, 6)]
+    test = _read_batch(entries["test_batch"], f"{where}:test_batch")
+    return Dataset(np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]),
+                   test[0], test[1], CIFAR10_CLASSES)
+
+
+BATCH_NAMES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _decode_path(path: Path) -> Dataset:
+    if path.is_dir():
+        if (path / "cifar-10-batches-py").is_dir():
+            path = path / "cifar-10-batches-py"
+        if (path / "data_batch_1").exists():
+            missing = [n for n in BATCH_NAMES if not (path / n).is_file()]
+            if missing:
+                raise DataError(f"{path}: CIFAR-10 batches folder lacks {', '.join(missing)}")
+            return _pickled({n: (path / n).read_bytes() for n in BATCH_NAMES}, path)
+        if not (path / "train").is_dir() or not (path / "test").is_dir():
+            seen = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+            raise DataError(f"{path}: expected train/ and test/ folders of class folders "
+                            f"(or CIFAR-10 python batches); found: {seen}")
+        total = sum(1 for p in path.rglob("*") if p.is_file())
+        return _image_folder(_iter_tree(path), path, total)
+    if not tarfile.is_tarfile(path):
+        raise DataError(f"{path}: not a folder or a .tar/.tar.gz archive")
+    batches: dict[str, bytes] = {}
+
+    def entries() -> Iterator[tuple[str, bytes]]:
+        for name, raw in _iter_archive(path):
+            base = PurePosixPath(name).name
+            if base in BATCH_NAMES:
+                batches[base] = raw
+            else:
+                yield name, raw
+
+    try:
+        return _image_folder(entries(), path, None)
+    except DataError:
+        if len(batches) == len(BATCH_NAMES):
+            return _pickled(batches, path)
+        raise
+
+
+def _download(cfg: DataConfig) -> Path:
+    """Download the official archive with torchvision, once, even when many trials ask at once."""
+    from filelock import FileLock
+    from torchvision.datasets import CIFAR10
+
+    target = download_dir(cfg)
+    target.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target / ".download.lock")):
+        if not (target / "cifar-10-batches-py" / "test_batch").exists():
+            try:
+                CIFAR10(root=str(target), train=True, download=True)
+            except Exception as exc:
+                raise DataError(f"cannot download CIFAR-10 ({type(exc).__name__}: {exc}); on a machine without "
+                                f"internet set {ENV_DATA} to a local copy (cifar-10-python.tar.gz, a "
+                                "cifar-10-batches-py folder, or an image-folder tree or archive)") from None
+    return target / "cifar-10-batches-py"
+
+
+# ---------------------------------------------------------------- the cache
+
+def source_key(path: Path) -> str:
+    """Identifies a source's content cheaply: path, size and mtime of every file (a tree) or the file."""
+    h = hashlib.sha256(f"v{CACHE_FORMAT}:{path}".encode())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        st = p.stat()
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def cache_path(path: Path, cfg: DataConfig) -> Path:
+    return cache_root(cfg.cache_dir) / f"{path.name}-{source_key(path)}.npz"
+
+
+def _save_cache(ds: Dataset, target: Path) -> None:
+    """Write atomically: a reader sees the old file, no file, or the whole new one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # npz members carry CRC-32s, checked on load: a truncated or altered cache is detected.
+            np.savez(f, train_x=ds.train_x, train_y=ds.train_y, test_x=ds.test_x, test_y=ds.test_y,
+                     classes=np.asarray(ds.classes))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared by users of one machine
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cache(target: Path) -> Optional[Dataset]:
+    """The cached Dataset, or None when the file is missing or damaged (then it is rebuilt)."""
+    if not target.exists():
+        return None
+    try:
+        with np.load(target, allow_pickle=False) as z:
+            ds = Dataset(z["train_x"], z["train_y"], z["test_x"], z["test_y"], tuple(str(c) for c in z["classes"]))
+    except Exception as exc:  # BadZipFile, CRC errors, truncation, missing members
+        print(f"warning: data cache {target} is damaged ({type(exc).__name__}); rebuilding it", file=sys.stderr)
+        return None
+    if ds.train_x.ndim != 4 or ds.train_x.shape[1:] != (3, 32, 32) or len(ds.train_x) != len(ds.train_y):
+        print(f"warning: data cache {target} has unexpected shapes; rebuilding it", file=sys.stderr)
+        return None
+    return ds
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Decoded pixels for cfg.source: from the cache when it is valid, else decoded and cached once."""
+    from filelock import FileLock
+
+    src = resolve_source(cfg)
+    if src == "synthetic":
+        return make_synthetic(cfg.synthetic_size, seed=0)
+    if src == "download":
+        src = _download(cfg)
+    target = cache_path(src, cfg)
+    ds = _load_cache(target)
+    if ds is not None:
+        return ds
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        ds = _load_cache(target)  # another process may have built it while we waited
+        if ds is None:
+            ds = _decode_path(src)
+            _save_cache(ds, target)
+    return ds
+
+
+# ---------------------------------------------------------------- the split
+
+def _stratified_take(labels: np.ndarray, idx: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split idx into (taken, rest) with `n` taken in proportion to each class (largest remainder)."""
+    classes, counts = np.unique(labels[idx], return_counts=True)
+    exact = counts * n / counts.sum()
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(-(exact - quota), kind="stable")[: n - quota.sum()]] += 1
+    taken, rest = [], []
+    for cls, q in zip(classes, quota):
+        members = rng.permutation(idx[labels[idx] == cls])
+        taken.append(members[:q])
+        rest.append(members[q:])
+    return np.sort(np.concatenate(taken)), np.sort(np.concatenate(rest))
+
+
+def split_dataset(ds: Dataset, cfg: DataConfig) -> Split:
+    """Seeded, stratified train/val split of the training images; the same for every trial."""
+    n = len(ds.train_y)
+    if cfg.val_size >= n:
+        raise DataError(f"data.val_size: {cfg.val_size} is not smaller than the {n} training images of "
+                        f"source {cfg.source}; lower data.val_size")
+    rng = np.random.default_rng(cfg.split_seed)
+    val_idx, train_idx = _stratified_take(ds.train_y, np.arange(n), cfg.val_size, rng)
+    if cfg.train_size is not None and cfg.train_size < len(train_idx):
+        train_idx, _ = _stratified_take(ds.train_y, train_idx, cfg.train_size, rng)
+    mean, std = channel_stats(ds.train_x, train_idx)
+    return Split(train_idx, val_idx, mean, std)
+
+
+def channel_stats(x: np.ndarray, idx: np.ndarray, chunk: int = 8192) -> tuple[tuple, tuple]:
+    """Per-channel mean and std on the [0, 1] scale, in chunks so no float copy of the set is made."""
+    s = np.zeros(3)
+    s2 = np.zeros(3)
+    for i in range(0, len(idx), chunk):
+        part = x[np.sort(idx[i:i + chunk])].astype(np.float64) / 255.0  # (b, 3, 32, 32)
+        s += part.sum(axis=(0, 2, 3))
+        s2 += (part ** 2).sum(axis=(0, 2, 3))
+    count = len(idx) * x.shape[2] * x.shape[3]
+    mean = s / count
+    std = np.sqrt(np.maximum(s2 / count - mean ** 2, 1e-12))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+# ---------------------------------------------------------------- CLI
+
+def _describe(ds: Dataset, cfg: DataConfig, src) -> str:
+    split = split_dataset(ds, cfg) if cfg.val_size < len(ds.train_y) else None
+    lines = [f"source: {src}"]
+    if src not in ("synthetic",):
+        lines.append(f"cache: {cache_path(Path(src), cfg)}")
+    lines.append(f"classes: {len(ds.classes)}")
+    lines.append(f"{'class':<12}{'train':>8}{'test':>8}")
+    for i, cls in enumerate(ds.classes):
+        lines.append(f"{cls:<12}{int((ds.train_y == i).sum()):>8}{int((ds.test_y == i).sum()):>8}")
+    lines.append(f"{'total':<12}{len(ds.train_y):>8}{len(ds.test_y):>8}")
+    if split is not None:
+        lines.append(f"split (seed {cfg.split_seed}): train {len(split.train_idx)}, val {len(split.val_idx)}")
+        lines.append("train mean (R, G, B): " + ", ".join(f"{m:.4f}" for m in split.mean))
+        lines.append("train std  (R, G, B): " + ", ".join(f"{s:.4f}" for s in split.std))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cifar_ray.data", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["prepare", "info"])
+    parser.add_argument("source", help="cifar10, synthetic, or a path")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--val-size", type=int)
+    args = parser.parse_args(argv)
+    from cifar_ray.config import ConfigError, DataConfig as DC, describe_errors
+    from pydantic import ValidationError
+
+    fields = {"source": args.source, "cache_dir": args.cache_dir, "val_size": args.val_size}
+    try:
+        cfg = DC(**{k: v for k, v in fields.items() if v is not None})
+        src = resolve_source(cfg)
+        if args.command == "info" and src != "synthetic":
+            if src == "download":
+                raise DataError("cifar10 is not downloaded yet; run `prepare cifar10` first")
+            ds = _load_cache(cache_path(Path(src), cfg))
+            if ds is None:
+                raise DataError(f"{src}: not cached yet; run `python -m cifar_ray.data prepare {args.source}`")
+        else:
+            ds = load_dataset(cfg)
+            src = resolve_source(cfg)
+            if src == "download":
+                src = download_dir(cfg) / "cifar-10-batches-py"
+        print(_describe(ds, cfg, src))
+    except ValidationError as err:
+        print(describe_errors(err, "options"), file=sys.stderr)
+        return 2
+    except (DataError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

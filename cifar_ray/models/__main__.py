@@ -1,0 +1,38 @@
+"""`python -m cifar_ray.models`: every registered model's parameter count and forward GFLOPs per image."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cifar_ray.models import build_model, list_models, model_spec
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_gflops(model: torch.nn.Module) -> float:
+    """FLOPs (multiply and add counted separately) of one eval-mode forward pass of one image."""
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    return counter.get_total_flops() / 1e9
+
+
+def main() -> int:
+    print(f"{'model':<10}{'stem':<10}{'params':>14}{'GFLOPs/img':>12}  unsupported  summary")
+    for name in list_models():
+        spec = model_spec(name)
+        for stem in spec.stems:
+            model = build_model(name, stem=stem)
+            unsupported = ",".join(sorted(spec.unsupported_devices)) or "-"
+            print(f"{name:<10}{stem:<10}{count_parameters(model):>14,}{forward_gflops(model):>12.3f}  "
+                  f"{unsupported:<11}  {spec.summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""The training engine: one TrialConfig in, per-epoch metrics out through a callback. No Ray here.
+
+Run one trial without Ray:
+    python -m cifar_ray.train --model netconv --data synthetic --epochs 2
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cifar_ray import metrics as M
+from cifar_ray.augment import augment
+from cifar_ray.config import ConfigError, TrialConfig, trial_config
+from cifar_ray.data import Dataset, DataError, Split, load_dataset, split_dataset
+from cifar_ray.models import ModelError, build_model, check_device
+from cifar_ray.models.googlenet import AUX_WEIGHT
+
+DIVERGENCE_CHECK_STEPS = 20  # check the running loss for NaN/inf every N steps (a host sync each time)
+
+OnEpoch = Callable[[dict, Callable[[], dict]], None]  # (metrics, make_state) after every epoch
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue, phrased for the user."""
+
+
+# ---------------------------------------------------------------- device
+
+def select_device(requested: str) -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"train.device: {requested} requested but no CUDA GPU is visible")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TrainError(f"train.device: {requested} requested but MPS is not available")
+    return device
+
+
+def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 where the GPU supports it; fp16 (with a grad scaler) on older CUDA GPUs (T4, 1080 Ti)."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- data on the device
+
+@dataclass
+class DeviceImages:
+    """Images kept on the training device as uint8 (N, 3, 32, 32); batches are gathered by index,
+    converted and normalised there. On the CPU the tensor shares memory with the numpy array."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mean: torch.Tensor  # (1, 3, 1, 1), [0, 1] scale
+    std: torch.Tensor
+    channels_last: bool = False
+
+    @classmethod
+    def create(cls, x: np.ndarray, y: np.ndarray, split: Split, device: torch.device, channels_last: bool):
+        with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we never write
+            warnings.simplefilter("ignore", UserWarning)
+            tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+        mean = torch.tensor(split.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(split.std, device=device).view(1, 3, 1, 1)
+        return cls(tx.to(device), ty.to(device), mean, std, channels_last)
+
+    def batch(self, idx: torch.Tensor, augment_cfg=None, gen: Optional[torch.Generator] = None):
+        x = self.x[idx].float().div_(255)  # (B, 3, 32, 32) in [0, 1]
+        if augment_cfg is not None:
+            x = augment(x, augment_cfg, gen)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.y[idx]
+
+    def batches(self, idx: torch.Tensor, batch_size: int, *, gen: Optional[torch.Generator] = None,
+                augment_cfg=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches over idx; shuffled on the device when gen is given."""
+        if gen is not None:
+            idx = idx[torch.randperm(len(idx), generator=gen, device=idx.device)]
+        for i in range(0, len(idx), batch_size):
+            yield self.batch(idx[i:i + batch_size], augment_cfg, gen)
+
+
+# ---------------------------------------------------------------- evaluation
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    loss: float
+    class_accuracy: dict[str, float]
+    confusion: np.ndarray  # (C, C): rows true class, columns predicted
+    classes: tuple[str, ...]
+
+    @property
+    def count(self) -> int:
+        return int(self.confusion.sum())
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: DeviceImages, idx: torch.Tensor, classes: tuple[str, ...],
+             batch_size: int = 1000, amp: Optional[torch.dtype] = None) -> Evaluation:
+    """Accuracy, mean loss, per-class accuracy and confusion matrix of model on images[idx]."""
+    was_training = model.training
+    model.eval()
+    n_cls = len(classes)
+    confusion = torch.zeros(n_cls * n_cls, dtype=torch.int64, device=idx.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=idx.device)
+    autocast = torch.autocast(idx.device.type, dtype=amp) if amp else nullcontext()
+    for x, y in images.batches(idx, batch_size):
+        with autocast:
+            logits = logits_of(model(x))
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        confusion += torch.bincount(y * n_cls + logits.argmax(1), minlength=n_cls * n_cls)
+    model.train(was_training)
+    cm = confusion.view(n_cls, n_cls).cpu().numpy()
+    per_class = {c: float(cm[i, i] / max(cm[i].sum(), 1)) for i, c in enumerate(classes)}
+    total = max(int(cm.sum()), 1)
+    return Evaluation(float(np.trace(cm) / total), float(loss_sum.item() / total), per_class, cm, classes)
+
+
+def format_report(ev: Evaluation, split: str = "test") -> str:
+    """The seed's printout: overall accuracy as a whole percent, then one line per class."""
+    lines = [f"Accuracy of the network on the {ev.count} {split} images: {round(100 * ev.accuracy)} %"]
+    lines += [f"Accuracy for class: {c:<10s} is {100 * a:.1f} %" for c, a in ev.class_accuracy.items()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- checkpoint state
+
+def save_state(state: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary name in the same folder, fsync, then rename: a crash or a full disk
+    leaves the previous file intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class FitResult:
+    status: str
+    history: list[dict] = field(default_factory=list)
+    model: Optional[nn.Module] = None
+    evaluation: Optional[Evaluation] = None  # on the validation split, after the last epoch
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def build_optimizer(cfg: TrialConfig, params) -> torch.optim.Optimizer:
+    t = cfg.train
+    lr = t.effective_lr()
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+
+
+def build_schedule(cfg: TrialConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """Returns (scheduler or None, whether it steps per batch)."""
+    t = cfg.train
+    if t.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_size, gamma=t.gamma), False
+    if t.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs), False
+    if t.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.effective_lr(), epochs=t.epochs,
+                                                   steps_per_epoch=steps_per_epoch), True
+    return None, False
+
+
+def _loss(out: Any, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    if isinstance(out, tuple):  # inception in training mode: (logits, aux1, aux2)
+        main, *aux = out
+        return F.cross_entropy(main, y, label_smoothing=smoothing) + AUX_WEIGHT * sum(
+            F.cross_entropy(a, y, label_smoothing=smoothing) for a in aux)
+    return F.cross_entropy(out, y, label_smoothing=smoothing)
+
+
+def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Optional[OnEpoch] = None,
+        resume: Optional[dict] = None, device: Optional[torch.device] = None) -> FitResult:
+    """Train cfg.model on cfg.data for cfg.train.epochs (or until early stop / divergence).
+
+    resume: a state from a previous run's make_state(); training continues after its epoch and
+    gives the same metrics as an uninterrupted run on the CPU. device overrides cfg.train.device
+    (the Ray trainable passes the device Ray granted).
+    """
+    t = cfg.train
+    device = device or select_device(t.device)
+    check_device(cfg.model.name, device.type)
+    dataset = dataset if dataset is not None else load_dataset(cfg.data)
+    split = split_dataset(dataset, cfg.data)
+    channels_last = t.channels_last and device.type == "cuda"
+    images = DeviceImages.create(dataset.train_x, dataset.train_y, split, device, channels_last)
+    train_idx = torch.from_numpy(split.train_idx).to(device)
+    val_idx = torch.from_numpy(split.val_idx).to(device)
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model.name, num_classes=len(dataset.classes), **cfg.model.options()).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(cfg, model.parameters())
+    steps_per_epoch = math.ceil(len(train_idx) / t.batch_size)
+    sched, per_step = build_schedule(cfg, opt, steps_per_epoch)
+    amp = amp_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    gen = torch.Generator(device=device).manual_seed(t.seed)  # shuffling and augmentation
+    augment_cfg = cfg.data.augment if cfg.data.augment.enabled() else None
+    forward = torch.compile(model) if (t.compile and device.type == "cuda") else model
+
+    start_epoch, best = 0, {"val_loss": math.inf, "val_acc": -math.inf, "bad_epochs": 0}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None and resume.get("scheduler"):
+            sched.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        gen.set_state(resume["rng"]["generator"].to(gen.get_state().device))
+        if device.type == "cuda" and "cuda" in resume["rng"]:
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+        start_epoch = int(resume["epoch"])
+        best = dict(resume["best"])
+
+    def make_state(epoch: int) -> dict:
+        return {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else {},
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "epoch": epoch, "best": dict(best), "config": cfg.model_dump(mode="json"),
+            "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state(),
+                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+        }
+
+    result = FitResult(M.COMPLETED, model=model)
+    if start_epoch >= t.epochs:
+        return result
+    model.train()
+    for epoch in range(start_epoch + 1, t.epochs + 1):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        lr = opt.param_groups[0]["lr"]
+        _sync(device)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen, diverged = 0, False
+        autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+        for step, (x, y) in enumerate(images.batches(train_idx, t.batch_size, gen=gen, augment_cfg=augment_cfg), 1):
+            with autocast:
+                out = forward(x)
+                loss = _loss(out, y, t.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if per_step:
+                sched.step()
+            loss_sum += loss.detach().float() * len(y)
+            correct += (logits_of(out).argmax(1) == y).sum()
+            seen += len(y)
+            if step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(loss_sum).item():
+                diverged = True
+                break
+        if not diverged and not torch.isfinite(loss_sum).item():
+            diverged = True
+        _sync(device)
+        train_seconds = time.perf_counter() - t0
+        if sched is not None and not per_step:
+            sched.step()
+        ev = evaluate(model, images, val_idx, dataset.classes, t.eval_batch_size, amp)
+        epoch_seconds = time.perf_counter() - t0
+        status = M.DIVERGED if diverged else M.RUNNING
+        if not diverged:
+            if ev.loss < best["val_loss"]:
+                best["val_loss"], best["bad_epochs"] = ev.loss, 0
+            else:
+                best["bad_epochs"] += 1
+            best["val_acc"] = max(best["val_acc"], ev.accuracy)
+            if t.early_stopping_patience and best["bad_epochs"] >= t.early_stopping_patience:
+                status = M.EARLY_STOPPED
+            elif epoch == t.epochs:
+                status = M.COMPLETED
+        metrics = {
+            M.EPOCH: epoch, M.TRAIN_LOSS: float(loss_sum.item() / max(seen, 1)) if not diverged else math.nan,
+            M.TRAIN_ACC: float(correct.item() / max(seen, 1)), M.VAL_LOSS: ev.loss, M.VAL_ACC: ev.accuracy,
+            M.VAL_CLASS_ACC: ev.class_accuracy, M.LR: lr, M.EPOCH_SECONDS: epoch_seconds,
+            M.IMAGES_PER_SECOND: seen / train_seconds, M.PEAK_MEMORY_MB: peak_memory_mb(device), M.STATUS: status,
+        }
+        result.history.append(metrics)
+        result.evaluation = ev
+        if on_epoch is not None:
+            on_epoch(metrics, lambda e=epoch: make_state(e))
+        if status != M.RUNNING:
+            result.status = status
+            break
+    return result
+
+
+def build_test_images(dataset: Dataset, split: Split, device: torch.device) -> tuple[DeviceImages, torch.Tensor]:
+    images = DeviceImages.create(dataset.test_x, dataset.test_y, split, device, channels_last=False)
+    return images, torch.arange(len(dataset.test_y), device=device)
+
+
+def evaluate_split(model: nn.Module, cfg: TrialConfig, dataset: Dataset, split_name: str = "test",
+                   device: Optional[torch.device] = None) -> Evaluation:
+    """Evaluate on 'test' (the official 10,000) or 'val' (the seeded split of cfg.data)."""
+    device = device or next(model.parameters()).device
+    split = split_dataset(dataset, cfg.data)
+    if split_name == "test":
+        images, idx = build_test_images(dataset, split, device)
+    elif split_name == "val":
+        images = DeviceImages.create(dataset.train_x, dataset.train_y, split, device, channels_last=False)
+        idx = torch.from_numpy(split.val_idx).to(device)
+    else:
+        raise ValueError(f"split: {split_name!r} is not one of test, val")
+    return evaluate(model, images, idx, dataset.classes, cfg.train.eval_batch_size)
+
+
+# ---------------------------------------------------------------- CLI
+
+# flag -> (section, key); types come from the schema, defaults too (argparse keeps None).
+CLI_FLAGS = {
+    "model": ("model", "name"), "data": ("data", "source"), "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"), "optimizer": ("train", "optimizer"), "lr": ("train", "lr"),
+    "momentum": ("train", "momentum"), "weight_decay": ("train", "weight_decay"),
+    "schedule": ("train", "schedule"), "train_size": ("data", "train_size"), "val_size": ("data", "val_size"),
+    "augment": ("data", "augment"), "device": ("train", "device"), "seed": ("train", "seed"),
+}
+
+
+def config_from_args(args: argparse.Namespace) -> TrialConfig:
+    nested: dict[str, dict] = {"model": {}, "data": {}, "train": {}}
+    for flag, (section, key) in CLI_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            nested[section][key] = value
+    return trial_config(nested, where="options")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cifar_ray.train", description="Train one model without Ray.")
+    for flag in CLI_FLAGS:
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag)  # strings: pydantic converts and checks
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        dataset = load_dataset(cfg.data)
+
+        def show(m: dict, _state) -> None:
+            print(f"epoch {m[M.EPOCH]:>3}/{cfg.train.epochs}  train_loss {m[M.TRAIN_LOSS]:.4f}  "
+                  f"train_acc {m[M.TRAIN_ACC]:.4f}  val_loss {m[M.VAL_LOSS]:.4f}  val_acc {m[M.VAL_ACC]:.4f}  "
+                  f"lr {m[M.LR]:.3g}  {m[M.EPOCH_SECONDS]:.1f}s  {m[M.IMAGES_PER_SECOND]:.0f} img/s  "
+                  f"{m[M.STATUS]}", flush=True)
+
+        result = fit(cfg, dataset, on_epoch=show)
+        print(f"status: {result.status}")
+        print(format_report(evaluate_split(result.model, cfg, dataset, "test"), "test"))
+    except (ConfigError, DataError, ModelError, TrainError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from cifar_ray.augment import augment, hflip, random_crop, warp
+from cifar_ray.config import AUGMENT_PRESETS, AugmentConfig
+
+SETS = {name: AugmentConfig(**values) for name, values in AUGMENT_PRESETS.items() if values}
+
+
+def _batch(n=16):
+    torch.manual_seed(0)
+    one = torch.rand(1, 3, 32, 32)
+    return one.expand(n, 3, 32, 32).clone()  # the same image n times
+
+
+@pytest.mark.parametrize("name", list(SETS))
+def test_keeps_shape_dtype_range_and_differs_per_sample(name):
+    x = _batch()
+    out = augment(x, SETS[name], torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= 0 and out.max() <= 1
+    distinct = {tuple(o.flatten()[:2000].tolist()) for o in out}
+    assert len(distinct) > 4, "per-sample random parameters expected"
+
+
+@pytest.mark.parametrize("name", list(SETS))
+def test_seeded_generator_reproduces(name):
+    x = _batch()
+    a = augment(x, SETS[name], torch.Generator().manual_seed(7))
+    b = augment(x, SETS[name], torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_hflip_matches_flip():
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.equal(hflip(x, 1.0, torch.Generator()), x.flip(3))
+    assert torch.equal(hflip(x, 0.0, torch.Generator()), x)
+
+
+def test_crop_is_a_shifted_window_of_the_padded_image():
+    x = torch.rand(8, 3, 32, 32)
+    out = random_crop(x, 4, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(8):
+        hits = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
+        assert hits, f"sample {i} is not a window of its padded image"
+
+
+def test_warp_identity_and_quarter_turn_match_torch():
+    x = torch.rand(2, 3, 32, 32)
+    eye = torch.eye(3).expand(2, 3, 3)
+    assert torch.allclose(warp(x, eye), x, atol=1e-5)
+    c, s = math.cos(math.pi / 2), math.sin(math.pi / 2)
+    rot = torch.tensor([[c, -s, 0], [s, c, 0], [0, 0, 1]]).expand(2, 3, 3)
+    out = warp(x, rot)
+    ref = torch.rot90(x, k=1, dims=(2, 3))  # counter-clockwise in (row, col) display
+    ref_other = torch.rot90(x, k=-1, dims=(2, 3))
+    assert torch.allclose(out, ref, atol=1e-4) or torch.allclose(out, ref_other, atol=1e-4)
+
+
+def test_cutout_zeroes_a_square():
+    x = torch.ones(6, 3, 32, 32)
+    out = augment(x, AugmentConfig(cutout=8), torch.Generator().manual_seed(0))
+    zeros = (out[:, 0] == 0).sum(dim=(1, 2))
+    assert ((zeros > 0) & (zeros <= 64)).all()
+    assert (out[:, 0] == out[:, 1]).all()  # the same hole in every channel
+
+
+def test_preset_names_resolve():
+    from cifar_ray.config import DataConfig
+
+    assert DataConfig(augment="flip_crop").augment == AugmentConfig(hflip=0.5, crop_padding=4)
+    assert not DataConfig().augment.enabled()
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        DataConfig(augment="flips")

@@ -1,0 +1,272 @@
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifar_ray.config import DataConfig
+from cifar_ray.data import (DataError, cache_path, load_dataset, make_synthetic, resolve_source, split_dataset)
+from conftest import REAL_DATA, class_pixels, png_bytes, write_batches, write_tar, write_tree
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    a = make_synthetic(1200, seed=0)
+    b = make_synthetic(1200, seed=0)
+    assert np.array_equal(a.train_x, b.train_x) and np.array_equal(a.test_y, b.test_y)
+    assert a.train_x.shape == (1000, 3, 32, 32) and a.train_x.dtype == np.uint8
+    assert len(a.test_y) == 200
+    assert np.bincount(a.train_y).min() > 80
+    assert not np.array_equal(make_synthetic(1200, seed=1).train_x, a.train_x)
+
+
+def test_image_tree_is_decoded_in_class_order(tmp_path):
+    root = write_tree(tmp_path / "tree")
+    ds = load_dataset(DataConfig(source=str(root), val_size=3))
+    assert ds.classes == ("cat", "dog", "frog")
+    assert ds.train_x.shape == (18, 3, 32, 32) and ds.test_x.shape == (6, 3, 32, 32)
+    assert list(np.bincount(ds.train_y)) == [6, 6, 6]
+    # pixel-exact: the first dog training image
+    assert np.array_equal(ds.train_x[6], class_pixels(1, 0).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("prefix", ["", "cifar10/"])
+def test_tar_archive_read_in_place(tmp_path, prefix):
+    archive = write_tar(tmp_path / "data.tar.gz", write_tree(tmp_path / "tree"), prefix)
+    ds = load_dataset(DataConfig(source=str(archive), val_size=3))
+    assert ds.train_x.shape == (18, 3, 32, 32) and ds.classes == ("cat", "dog", "frog")
+    assert not (tmp_path / "train").exists() and not (tmp_path / "cifar10").exists()
+
+
+def test_pickled_batches_folder_and_archive(tmp_path):
+    folder = write_batches(tmp_path / "b")
+    ds = load_dataset(DataConfig(source=str(folder), val_size=10))
+    assert ds.train_x.shape == (100, 3, 32, 32) and ds.test_x.shape == (10, 3, 32, 32)
+    assert ds.classes[0] == "airplane"
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    ds2 = load_dataset(DataConfig(source=str(tmp_path / "cifar-10-python.tar.gz"), val_size=10))
+    assert np.array_equal(ds.train_x, ds2.train_x) and np.array_equal(ds.test_y, ds2.test_y)
+    # the R plane comes first in each 3072-byte row
+    import pickle
+
+    raw = pickle.load(open(folder / "data_batch_1", "rb"), encoding="bytes")[b"data"]
+    assert np.array_equal(ds.train_x[0, 0].ravel(), raw[0, :1024])
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    d = write_batches(tmp_path / "b")
+    marker = tmp_path / "pwned"
+    payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    (d / "data_batch_3").write_bytes(payload)
+    with pytest.raises(DataError, match="data_batch_3: not a CIFAR-10 python batch"):
+        load_dataset(DataConfig(source=str(d), val_size=10))
+    assert not marker.exists()
+
+
+def test_cache_is_reused_and_keyed_by_source(tmp_path, isolated_cache):
+    root = write_tree(tmp_path / "tree")
+    cfg = DataConfig(source=str(root), val_size=3)
+    load_dataset(cfg)
+    files = list(isolated_cache.glob("*.npz"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    load_dataset(cfg)
+    assert files[0].stat().st_mtime_ns == mtime  # read, not rewritten
+    # a changed source gets a new key and is decoded again
+    (root / "train" / "cat" / "0000.png").write_bytes(png_bytes(class_pixels(2, 5)))
+    os.utime(root / "train" / "cat" / "0000.png", ns=(1, 1))
+    ds = load_dataset(cfg)
+    assert np.array_equal(ds.train_x[0], class_pixels(2, 5).transpose(2, 0, 1))
+    assert len(list(isolated_cache.glob("*.npz"))) == 2
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, capsys):
+    root = write_tree(tmp_path / "tree")
+    cfg = DataConfig(source=str(root), val_size=3)
+    good = load_dataset(cfg)
+    target = cache_path(root, cfg)
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])  # truncated
+    again = load_dataset(cfg)
+    assert np.array_equal(good.train_x, again.train_x)
+    assert "damaged" in capsys.readouterr().err
+    flipped = bytearray(target.read_bytes())
+    flipped[len(flipped) // 3] ^= 0xFF  # altered inside the pixel data: the zip CRC catches it
+    target.write_bytes(bytes(flipped))
+    assert np.array_equal(load_dataset(cfg).train_x, good.train_x)
+
+
+def test_read_only_source_and_cache_beside_nothing(tmp_path, isolated_cache):
+    root = write_tree(tmp_path / "tree")
+    before = sorted(p.as_posix() for p in root.rglob("*"))
+    load_dataset(DataConfig(source=str(root), val_size=3))
+    assert sorted(p.as_posix() for p in root.rglob("*")) == before
+    assert cache_path(root, DataConfig(source=str(root))).parent == isolated_cache
+
+
+def test_env_var_serves_cifar10_but_never_overrides(tmp_path, monkeypatch):
+    root = write_tree(tmp_path / "tree")
+    monkeypatch.setenv("CIFAR_RAY_DATA", str(root))
+    assert resolve_source(DataConfig(source="cifar10")) == root
+    assert resolve_source(DataConfig(source="synthetic")) == "synthetic"
+    other = write_tree(tmp_path / "other", classes=("a", "b"))
+    assert resolve_source(DataConfig(source=str(other))) == other.resolve()
+
+
+def test_offline_download_says_how_to_fix(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def no_network(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
+    with pytest.raises(DataError, match="CIFAR_RAY_DATA"):
+        load_dataset(DataConfig(source="cifar10", data_dir=str(tmp_path / "dl")))
+
+
+# ---- errors: clear message, nothing written to the cache
+
+def _assert_error(source, match, isolated_cache, **kw):
+    with pytest.raises(DataError, match=match):
+        load_dataset(DataConfig(source=str(source), val_size=1, **kw))
+    assert not list(isolated_cache.glob("*.npz"))
+
+
+def test_missing_path(tmp_path, isolated_cache):
+    _assert_error(tmp_path / "nope", "no such file or folder", isolated_cache)
+
+
+def test_tree_without_train_test(tmp_path, isolated_cache):
+    (tmp_path / "x" / "images").mkdir(parents=True)
+    _assert_error(tmp_path / "x", "expected train/ and test/.*found: images", isolated_cache)
+
+
+def test_archive_without_train_test(tmp_path, isolated_cache):
+    tree = tmp_path / "t"
+    (tree / "pics" / "cat").mkdir(parents=True)
+    (tree / "pics" / "cat" / "1.png").write_bytes(png_bytes(class_pixels(0, 0)))
+    _assert_error(write_tar(tmp_path / "a.tar.gz", tree), "no images under train/ and test/.*found: pics", isolated_cache)
+
+
+def test_class_folders_differ(tmp_path, isolated_cache):
+    root = write_tree(tmp_path / "tree")
+    for p in (root / "test" / "frog").iterdir():
+        p.unlink()
+    (root / "test" / "frog").rmdir()
+    _assert_error(root, "only in train: \\['frog'\\]", isolated_cache)
+
+
+def test_empty_class(tmp_path, isolated_cache):
+    root = write_tree(tmp_path / "tree")
+    (root / "train" / "empty").mkdir()
+    (root / "test" / "empty").mkdir()
+    _assert_error(root, "class folder without images: test/empty, train/empty", isolated_cache)
+
+
+def test_wrong_size_image(tmp_path, isolated_cache):
+    from PIL import Image
+
+    root = write_tree(tmp_path / "tree")
+    Image.new("RGB", (64, 64)).save(root / "train" / "dog" / "0001.png")
+    _assert_error(root, "train/dog/0001.png: image is 64x64 RGB", isolated_cache)
+
+
+def test_grey_image(tmp_path, isolated_cache):
+    from PIL import Image
+
+    root = write_tree(tmp_path / "tree")
+    Image.new("L", (32, 32)).save(root / "test" / "cat" / "0000.png")
+    _assert_error(root, "test/cat/0000.png: image is 32x32 L", isolated_cache)
+
+
+def test_undecodable_file_is_named(tmp_path, isolated_cache):
+    root = write_tree(tmp_path / "tree")
+    (root / "train" / "cat" / "0003.png").write_bytes(b"not an image at all")
+    _assert_error(root, "train/cat/0003.png: cannot decode", isolated_cache)
+
+
+@pytest.mark.parametrize("kind", ["traversal", "absolute", "symlink", "bomb"])
+def test_hostile_archives_are_refused(tmp_path, isolated_cache, kind):
+    import io
+
+    tree = write_tree(tmp_path / "tree")
+    archive = write_tar(tmp_path / "a.tar", tree)
+    with tarfile.open(archive, "a") as tar:
+        if kind in ("traversal", "absolute"):
+            info = tarfile.TarInfo("../evil.png" if kind == "traversal" else "/tmp/evil.png")
+            data = png_bytes(class_pixels(0, 0))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        elif kind == "symlink":
+            info = tarfile.TarInfo("train/cat/link.png")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        else:
+            info = tarfile.TarInfo("train/cat/huge.png")
+            info.size = 64 << 20
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
+    _assert_error(archive, {"traversal": "unsafe path", "absolute": "unsafe path", "symlink": "link",
+                            "bomb": "far more than a 32x32 image"}[kind], isolated_cache)
+    assert not (tmp_path / "evil.png").exists()
+
+
+# ---- split
+
+def test_split_is_seeded_stratified_and_disjoint():
+    ds = make_synthetic(6000)
+    cfg = DataConfig(source="synthetic", val_size=1000, train_size=2000, split_seed=3)
+    a, b = split_dataset(ds, cfg), split_dataset(ds, cfg)
+    assert np.array_equal(a.train_idx, b.train_idx) and np.array_equal(a.val_idx, b.val_idx)
+    assert len(a.val_idx) == 1000 and len(a.train_idx) == 2000
+    assert not set(a.train_idx) & set(a.val_idx)
+    full_counts = np.bincount(ds.train_y, minlength=10) / len(ds.train_y)
+    for idx, n in ((a.val_idx, 1000), (a.train_idx, 2000)):
+        assert np.abs(np.bincount(ds.train_y[idx], minlength=10) - full_counts * n).max() <= 1
+    c = split_dataset(ds, cfg.model_copy(update={"split_seed": 4}))
+    assert not np.array_equal(a.val_idx, c.val_idx)
+
+
+def test_train_size_subset_of_sorted_archive_covers_every_class(tmp_path):
+    root = write_tree(tmp_path / "tree", classes=tuple("abcdefghij"), per_class=(10, 1))
+    ds = load_dataset(DataConfig(source=str(root), val_size=10))
+    split = split_dataset(ds, DataConfig(source=str(root), val_size=10, train_size=20))
+    assert list(np.bincount(ds.train_y[split.train_idx], minlength=10)) == [2] * 10
+
+
+def test_normalisation_stats_are_the_training_split_s():
+    ds = make_synthetic(1200)
+    split = split_dataset(ds, DataConfig(source="synthetic", val_size=200))
+    pixels = ds.train_x[split.train_idx].astype(np.float64) / 255
+    assert np.allclose(split.mean, pixels.mean(axis=(0, 2, 3)), atol=1e-9)
+    assert np.allclose(split.std, pixels.std(axis=(0, 2, 3)), atol=1e-6)
+
+
+def test_val_size_too_large_names_the_key():
+    with pytest.raises(DataError, match="data.val_size: 5000 is not smaller"):
+        split_dataset(make_synthetic(1200), DataConfig(source="synthetic", val_size=5000))
+
+
+def test_data_cli_prepare_and_info(tmp_path):
+    root = write_tree(tmp_path / "tree")
+    env = {**os.environ, "CIFAR_RAY_CACHE": str(tmp_path / "c")}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "cifar_ray.data", *a], capture_output=True, text=True, env=env)
+    r = run("info", str(root), "--val-size", "3")
+    assert r.returncode == 2 and "not cached yet" in r.stderr
+    r = run("prepare", str(root), "--val-size", "3")
+    assert r.returncode == 0, r.stderr
+    assert "cat                6       2" in r.stdout and "total             18       6" in r.stdout
+    assert "cache: " in r.stdout
+    r = run("info", str(root), "--val-size", "3")
+    assert r.returncode == 0 and "total             18       6" in r.stdout
+    r = run("prepare", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not REAL_DATA, reason="CIFAR_RAY_DATA does not point at real CIFAR-10")
+def test_real_data_counts(real_cache):
+    ds = load_dataset(DataConfig(source=REAL_DATA, cache_dir=str(real_cache)))
+    assert ds.train_x.shape == (50_000, 3, 32, 32) and ds.test_x.shape == (10_000, 3, 32, 32)
+    assert list(np.bincount(ds.train_y)) == [5000] * 10 and list(np.bincount(ds.test_y)) == [1000] * 10

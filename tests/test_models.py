@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from cifar_ray.models import ModelError, build_model, check_device, list_models, model_spec
+from cifar_ray.models.__main__ import count_parameters
+
+CASES = [(name, stem) for name in list_models() for stem in model_spec(name).stems]
+
+
+def test_registry_lists_the_ten_models():
+    assert list_models() == ["net1", "net2", "net3", "base", "netconv", "vgg16", "vgg19", "inception",
+                             "resnet18", "resnet34"]
+
+
+@pytest.mark.parametrize("name,stem", CASES)
+def test_forward_shape_and_backward(name, stem):
+    torch.manual_seed(0)
+    model = build_model(name, stem=stem)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    logits = model(x)
+    assert logits.shape == (2, 10)
+    assert torch.isfinite(logits).all()
+    model.train()
+    out = model(x)
+    main = out[0] if isinstance(out, tuple) else out
+    loss = main.logsumexp(1).mean() if not isinstance(out, tuple) else sum(o.logsumexp(1).mean() for o in out)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name,expected", [("resnet18", 11_173_962), ("vgg16", 14_728_266), ("vgg19", 20_040_522)])
+def test_pinned_parameter_counts_cifar_stem(name, expected):
+    # The same counts as kuangliu/pytorch-cifar's ResNet18, VGG('VGG16') and VGG('VGG19').
+    assert count_parameters(build_model(name)) == expected
+
+
+@pytest.mark.parametrize("name,reference", [("resnet18", "resnet18"), ("resnet34", "resnet34"), ("vgg16", "vgg16_bn"),
+                                            ("vgg19", "vgg19_bn")])
+def test_imagenet_stem_matches_torchvision(name, reference):
+    import torchvision
+
+    ref = getattr(torchvision.models, reference)(num_classes=10)
+    assert count_parameters(build_model(name, stem="imagenet")) == count_parameters(ref)
+
+
+def test_inception_aux_heads_only_in_training():
+    model = build_model("inception", width=0.25)
+    model.train()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert isinstance(out, tuple) and len(out) == 3 and all(o.shape == (2, 10) for o in out)
+    model.eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_options_change_the_model():
+    assert count_parameters(build_model("netconv", width=2.0)) > count_parameters(build_model("netconv"))
+    acts = {type(m).__name__ for m in build_model("resnet18", activation="gelu").modules()}
+    assert "GELU" in acts and "ReLU" not in acts
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in build_model("netconv", batch_norm=False).modules())
+    drops = [m.p for m in build_model("net2", dropout=0.1).modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops == [0.1] * 5
+
+
+def test_bad_names_and_options_are_clear():
+    with pytest.raises(ModelError, match="allowed: net1"):
+        build_model("resnet19")
+    with pytest.raises(ModelError, match="no option 'dropout'"):
+        build_model("resnet18", dropout=0.5)
+    with pytest.raises(ModelError, match="no 'imagenet' stem"):
+        build_model("netconv", stem="imagenet")
+
+
+def test_inception_refuses_mps():
+    with pytest.raises(ModelError, match="cannot run on mps"):
+        check_device("inception", "mps")
+    check_device("resnet18", "mps")
+
+
+def test_models_cli_lists_every_model(capsys):
+    from cifar_ray.models.__main__ import main
+
+    assert main() == 0
+    out = capsys.readouterr().out
+    for name in list_models():
+        assert f"\n{name} " in out
+    assert "11,173,962" in out
