@@ -5,9 +5,12 @@ reuse these models, so a key has one spelling and one default everywhere.
 """
 from __future__ import annotations
 
+import copy
 import difflib
+from pathlib import Path
 from typing import Any, Literal, Optional
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "sigmoid"]
@@ -154,20 +157,22 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def describe_errors(err: ValidationError, where: str, prefix: tuple = ()) -> str:
+def describe_errors(err: ValidationError, where: str, root: Optional[type[BaseModel]] = None) -> str:
     """One line per problem: `where: key.path: message`, with unknown keys given a suggestion."""
     lines = []
     for e in err.errors():
-        loc = [str(p) for p in (*prefix, *e["loc"])]
+        loc = [str(p) for p in e["loc"]]
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            model = _schema_at(TrialConfig, loc[:-1]) if prefix == () else None
+            model = _schema_at(root or TrialConfig, loc[:-1])
             allowed = list(model.model_fields) if model else []
             msg = f"unknown key{did_you_mean(loc[-1], allowed)}"
             if allowed:
                 msg += f"; allowed: {', '.join(allowed)}"
         elif e["type"] == "literal_error":
             msg = f"{e['input']!r} is not one of {e['ctx']['expected'].replace(' or ', ', ')}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
         elif e["type"] in ("finite_number",):
             msg = "must be a finite number (NaN and inf are not allowed)"
         lines.append(f"{where}: {'.'.join(loc)}: {msg}")
@@ -200,3 +205,169 @@ __all__ = [
     "Activation", "AugmentConfig", "AUGMENT_PRESETS", "ConfigError", "DataConfig", "ModelConfig",
     "TrainConfig", "TrialConfig", "describe_errors", "did_you_mean", "trial_config"
 ]
+
+
+# ================================================================ sweep files
+
+SearchKind = Literal["grid", "random", "optuna"]
+SchedulerKind = Literal["fifo", "asha", "pbt"]
+WandbMode = Literal["auto", "online", "offline", "disabled"]
+MAX_TRIALS = 10_000  # a grid larger than this is almost surely a typo
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+class SearchConfig(Strict):
+    kind: SearchKind = "grid"
+    samples: int = Field(1, ge=1, le=MAX_TRIALS, description="grid: repeats of the grid; random/optuna: trials drawn")
+    seed: Optional[int] = Field(None, description="seed of the random or optuna sampler")
+
+
+class SchedulerConfig(Strict):
+    kind: SchedulerKind = "fifo"
+    grace_period: int = Field(1, ge=1, description="asha: epochs every trial gets before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, le=100)
+    max_t: Optional[int] = Field(None, ge=1, description="asha: epochs at most; default train.epochs")
+    brackets: int = Field(1, ge=1, le=10)
+    perturbation_interval: int = Field(2, ge=1, description="pbt: epochs between exploit/explore steps")
+    mutations: dict[str, Any] = Field(default_factory=dict, description="pbt: key -> list or domain to resample from")
+
+
+class ResourcesConfig(Strict):
+    cpu: float = Field(1.0, ge=0, le=1024)
+    gpu: float = Field(0.0, ge=0, le=64, description="fractions pack trials onto one GPU (0.25: four per GPU)")
+    accelerator: Optional[str] = Field(None, description="GPU model, Ray's accelerator_type (A100, T4, ...)")
+    tags: dict[str, float] = Field(default_factory=dict, description="custom node resources, e.g. {cuda: 1} or {mps: 1}")
+
+    @field_validator("tags")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for k, v in value.items():
+            if not (v > 0):
+                raise ValueError(f"tag {k!r}: amount must be > 0")
+        return value
+
+
+class CheckpointSettings(Strict):
+    keep: int = Field(2, ge=1, description="checkpoints kept per trial, best by the sweep's metric (plus the latest)")
+    every: int = Field(1, ge=1, description="epochs between checkpoints")
+
+
+class FailureSettings(Strict):
+    max_retries: int = Field(2, ge=0, le=100, description="restarts of a failed trial from its last checkpoint")
+
+
+class WandbSettings(Strict):
+    project: str = "cifar-ray"
+    entity: Optional[str] = None
+    group: Optional[str] = Field(None, description="default: the sweep's name")
+    tags: list[str] = Field(default_factory=list)
+    mode: WandbMode = Field("auto", description="auto: online when a W&B key exists, else offline")
+
+
+class SweepConfig(Strict):
+    name: str = Field(..., pattern=NAME_PATTERN)
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    model: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    seeds: Optional[list[int]] = Field(None, min_length=1, description="repeat every configuration with these train.seed values")
+    search: SearchConfig = SearchConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    resources_by_model: dict[str, ResourcesConfig] = Field(default_factory=dict)
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    failures: FailureSettings = FailureSettings()
+    wandb: WandbSettings = WandbSettings()
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, value: str) -> str:
+        from cifar_ray.metrics import EPOCH_METRICS
+
+        if value not in EPOCH_METRICS:
+            raise ValueError(f"{value!r} is never reported{did_you_mean(value, EPOCH_METRICS)}; allowed: {', '.join(EPOCH_METRICS)}")
+        return value
+
+    def resources_for(self, model_name: str) -> ResourcesConfig:
+        return self.resources_by_model.get(model_name, self.resources)
+
+
+# ---------------------------------------------------------------- reading sweep files
+
+MAX_SWEEP_BYTES = 1 << 20  # sweep files are a few KB; refuse megabytes before parsing them
+MAX_ALIASES = 100  # YAML aliases allowed: enough for reuse, too few for an alias bomb
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """yaml's safe loader (no Python object tags), counting aliases so an alias bomb is refused."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.alias_count = getattr(self, "alias_count", 0) + 1
+            if self.alias_count > MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases; refusing a possible alias bomb")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{where}: not valid YAML: {detail}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nesting too deep") from None
+
+
+def read_sweep_tree(path: str) -> dict:
+    """The sweep file as a plain mapping, or ConfigError naming the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such file")
+    size = p.stat().st_size
+    if size > MAX_SWEEP_BYTES:
+        raise ConfigError(f"{path}: {size / 2**20:.1f} MiB; a sweep file is at most {MAX_SWEEP_BYTES // 1024} KiB")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    tree = parse_yaml(text, path)
+    if tree is None:
+        raise ConfigError(f"{path}: empty; a sweep needs at least name: and model:")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys (name:, model:, train:, ...), not a {type(tree).__name__}")
+    return tree
+
+
+def apply_overrides(tree: dict, sets: list[str], where: str = "--set") -> dict:
+    """`KEY.PATH=VALUE` overrides, VALUE read as YAML (so `{grid: [0.1, 0.01]}` works)."""
+    tree = copy.deepcopy(tree)
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where} {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{where} {item!r}: {part} is not a mapping")
+            node = nxt
+        node[leaf] = parse_yaml(raw, f"{where} {key}")
+    return tree
+
+
+def read_sweep(path: str, sets: list[str] = (), data: Optional[str] = None) -> SweepConfig:
+    """Read, override and validate a sweep file's schema (the search space is checked by space.py)."""
+    tree = apply_overrides(read_sweep_tree(path), list(sets))
+    if data is not None:
+        section = tree.setdefault("data", {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: data: must be a mapping")
+        section["source"] = data
+    try:
+        return SweepConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(describe_errors(err, path, root=SweepConfig)) from None

@@ -1,0 +1,262 @@
+"""Search spaces: the `model`/`data`/`train` sections of a sweep file -> validated domains -> Tune's
+param_space. Pure functions; Ray is imported only where the Tune objects are made.
+
+Keys are flat and dotted (`train.lr`), the same spelling as in the sweep file, in Tune's config, in
+W&B and in the results' columns.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from cifar_ray.config import ConfigError, SweepConfig, TrialConfig, describe_errors, MAX_TRIALS
+from cifar_ray.models import ModelError, check_options
+
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+RANDOM_KINDS = ("choice", "uniform", "loguniform", "randint")
+# One data set per sweep: it is decoded once and shared by every trial through the object store.
+UNSEARCHABLE = ("data.source", "data.synthetic_size", "data.cache_dir", "data.data_dir", "train.device")
+SECTIONS = ("model", "data", "train")
+FULL_CHECK_LIMIT = 4096  # combinations of candidate values checked exhaustively up to this many
+
+
+@dataclass(frozen=True)
+class Domain:
+    kind: str  # one of DOMAIN_KINDS
+    values: tuple  # grid/choice: the values; uniform/loguniform/randint: (lo, hi), randint inclusive
+
+    def candidates(self) -> list:
+        """Values that stand for the domain when checking it: every listed value, or both ends."""
+        if self.kind in ("grid", "choice"):
+            return list(self.values)
+        return [self.values[0], self.values[1]]
+
+    def describe(self) -> str:
+        if self.kind in ("grid", "choice"):
+            return f"{self.kind}[{', '.join(map(_fmt, self.values))}]"
+        return f"{self.kind}({_fmt(self.values[0])}, {_fmt(self.values[1])})"
+
+
+@dataclass(frozen=True)
+class Space:
+    """Constants and domains by flat key, plus the seeds that repeat every configuration."""
+
+    values: dict[str, Any]  # key -> constant or Domain
+    seeds: Optional[tuple[int, ...]]
+
+    def domains(self) -> dict[str, Domain]:
+        return {k: v for k, v in self.values.items() if isinstance(v, Domain)}
+
+    def searched_keys(self) -> list[str]:
+        keys = list(self.domains())
+        return keys + (["train.seed"] if self.seeds and "train.seed" not in keys else [])
+
+    def has_random(self) -> bool:
+        return any(d.kind in RANDOM_KINDS for d in self.domains().values())
+
+    def grid_size(self) -> int:
+        n = math.prod(len(d.values) for d in self.domains().values() if d.kind == "grid")
+        return n * (len(self.seeds) if self.seeds else 1)
+
+    def fingerprint(self) -> dict:
+        """What must not change between a sweep and its --resume."""
+        return {k: (v.describe() if isinstance(v, Domain) else v) for k, v in sorted(self.values.items())} | {
+            "seeds": list(self.seeds) if self.seeds else None}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def is_domain(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DOMAIN_KINDS
+
+
+def flatten(tree: dict, prefix: str) -> dict[str, Any]:
+    """{'lr': 1, 'augment': {'hflip': 0.5}} -> {'train.lr': 1, 'train.augment.hflip': 0.5}; domains stay leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}"
+        if isinstance(value, dict) and not is_domain(value) and value:
+            flat.update(flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_domain(key: str, spec: dict, where: str) -> Domain:
+    kind, raw = next(iter(spec.items()))
+    at = f"{where}: {key}.{kind}"
+    if kind in ("grid", "choice"):
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"{at}: must be a non-empty list of values")
+        if len(raw) > MAX_TRIALS:
+            raise ConfigError(f"{at}: {len(raw)} values; at most {MAX_TRIALS}")
+        for v in raw:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{at}: {v} is not a finite number")
+            if isinstance(v, (dict, list)) and not (key.endswith("augment") and isinstance(v, dict)):
+                raise ConfigError(f"{at}: values must be scalars, got {v!r}")
+        return Domain(kind, tuple(raw))
+    if not isinstance(raw, list) or len(raw) != 2 or not all(_is_number(v) for v in raw):
+        raise ConfigError(f"{at}: must be [lo, hi], two numbers")
+    lo, hi = raw
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ConfigError(f"{at}: bounds must be finite numbers (NaN and inf are not allowed)")
+    if lo > hi or (kind == "randint" and lo == hi):
+        raise ConfigError(f"{at}: lo ({_fmt(lo)}) must be below hi ({_fmt(hi)})")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{at}: loguniform needs lo > 0")
+    if kind == "randint" and not (float(lo).is_integer() and float(hi).is_integer()):
+        raise ConfigError(f"{at}: randint bounds must be integers")
+    return Domain(kind, (int(lo), int(hi)) if kind == "randint" else (float(lo), float(hi)))
+
+
+def build_space(sweep: SweepConfig, where: str) -> Space:
+    """Parse and check the search space: every candidate value must make a valid TrialConfig."""
+    values: dict[str, Any] = {}
+    for section in SECTIONS:
+        for key, value in flatten(getattr(sweep, section), section).items():
+            values[key] = parse_domain(key, value, where) if is_domain(value) else value
+            if isinstance(values[key], Domain) and key in UNSEARCHABLE:
+                raise ConfigError(f"{where}: {key}: cannot be searched (one data set and device per sweep); give one value")
+    seeds = tuple(sweep.seeds) if sweep.seeds else None
+    if seeds and "train.seed" in values:
+        raise ConfigError(f"{where}: seeds: and train.seed: both set; keep one")
+    space = Space(values, seeds)
+    _check_candidates(space, where)
+    _check_search(space, sweep, where)
+    return space
+
+
+def _trial_from(flat: dict[str, Any], where: str) -> TrialConfig:
+    try:
+        cfg = TrialConfig.model_validate(unflatten(flat))
+    except ValidationError as err:
+        raise ConfigError(describe_errors(err, where)) from None
+    try:
+        check_options(cfg.model.name, cfg.model.options())
+    except ModelError as err:
+        raise ConfigError(f"{where}: model: {err}") from None
+    return cfg
+
+
+def _check_candidates(space: Space, where: str) -> None:
+    domains = space.domains()
+    first = {k: (v.candidates()[0] if isinstance(v, Domain) else v) for k, v in space.values.items()}
+    _trial_from(first, where)
+    combos = math.prod(len(d.candidates()) for d in domains.values())
+    if combos <= FULL_CHECK_LIMIT:  # every combination, so model x option clashes are found
+        keys = list(domains)
+        for picks in itertools.product(*(domains[k].candidates() for k in keys)):
+            _check_one(first | dict(zip(keys, picks)), dict(zip(keys, picks)), domains, where)
+    else:  # one domain at a time
+        for key, dom in domains.items():
+            for v in dom.candidates():
+                _check_one(first | {key: v}, {key: v}, domains, where)
+
+
+def _check_one(flat: dict, picked: dict, domains: dict[str, Domain], where: str) -> None:
+    try:
+        _trial_from(flat, where)
+    except ConfigError as err:
+        shown = ", ".join(f"{k}={_fmt(v)} from {domains[k].kind}" for k, v in picked.items())
+        raise ConfigError(f"{err} (with {shown})" if shown else str(err)) from None
+
+
+def _check_search(space: Space, sweep: SweepConfig, where: str) -> None:
+    kinds = {d.kind for d in space.domains().values()}
+    if sweep.search.kind == "optuna" and ("grid" in kinds or space.seeds):
+        raise ConfigError(f"{where}: search.kind: optuna samples its own points and cannot run a grid or seeds:; "
+                          "use choice instead of grid, or search.kind: grid")
+    if sweep.search.kind != "grid" and not space.domains() and not space.seeds:
+        raise ConfigError(f"{where}: search.kind: {sweep.search.kind} has nothing to search; add a domain such as "
+                          "train.lr: {loguniform: [0.0001, 0.1]}")
+    n = trial_count(space, sweep)
+    if n > MAX_TRIALS:
+        raise ConfigError(f"{where}: the space makes {n} trials; at most {MAX_TRIALS} (shrink the grid or samples)")
+
+
+def trial_count(space: Space, sweep: SweepConfig) -> int:
+    return space.grid_size() * sweep.search.samples
+
+
+def expand_grid(space: Space, sweep: SweepConfig) -> Optional[list[dict[str, Any]]]:
+    """Every trial's flat config when the space has no random domain; None otherwise."""
+    if space.has_random():
+        return None
+    domains = space.domains()
+    keys = list(domains)
+    seeds = space.seeds or (None,)
+    trials = []
+    for _ in range(sweep.search.samples):
+        for picks in itertools.product(*(domains[k].values for k in keys)):
+            for seed in seeds:
+                flat = {k: v for k, v in space.values.items() if not isinstance(v, Domain)} | dict(zip(keys, picks))
+                if seed is not None:
+                    flat["train.seed"] = seed
+                trials.append(flat)
+    return trials
+
+
+def to_tune(dom: Domain):
+    from ray import tune
+
+    if dom.kind == "grid":
+        return tune.grid_search(list(dom.values))
+    if dom.kind == "choice":
+        return tune.choice(list(dom.values))
+    if dom.kind == "uniform":
+        return tune.uniform(*dom.values)
+    if dom.kind == "loguniform":
+        return tune.loguniform(*dom.values)
+    return tune.randint(dom.values[0], dom.values[1] + 1)  # Tune's upper bound is exclusive
+
+
+def param_space(space: Space) -> dict[str, Any]:
+    """Tune's param_space: flat dotted keys, domains as Tune search objects."""
+    from ray import tune
+
+    out = {k: to_tune(v) if isinstance(v, Domain) else v for k, v in space.values.items()}
+    if space.seeds:
+        out["train.seed"] = tune.grid_search(list(space.seeds))
+    return out
+
+
+def mutations(sweep: SweepConfig, space: Space, where: str) -> dict[str, Any]:
+    """PBT's hyperparam_mutations: each key must be a searched numeric train key."""
+    from ray import tune
+
+    out = {}
+    for key, spec in sweep.scheduler.mutations.items():
+        if key not in space.values:
+            raise ConfigError(f"{where}: scheduler.mutations.{key}: not a key of the sweep; searched keys: "
+                              f"{', '.join(space.searched_keys()) or 'none'}")
+        if isinstance(spec, list):
+            out[key] = tune.choice(spec) if spec else None
+        elif is_domain(spec):
+            out[key] = to_tune(parse_domain(f"scheduler.mutations.{key}", spec, where))
+        else:
+            raise ConfigError(f"{where}: scheduler.mutations.{key}: give a list or a domain such as {{uniform: [0.1, 1]}}")
+        if out[key] is None:
+            raise ConfigError(f"{where}: scheduler.mutations.{key}: empty list")
+    return out

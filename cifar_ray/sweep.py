@@ -1,0 +1,315 @@
+"""Run a sweep file on Ray Tune.
+
+    python -m cifar_ray.sweep sweeps/quickstart.yaml [--dry-run] [--resume] [--name NAME]
+        [--storage-path DIR] [--address ADDR] [--data SOURCE] [--set KEY=VALUE ...] [--allow-pending]
+
+Exit codes: 0 every trial finished (completed, stopped early, diverged); 2 invalid sweep file or
+option; 3 trials errored after their retries; 4 a resource request no node can ever satisfy;
+130 interrupted (the message says how to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from cifar_ray import metrics as M
+from cifar_ray.config import ConfigError, SweepConfig, read_sweep, trial_config
+from cifar_ray.space import Domain, Space, build_space, expand_grid, mutations, param_space, trial_count
+
+EXIT_OK, EXIT_INVALID, EXIT_ERRORED, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+SPACE_KEY = "space"  # the search-space fingerprint stored in the results' sweep.yaml
+
+
+@dataclass
+class Plan:
+    """A validated sweep, ready to run."""
+
+    file: str
+    sweep: SweepConfig
+    space: Space
+    results: Path  # <storage>/<name>
+    storage: str
+
+    @property
+    def max_epochs(self) -> int:
+        epochs = self.space.values.get("train.epochs", trial_config({}).train.epochs)
+        return max(epochs.values) if isinstance(epochs, Domain) else int(epochs)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cifar_ray.sweep", description="Run a CIFAR-10 sweep on Ray Tune.")
+    p.add_argument("file", help="the sweep YAML file")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the trials; start nothing")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in its results folder")
+    p.add_argument("--name", help="results folder name (default: the file's name:)")
+    p.add_argument("--storage-path", default="results", help="where results go (default: ./results)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--data", help="override data.source")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the file, e.g. train.lr=0.01 (repeatable)")
+    p.add_argument("--allow-pending", action="store_true", help="skip the resource feasibility check (autoscaling clusters)")
+    return p.parse_args(argv)
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    sets = list(args.sets) + ([f"name={args.name}"] if args.name else [])
+    sweep = read_sweep(args.file, sets, args.data)
+    space = build_space(sweep, args.file)
+    _check_scheduler(sweep, space, args.file)
+    from cifar_ray.cluster import check_placement
+
+    check_placement(sweep, space, args.file)
+    if sweep.search.kind == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{args.file}: search.kind: optuna needs the optional extra: pip install -e '.[optuna]'") from None
+    storage = args.storage_path
+    results = Path(storage).expanduser().resolve() / sweep.name if "://" not in storage else Path(sweep.name)
+    return Plan(args.file, sweep, space, results, storage)
+
+
+def _check_scheduler(sweep: SweepConfig, space: Space, where: str) -> None:
+    s = sweep.scheduler
+    epochs = space.values.get("train.epochs", trial_config({}).train.epochs)
+    max_epochs = max(epochs.values) if isinstance(epochs, Domain) else epochs
+    if s.kind == "asha":
+        max_t = s.max_t or max_epochs
+        if s.grace_period > max_t:
+            raise ConfigError(f"{where}: scheduler.grace_period: {s.grace_period} is more than max_t ({max_t}); "
+                              "lower grace_period or raise max_t/train.epochs")
+    if s.kind == "pbt":
+        if sweep.checkpoint.keep < 3:
+            raise ConfigError(f"{where}: checkpoint.keep: {sweep.checkpoint.keep}; PBT needs at least 3 "
+                              "(it restores other trials' checkpoints, which must still exist)")
+        if not s.mutations:
+            raise ConfigError(f"{where}: scheduler.mutations: PBT needs at least one, e.g. train.lr: {{loguniform: [0.001, 0.1]}}")
+        if s.perturbation_interval % sweep.checkpoint.every:
+            raise ConfigError(f"{where}: checkpoint.every: {sweep.checkpoint.every} must divide "
+                              f"scheduler.perturbation_interval ({s.perturbation_interval})")
+        mutations(sweep, space, where)
+
+
+# ---------------------------------------------------------------- dry run
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _resources_text(req: dict[str, float]) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in req.items() if v)
+
+
+def describe(plan: Plan) -> str:
+    from cifar_ray.cluster import model_names, requests_by_model
+
+    sweep, space = plan.sweep, plan.space
+    requests = requests_by_model(sweep, space)
+    n = trial_count(space, sweep)
+    lines = [f"sweep {sweep.name}: {n} trials, {sweep.search.kind} search, {sweep.scheduler.kind} scheduler, "
+             f"metric {sweep.metric} ({sweep.mode})"]
+    trials = expand_grid(space, sweep)
+    keys = space.searched_keys()
+    if trials is not None:
+        for i, t in enumerate(trials, 1):
+            name = t.get("model.name", "netconv")
+            shown = "  ".join(f"{k}={_fmt(t[k])}" for k in keys) or "(no searched keys)"
+            lines.append(f"  trial {i:>3}: {shown}  [{_resources_text(requests[name])}]")
+        total = sum(int(t.get("train.epochs", trial_config({}).train.epochs)) for t in trials)
+    else:
+        lines.append("  domains:")
+        lines += [f"    {k}: {d.describe()}" for k, d in space.domains().items()]
+        if space.seeds:
+            lines.append(f"    train.seed: grid[{', '.join(map(str, space.seeds))}]")
+        lines.append(f"  samples: {sweep.search.samples} x grid {space.grid_size()}")
+        lines += [f"  resources {m}: {_resources_text(requests[m])}" for m in model_names(space)]
+        total = n * plan.max_epochs
+    lines.append(f"total epochs at most: {total}")
+    lines.append(f"results: {plan.results}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- running
+
+def stored_sweep(results: Path) -> Optional[dict]:
+    path = results / "sweep.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def write_sweep_copy(plan: Plan) -> None:
+    plan.results.mkdir(parents=True, exist_ok=True)
+    doc = plan.sweep.model_dump(mode="json") | {SPACE_KEY: plan.space.fingerprint(), "source_file": str(plan.file)}
+    tmp = plan.results / "sweep.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, plan.results / "sweep.yaml")
+
+
+def check_results_folder(plan: Plan, resume: bool) -> None:
+    from ray.tune import Tuner
+
+    stored = stored_sweep(plan.results)
+    exists = plan.results.exists() and (stored is not None or any(plan.results.glob("experiment_state-*.json")))
+    if not resume and exists:
+        raise ConfigError(f"{plan.results} already holds a sweep named {plan.sweep.name!r}; continue it with "
+                          f"--resume, or choose another --name")
+    if resume:
+        if not exists or not Tuner.can_restore(str(plan.results)):
+            raise ConfigError(f"--resume: {plan.results} holds no sweep to resume; run without --resume to start it")
+        if stored is not None and stored.get(SPACE_KEY) != plan.space.fingerprint():
+            old, new = stored.get(SPACE_KEY) or {}, plan.space.fingerprint()
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(f"--resume: the search space differs from the stored one in {', '.join(diff)}; "
+                              "resume with the original file, or start a new sweep with another --name")
+
+
+def build_tuner(plan: Plan, dataset, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    from cifar_ray.cluster import requests_by_model
+    from cifar_ray.tracking import trial_settings
+    from cifar_ray.trainable import run_trial
+
+    sweep, space = plan.sweep, plan.space
+    wandb_dir = str(plan.results / "wandb") if "://" not in plan.storage else str(Path("results") / sweep.name / "wandb")
+    trainable = tune.with_parameters(run_trial, dataset=dataset, sweep_name=sweep.name,
+                                     wandb_settings=trial_settings(sweep.wandb, sweep.name, wandb_dir),
+                                     checkpoint_every=sweep.checkpoint.every)
+    requests = requests_by_model(sweep, space)
+    default_model = next(iter(requests))
+    trainable = tune.with_resources(trainable, lambda config: requests.get(config.get("model.name"), requests[default_model]))
+    if resume:
+        return tune.Tuner.restore(str(plan.results), trainable, resume_unfinished=True, resume_errored=True,
+                                  restart_errored=False, param_space=param_space(space))
+
+    s = sweep.scheduler
+    if s.kind == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=s.max_t or plan.max_epochs,
+                                  grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets)
+    elif s.kind == "pbt":
+        scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
+                                            hyperparam_mutations=mutations(sweep, space, plan.file),
+                                            seed=sweep.search.seed)
+    else:
+        scheduler = FIFOScheduler()
+    if sweep.search.kind == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=sweep.search.seed)
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=sweep.search.seed)
+
+    def name_of(trial) -> str:
+        return f"{trial.config.get('model.name', 'trial')}_{trial.trial_id}"
+
+    keys = space.searched_keys()
+    reporter = tune.CLIReporter(metric_columns={M.EPOCH: "epoch", sweep.metric: sweep.metric, M.STATUS: "outcome"},
+                                parameter_columns={k: k.split(".", 1)[1] for k in keys} or None,
+                                max_report_frequency=15)
+    return tune.Tuner(
+        trainable, param_space=param_space(space),
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=sweep.search.samples, max_concurrent_trials=sweep.max_concurrent_trials,
+                                    trial_name_creator=name_of, trial_dirname_creator=name_of),
+        run_config=tune.RunConfig(
+            name=sweep.name, storage_path=str(plan.results.parent) if "://" not in plan.storage else plan.storage,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.checkpoint.keep,
+                                                    checkpoint_score_attribute=sweep.metric,
+                                                    checkpoint_score_order=sweep.mode),
+            failure_config=tune.FailureConfig(max_failures=sweep.failures.max_retries),
+            progress_reporter=reporter, verbose=1),
+    )
+
+
+def load_sweep_data(space: Space):
+    """Decode (or read from the cache) the sweep's one data set, in the driver, once."""
+    from cifar_ray.data import load_dataset
+
+    first = {k: (v.candidates()[0] if isinstance(v, Domain) else v) for k, v in space.values.items()}
+    from cifar_ray.space import unflatten
+
+    return load_dataset(trial_config(unflatten(first)).data)
+
+
+def summarize(plan: Plan, trials) -> tuple[str, int]:
+    """The closing summary and the exit code."""
+    from cifar_ray.analysis import ERRORED, UNFINISHED
+
+    sweep = plan.sweep
+    counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+    lines = ["", f"sweep {sweep.name}: {len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    best_col = f"best_{sweep.metric}"
+    ok = trials[trials[best_col].notna()] if len(trials) else trials
+    if len(ok):
+        best = ok.sort_values(best_col, ascending=sweep.mode == "min").iloc[0]
+        shown = ", ".join(f"{k}={_fmt(best[k])}" for k in plan.space.searched_keys() if k in best)
+        lines.append(f"best trial {best['trial_id']}: {sweep.metric} {best[best_col]:.4f}  ({shown})")
+    errored = trials[trials["status"] == ERRORED] if len(trials) else trials
+    for _, row in errored.iterrows():
+        lines.append(f"errored: {row['trial_id']}: {row['error']}")
+    lines.append(f"results: {plan.results}")
+    lines.append(f"load them: from cifar_ray import analysis; sweep = analysis.load({str(plan.results)!r}); sweep.trials()")
+    code = EXIT_OK
+    if len(errored):
+        code = EXIT_ERRORED
+    if len(trials) and (trials["status"] == UNFINISHED).any():
+        resume = " ".join(["python -m cifar_ray.sweep", plan.file, "--resume", "--name", sweep.name,
+                           "--storage-path", str(plan.results.parent)])
+        lines.append(f"interrupted: {int((trials['status'] == UNFINISHED).sum())} trials unfinished; resume with:\n  {resume}")
+        code = EXIT_INTERRUPTED
+    return "\n".join(lines), code
+
+
+def run(plan: Plan, args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live table, with our columns
+    import ray
+
+    from cifar_ray.analysis import TRIALS_FILE, load, write_parquet
+    from cifar_ray.cluster import check_feasible, requests_by_model
+
+    check_results_folder(plan, args.resume)
+    dataset = load_sweep_data(plan.space)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=True) if address else ray.init(include_dashboard=False)
+    if not args.allow_pending:
+        check_feasible(requests_by_model(plan.sweep, plan.space))
+    write_sweep_copy(plan)
+    tuner = build_tuner(plan, dataset, args.resume)
+    tuner.fit()
+    trials = load(plan.results).trials()
+    write_parquet(trials, plan.results / TRIALS_FILE)
+    text, code = summarize(plan, trials)
+    print(text)
+    return code
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from cifar_ray.cluster import InfeasibleError
+    from cifar_ray.data import DataError
+
+    try:
+        plan = plan_from_args(args)
+        if args.dry_run:
+            print(describe(plan))
+            return EXIT_OK
+        return run(plan, args)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    except InfeasibleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""W&B for one trial: mode resolution, a stable run id per trial, and failure-proof logging.
+
+W&B trouble (no network, bad key, a crash of its service) warns once and turns logging off for that
+trial; it never fails a trial or a sweep.
+"""
+from __future__ import annotations
+
+import hashlib
+import netrc
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from cifar_ray.config import WandbSettings
+
+INIT_TIMEOUT_S = 30  # seconds wandb.init may take before we give up on W&B for the trial
+SECRET_ENV = ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """auto -> online with credentials, offline without; WANDB_MODE=disabled in the environment wins."""
+    if os.environ.get("WANDB_MODE") in ("disabled", "offline") and mode in ("auto", "online"):
+        return os.environ["WANDB_MODE"]
+    if mode == "auto":
+        return "online" if has_credentials() else "offline"
+    return mode
+
+
+def run_id(sweep_name: str, trial_id: str) -> str:
+    """Stable across retries and --resume, so a trial continues its own W&B run."""
+    return hashlib.sha1(f"{sweep_name}/{trial_id}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrialTracker:
+    """Per-trial W&B run; every call is safe to make when W&B is off or broken."""
+
+    settings: dict  # WandbSettings fields plus resolved mode, group, dir
+    run: Any = None
+    warned: bool = field(default=False)
+
+    def start(self, name: str, run_key: str, config: dict) -> None:
+        if self.settings["mode"] == "disabled":
+            return
+        try:
+            import wandb
+
+            os.makedirs(self.settings["dir"], exist_ok=True)
+            self.run = wandb.init(
+                project=self.settings["project"], entity=self.settings.get("entity"), group=self.settings["group"],
+                tags=self.settings.get("tags") or None, name=name, id=run_key, resume="allow",
+                dir=self.settings["dir"], mode=self.settings["mode"], config=public_config(config),
+                settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, silent=True, console="off"),
+                reinit="finish_previous",
+            )
+        except Exception as exc:  # noqa: BLE001 - W&B must never fail a trial
+            self._warn(f"W&B init failed ({type(exc).__name__}: {exc}); continuing without W&B for this trial")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(metrics, step=step)
+        except Exception as exc:  # noqa: BLE001
+            self._warn(f"W&B log failed ({type(exc).__name__}: {exc}); continuing without W&B for this trial")
+            self.run = None
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            self.run.finish(exit_code=exit_code)
+            # Stop W&B's service process now: left to atexit, it races Ray's worker shutdown and
+            # prints a spurious ConnectionResetError traceback.
+            wandb.teardown()
+        except Exception as exc:  # noqa: BLE001
+            self._warn(f"W&B finish failed ({type(exc).__name__}: {exc})")
+        self.run = None
+
+    def _warn(self, message: str) -> None:
+        if not self.warned:
+            print(f"warning: {message}", file=sys.stderr)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            self.warned = True
+
+
+def public_config(config: dict) -> dict:
+    """A config with anything that looks like a secret removed (keys never reach W&B or results)."""
+    return {k: v for k, v in config.items() if not any(s in k.lower() for s in ("api_key", "secret", "token", "password"))}
+
+
+def trial_settings(w: WandbSettings, sweep_name: str, wandb_dir: str) -> dict:
+    return {**w.model_dump(), "mode": resolve_mode(w.mode), "group": w.group or sweep_name, "dir": wandb_dir}

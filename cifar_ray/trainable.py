@@ -1,0 +1,129 @@
+"""The Ray Tune trainable: the only place that calls tune.report and tune.get_checkpoint.
+
+It turns Tune's flat config back into a TrialConfig, picks the device Ray granted, resumes from the
+trial's checkpoint (falling back to an older one if the newest is damaged), runs the engine and
+reports each epoch with a checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from cifar_ray import metrics as M
+from cifar_ray.config import trial_config
+from cifar_ray.data import Dataset
+from cifar_ray.space import unflatten
+from cifar_ray.tracking import TrialTracker, run_id
+from cifar_ray.train import fit, load_state, save_state
+
+STATE_FILE = "state.pt"
+MPS_TAG = "mps"  # custom resource a node advertises when its trials should use Apple's MPS
+
+
+def granted_device(requested: str) -> torch.device:
+    """cuda when Ray granted GPU ids (Ray sets CUDA_VISIBLE_DEVICES), mps for an `mps` tag, else cpu.
+    An explicit train.device of cpu is honoured."""
+    import ray
+
+    if requested == "cpu":
+        return torch.device("cpu")
+    if ray.get_gpu_ids():
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        print("warning: Ray granted a GPU but CUDA is not available in this worker; training on cpu",
+              file=sys.stderr)
+        return torch.device("cpu")
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    if assigned.get(MPS_TAG) and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _checkpoint_state(checkpoint) -> Optional[dict]:
+    """Load the trial's newest checkpoint state; when it is damaged, fall back to the newest readable
+    older checkpoint of the same trial (Tune keeps `checkpoint.keep` of them) with a warning."""
+    if checkpoint is None:
+        return None
+    newest = Path(checkpoint.path)
+    older = sorted((p for p in newest.parent.glob("checkpoint_*") if p.name < newest.name), reverse=True)
+    for folder in [newest, *older]:
+        path = folder / STATE_FILE
+        try:
+            state = load_state(path)
+        except Exception as exc:  # noqa: BLE001 - missing, truncated or corrupt file
+            print(f"warning: checkpoint {path} is unreadable ({type(exc).__name__}); trying an older one",
+                  file=sys.stderr)
+            continue
+        if folder != newest:
+            print(f"warning: resuming from older checkpoint {folder.name} (epoch {state['epoch']})", file=sys.stderr)
+        return state
+    print("warning: no readable checkpoint; the trial starts from scratch", file=sys.stderr)
+    return None
+
+
+def _flat_metrics(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def run_trial(config: dict, dataset: Dataset = None, wandb_settings: dict = None, sweep_name: str = "sweep",
+              checkpoint_every: int = 1) -> None:
+    """Tune function trainable; `dataset` arrives once through the object store (tune.with_parameters)."""
+    from ray import tune
+
+    ctx = tune.get_context()
+    cfg = trial_config(unflatten(config), where=f"trial {ctx.get_trial_id()}")
+    cpus = ctx.get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(math.floor(cpus or 1))))
+    device = granted_device(cfg.train.device)
+    resume = _checkpoint_state(tune.get_checkpoint())
+
+    tracker = TrialTracker(wandb_settings or {"mode": "disabled"})
+    tracker.start(ctx.get_trial_name(), run_id(sweep_name, ctx.get_trial_id()), config)
+    where = {"node": socket.gethostname(), "device": str(device),
+             "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+
+    def on_epoch(metrics: dict, make_state) -> None:
+        flat = _flat_metrics(metrics) | where
+        tracker.log({k: v for k, v in flat.items() if isinstance(v, (int, float))}, step=metrics[M.EPOCH])
+        done = metrics[M.STATUS] != M.RUNNING
+        if metrics[M.EPOCH] % checkpoint_every and not done:
+            tune.report(flat)
+            return
+        with tempfile.TemporaryDirectory(prefix="cifar_ray_ckpt_") as d:
+            save_state(make_state(), Path(d) / STATE_FILE)
+            tune.report(flat, checkpoint=tune.Checkpoint.from_directory(d))
+
+    try:
+        if resume is not None and resume.get("config", {}).get("train") != cfg.train.model_dump(mode="json"):
+            resume = _adopt_new_hyperparameters(resume, cfg)
+        fit(cfg, dataset, on_epoch=on_epoch, resume=resume, device=device)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+
+
+def _adopt_new_hyperparameters(state: dict, cfg) -> dict:
+    """PBT restarts a trial from another trial's checkpoint with mutated hyperparameters: keep the
+    weights and optimizer moments but use the new lr, momentum and weight decay."""
+    for group in state["optimizer"]["param_groups"]:
+        group["lr"] = cfg.train.effective_lr()
+        group["initial_lr"] = cfg.train.effective_lr()
+        group["weight_decay"] = cfg.train.weight_decay
+        if "momentum" in group:
+            group["momentum"] = cfg.train.momentum
+    if state.get("scheduler"):
+        state["scheduler"]["base_lrs"] = [cfg.train.effective_lr()] * len(state["optimizer"]["param_groups"])
+    return state
