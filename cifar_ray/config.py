@@ -153,7 +153,8 @@ class ConfigError(ValueError):
 
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    prefixed = [c for c in choices if c.startswith(word) or word.startswith(c)]
+    close = prefixed[:1] or difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -297,28 +298,42 @@ class SweepConfig(Strict):
 # ---------------------------------------------------------------- reading sweep files
 
 MAX_SWEEP_BYTES = 1 << 20  # sweep files are a few KB; refuse megabytes before parsing them
-MAX_ALIASES = 100  # YAML aliases allowed: enough for reuse, too few for an alias bomb
+MAX_EXPANDED_NODES = 100_000  # YAML nodes after aliases are expanded: refuses "billion laughs" bombs
 
 
-class _SafeLoader(yaml.SafeLoader):
-    """yaml's safe loader (no Python object tags), counting aliases so an alias bomb is refused."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            self.alias_count = getattr(self, "alias_count", 0) + 1
-            if self.alias_count > MAX_ALIASES:
-                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases; refusing a possible alias bomb")
-        return super().compose_node(parent, index)
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes the document has once every alias is expanded (linear time: aliases share nodes)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once rather than looping
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, 10 * MAX_EXPANDED_NODES)
+    return memo[id(node)]
 
 
 def parse_yaml(text: str, where: str) -> Any:
+    """yaml's SafeLoader (no tags that build Python objects), refusing alias bombs."""
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_EXPANDED_NODES:
+            raise ConfigError(f"{where}: more than {MAX_EXPANDED_NODES} values once YAML aliases are expanded; "
+                              "refusing a possible alias bomb")
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"{where}: not valid YAML: {detail}") from None
     except RecursionError:
         raise ConfigError(f"{where}: nesting too deep") from None
+    finally:
+        loader.dispose()
 
 
 def read_sweep_tree(path: str) -> dict:

@@ -76,3 +76,19 @@ def write_batches(root: Path, per_batch: int = 20, test: int = 10) -> Path:
 def real_cache(tmp_path_factory):
     """One decoded-pixel cache for every real-data test of the session (decoding takes ~12 s)."""
     return tmp_path_factory.mktemp("real-cache")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 CPUs), W&B offline, short socket paths."""
+    import tempfile
+
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    os.environ["WANDB_MODE"] = "offline"  # before ray.init: the workers inherit it
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    import ray
+
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ctx
+    ray.shutdown()

@@ -1,0 +1,134 @@
+"""Sweep files: schema, search space, dry runs and every way a file can be wrong (no Ray started)."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_ray.config import ConfigError, apply_overrides, read_sweep
+from cifar_ray.space import Domain, build_space, expand_grid, trial_count
+from cifar_ray.sweep import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+BAD = sorted((ROOT / "tests" / "data" / "bad_sweeps").glob("*.yaml"))
+
+
+def expected(path: Path) -> str:
+    first = path.read_bytes().split(b"\n", 1)[0].decode()
+    assert first.startswith("# expect: "), path
+    return first.removeprefix("# expect: ")
+
+
+def test_corpus_is_large_enough():
+    assert len(BAD) >= 30
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_validates_and_dry_runs(path, capsys):
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "total epochs at most:" in out
+
+
+def test_resnet_grid_is_the_seeds_20_trials(capsys):
+    sweep = read_sweep(str(ROOT / "sweeps/resnet_grid.yaml"))
+    space = build_space(sweep, "resnet_grid.yaml")
+    trials = expand_grid(space, sweep)
+    assert trial_count(space, sweep) == 20 and len(trials) == 20
+    assert {(t["train.lr"], t["train.momentum"]) for t in trials} == {
+        (lr, m) for lr in (0.005, 0.001, 0.0005, 0.0001, 0.1) for m in (0, 0.5, 0.9, 0.99)}
+    assert main([str(ROOT / "sweeps/resnet_grid.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  trial ") == 20
+    assert "train.lr=0.005  train.momentum=0.5  [cpu=1, gpu=0.25]" in out
+    assert "total epochs at most: 100" in out
+
+
+def test_dry_run_writes_nothing_and_starts_no_ray(tmp_path, capsys):
+    import ray
+
+    assert main([str(ROOT / "sweeps/quickstart.yaml"), "--dry-run", "--storage-path", str(tmp_path / "r")]) == 0
+    assert not (tmp_path / "r").exists()
+    assert not ray.is_initialized()
+
+
+def test_random_search_lists_domains(capsys):
+    assert main([str(ROOT / "sweeps/resnet_pbt.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "train.lr: loguniform(0.001, 0.1)" in out and "samples: 8" in out
+
+
+def test_seeds_repeat_every_configuration():
+    sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), ["seeds=[0, 1, 2]"])
+    space = build_space(sweep, "q")
+    trials = expand_grid(space, sweep)
+    assert len(trials) == 12
+    assert sorted({t["train.seed"] for t in trials}) == [0, 1, 2]
+
+
+def test_set_and_data_overrides():
+    sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), ["train.lr=0.2", "train.momentum={grid: [0.1, 0.2, 0.3]}"],
+                       data="synthetic")
+    space = build_space(sweep, "q")
+    assert space.values["train.lr"] == 0.2 and space.values["data.source"] == "synthetic"
+    assert space.values["train.momentum"] == Domain("grid", (0.1, 0.2, 0.3))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_nested_augment_keys_are_searchable():
+    sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), ["data.augment={hflip: {grid: [0, 0.5]}, crop_padding: 4}"])
+    space = build_space(sweep, "q")
+    assert space.values["data.augment.hflip"] == Domain("grid", (0, 0.5))
+    assert trial_count(space, sweep) == 8
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_bad_sweep_files_exit_2_naming_the_problem(path, capsys):
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected(path) in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_files_are_quick_one_line_and_start_nothing(tmp_path):
+    """As a user runs it: a subprocess, no traceback, under 2 seconds each once Python is up."""
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"name: x\n" + b"# padding\n" * (5 * 2**20))  # 50 MB
+    files = [huge, *BAD]
+    code = ("import sys, time, io, contextlib\nfrom cifar_ray.sweep import main\n"
+            "for f in sys.argv[1:]:\n"
+            "    t = time.perf_counter(); err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err): rc = main([f])\n"
+            "    print(rc, round(time.perf_counter() - t, 3), len(err.getvalue().strip().splitlines()), f)\n")
+    r = subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for line in r.stdout.splitlines():
+        rc, seconds, n_lines, name = line.split(" ", 3)
+        assert rc == "2", line
+        assert float(seconds) < 2.0, line
+        assert int(n_lines) <= 2, line  # one reason (a file with two problems may name both)
+    assert not (tmp_path / "results").exists()
+    assert not Path("/tmp/cifar_ray_pwned").exists()
+
+
+def test_missing_file_and_bad_option(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main([str(ROOT / "sweeps/quickstart.yaml"), "--set", "train.lr=-1", "--dry-run"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_optuna_missing_says_how_to_install(capsys):
+    try:
+        import optuna  # noqa: F401
+        pytest.skip("optuna is installed")
+    except ImportError:
+        pass
+    rc = main([str(ROOT / "sweeps/resnet_pbt.yaml"), "--set", "search.kind=optuna", "--set", "scheduler.kind=fifo",
+               "--dry-run"])
+    assert rc == 2
+    assert "pip install -e '.[optuna]'" in capsys.readouterr().err
