@@ -1,4 +1,4 @@
-# Two entry points: `make quickstart` (set up, then run the quickstart) and `make test`.
+# Two entry points: `make quickstart` (set up, then run the quickstart sweep) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -17,4 +17,4 @@ test: setup
 	$(PY) -m pytest
 
 quickstart: setup
-	$(PY) -m cifar_ray.train --model netconv --data cifar10 --epochs 5 --batch-size 128 --optimizer sgd --lr 0.05 --momentum 0.9
+	$(PY) -m cifar_ray.sweep sweeps/quickstart.yaml

@@ -194,8 +194,7 @@ def build_tuner(plan: Plan, dataset, resume: bool):
                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets)
     elif s.kind == "pbt":
         scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
-                                            hyperparam_mutations=mutations(sweep, space, plan.file),
-                                            seed=sweep.search.seed)
+                                            hyperparam_mutations=mutations(sweep, space, plan.file))
     else:
         scheduler = FIFOScheduler()
     if sweep.search.kind == "optuna":

@@ -182,3 +182,19 @@ def test_killed_driver_is_completed_by_resume(ray_session, tmp_path):
     assert sorted(df["epochs"]) == [1, 1, 8, 8]
     for name, n in rows_before.items():
         assert len(result_rows(exp / name)) == n, f"{name} was trained again"
+
+
+def test_pbt_runs_and_mutates_hyperparameters(ray_session, tmp_path):
+    path = write_sweep(tmp_path, "pbt", train__epochs=4, train__lr={"loguniform": [0.001, 0.1]},
+                       search={"kind": "random", "samples": 4, "seed": 0},
+                       scheduler={"kind": "pbt", "perturbation_interval": 1,
+                                  "mutations": {"train.lr": {"loguniform": [0.001, 0.1]}}},
+                       checkpoint={"keep": 3})
+    assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
+    df = results_of(tmp_path, "pbt")
+    assert len(df) == 4 and set(df["status"]) == {"completed"} and (df["epochs"] == 4).all()
+    # PBT copied a better trial's state into a worse one with a perturbed lr: the final config of
+    # some trial differs from the lr it started with
+    exp = tmp_path / "results" / "pbt"
+    started = {d.name.split("_", 1)[1]: result_rows(d)[0]["lr"] for d in exp.glob("base_*")}
+    assert any(abs(row["train.lr"] - started[row["trial_id"]]) > 1e-12 for _, row in df.iterrows())
