@@ -29,6 +29,15 @@ UNFINISHED = "unfinished"  # pending, running or paused: an interrupted or runni
 FINISHED_OK = (M.COMPLETED, M.DIVERGED, M.EARLY_STOPPED, STOPPED)
 
 
+@dataclass(frozen=True)
+class BestTrial:
+    trial_id: str
+    score: float  # the metric that made it best
+    config: dict  # the sweep file's keys
+    metrics: dict  # its row of trials()
+    checkpoint: Optional[Path]  # its best retained checkpoint folder
+
+
 class AnalysisError(ValueError):
     """A path that is not a sweep, an unknown trial, a trial without a checkpoint."""
 
@@ -45,8 +54,9 @@ def trial_status(tune_status: str, last: Optional[dict]) -> str:
 
 
 def _error_text(trial) -> Optional[str]:
-    path = getattr(trial, "error_file", None)
-    if not path or not os.path.exists(path):
+    """The last line of the trial's error.txt (Tune writes it in the trial folder), if any."""
+    path = Path(trial.storage.trial_fs_path) / "error.txt"
+    if not path.exists():
         return None
     lines = [ln for ln in Path(path).read_text(errors="replace").strip().splitlines() if ln.strip()]
     return lines[-1][:500] if lines else None
@@ -67,9 +77,11 @@ class Sweep:
     mode: str
     _analysis: Any
 
-    def trials(self) -> pd.DataFrame:
+    def trials(self, aggregate: bool = False) -> pd.DataFrame:
         """One row per trial: id, status, config (the sweep file's key names), final and best metrics,
         epochs run, seconds, node/device, error."""
+        if aggregate:
+            return self.trials_aggregated()
         rows = []
         curves = self._analysis.trial_dataframes
         for trial in self._analysis.trials:
@@ -88,6 +100,109 @@ class Sweep:
             row["error"] = _error_text(trial)
             rows.append(row)
         return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True) if rows else pd.DataFrame(rows)
+
+    def trials_aggregated(self) -> pd.DataFrame:
+        """One row per configuration (trials that differ only in train.seed): mean, std and count."""
+        df = self.trials()
+        keys = [c for c in df.columns if "." in c and c != "train.seed"]
+        values = [m for m in (*M.EPOCH_METRICS, f"best_{self.metric}", "epochs", "seconds") if m in df]
+        if df.empty:
+            return df
+        grouped = df.groupby([df[k].astype(str) for k in keys], dropna=False)[values]
+        out = grouped.agg(["mean", "std", "count"])
+        out.columns = [f"{m}_{stat}" for m, stat in out.columns]
+        out = out.reset_index()
+        # the groupby keys were stringified to group None/NaN safely: restore the original values
+        firsts = df.groupby([df[k].astype(str) for k in keys], dropna=False)[keys].first().reset_index(drop=True)
+        out[keys] = firsts[keys]
+        return out.sort_values(f"best_{self.metric}_mean", ascending=self.mode == "min", ignore_index=True)
+
+    def best(self, metric: Optional[str] = None, mode: Optional[str] = None, scope: str = "all") -> "BestTrial":
+        """The best trial by metric: scope "all" compares each trial's best epoch, "last" its final
+        epoch. Trials whose metric is NaN never win."""
+        metric, mode = metric or self.metric, mode or self.mode
+        if scope not in ("all", "last"):
+            raise AnalysisError(f"scope: {scope!r} is not one of all, last")
+        df = self.trials()
+        curves = self.curves()
+        if scope == "all":
+            score = curves.groupby("trial_id")[metric].agg(lambda v: _best(v, mode)) if metric in curves else pd.Series()
+        else:
+            score = df.set_index("trial_id")[metric] if metric in df else pd.Series()
+        score = pd.to_numeric(score, errors="coerce").dropna()
+        score = score[score.map(math.isfinite)]
+        if score.empty:
+            raise AnalysisError(f"{self.path}: no trial has reported a finite {metric} yet")
+        trial_id = score.idxmax() if mode == "max" else score.idxmin()
+        row = df.set_index("trial_id").loc[trial_id]
+        config = {k: v for k, v in row.items() if "." in k}
+        ckpt = self._best_checkpoint(trial_id, metric, mode)
+        return BestTrial(trial_id, float(score[trial_id]), config, row.to_dict(), ckpt)
+
+    def checkpoints(self, trial_id: str) -> list[tuple[Path, int]]:
+        """(folder, epoch) of every checkpoint the trial still has."""
+        from cifar_ray.train import load_state
+
+        trial = self._trial(trial_id)
+        folder = Path(trial.storage.trial_fs_path)
+        out = []
+        for ckpt in sorted(folder.glob("checkpoint_*")):
+            state_file = ckpt / "state.pt"
+            if state_file.exists():
+                try:
+                    out.append((ckpt, int(load_state(state_file)["epoch"])))
+                except Exception:  # noqa: BLE001 - a damaged checkpoint is skipped, not fatal
+                    continue
+        return out
+
+    def _best_checkpoint(self, trial_id: str, metric: str, mode: str) -> Optional[Path]:
+        ckpts = self.checkpoints(trial_id)
+        if not ckpts:
+            return None
+        curve = self.curves()
+        curve = curve[curve["trial_id"] == trial_id].drop_duplicates(M.EPOCH, keep="last").set_index(M.EPOCH)
+        scored = [(curve[metric].get(epoch, math.nan) if metric in curve else math.nan, path) for path, epoch in ckpts]
+        finite = [(v, p) for v, p in scored if isinstance(v, (int, float)) and math.isfinite(v)]
+        if not finite:
+            return ckpts[-1][0]
+        return (max if mode == "max" else min)(finite, key=lambda t: t[0])[1]
+
+    def _trial(self, trial_id: str):
+        for trial in self._analysis.trials:
+            if trial.trial_id == trial_id:
+                return trial
+        known = ", ".join(t.trial_id for t in self._analysis.trials)
+        raise AnalysisError(f"no trial {trial_id!r} in {self.path}; trials: {known}")
+
+    def evaluate(self, trial_id: Optional[str] = None, split: str = "test", data: Optional[str] = None,
+                 device: Optional[str] = None):
+        """Load the trial's best checkpoint (weights_only) and evaluate it on `split` (test or val).
+        trial_id defaults to the best trial; data overrides the data source (another machine)."""
+        import torch
+
+        from cifar_ray.config import trial_config
+        from cifar_ray.data import load_dataset
+        from cifar_ray.models import build_model
+        from cifar_ray.space import unflatten
+        from cifar_ray.train import evaluate_split, load_state, select_device
+
+        trial_id = trial_id or self.best().trial_id
+        trial = self._trial(trial_id)
+        ckpt = self._best_checkpoint(trial_id, self.metric, self.mode)
+        if ckpt is None:
+            raise AnalysisError(f"trial {trial_id} has no checkpoint to evaluate")
+        state = load_state(ckpt / "state.pt")
+        nested = unflatten(dict(trial.config))
+        if data is not None:
+            nested.setdefault("data", {})["source"] = data
+        cfg = trial_config(nested, where=f"trial {trial_id}")
+        dev = select_device(device or "auto")
+        dataset = load_dataset(cfg.data)
+        model = build_model(cfg.model.name, num_classes=len(dataset.classes), **cfg.model.options())
+        model.load_state_dict(state["model"])
+        model.to(dev)
+        with torch.no_grad():
+            return evaluate_split(model, cfg, dataset, split, dev)
 
     def curves(self) -> pd.DataFrame:
         """Long format: one row per trial and epoch, every per-epoch metric."""

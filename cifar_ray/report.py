@@ -1,0 +1,251 @@
+"""A readable report of a sweep: report.md with PNG figures, plus the Parquet tables.
+
+    python -m cifar_ray.report results/quickstart [--out DIR] [--evaluate-best] [--data SOURCE]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from cifar_ray import metrics as M
+from cifar_ray.analysis import AnalysisError, Sweep, load
+
+TOP_CURVES = 5  # trials drawn in the learning-curve figure
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def searched_keys(trials: pd.DataFrame) -> list[str]:
+    """Config columns that vary between trials (train.seed aside)."""
+    cols = [c for c in trials.columns if "." in c and c != "train.seed"]
+    return [c for c in cols if trials[c].astype(str).nunique() > 1]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join(df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    rows = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *rows])
+
+
+def trial_table(sweep: Sweep, trials: pd.DataFrame) -> pd.DataFrame:
+    best = f"best_{sweep.metric}"
+    cols = ["trial_id", "status", *searched_keys(trials), best, sweep.metric, "epochs", "seconds"]
+    if "train.seed" in trials and trials["train.seed"].nunique() > 1:
+        cols.insert(2, "train.seed")
+    table = trials[[c for c in cols if c in trials]].copy()
+    return table.sort_values(best, ascending=sweep.mode == "min", na_position="last", ignore_index=True)
+
+
+def plot_curves(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Optional[Path]:
+    if curves.empty:
+        return None
+    plt = _plt()
+    top = trial_table(sweep, trials)["trial_id"].head(TOP_CURVES)
+    keys = searched_keys(trials)
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, trial_id in enumerate(top):
+        c = curves[curves["trial_id"] == trial_id].drop_duplicates(M.EPOCH, keep="last")
+        row = trials.set_index("trial_id").loc[trial_id]
+        label = ", ".join(f"{k.split('.', 1)[1]}={_fmt(row[k])}" for k in keys) or trial_id
+        color = f"C{i}"
+        ax_acc.plot(c[M.EPOCH], 100 * c[M.VAL_ACC], color=color, marker="o", label=f"{label} (val)")
+        ax_acc.plot(c[M.EPOCH], 100 * c[M.TRAIN_ACC], color=color, linestyle="--", alpha=0.7)
+        ax_loss.plot(c[M.EPOCH], c[M.VAL_LOSS], color=color, marker="o", label=label)
+    ax_acc.set(title=f"Accuracy of the top {len(top)} trials (solid: validation, dashed: train)",
+               xlabel="epoch", ylabel="accuracy (%)")
+    ax_loss.set(title="Validation loss", xlabel="epoch", ylabel="cross-entropy loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax_acc.legend(fontsize=8)
+    ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Path]:
+    """The metric over a grid of two numeric keys (the seed's lr x momentum); seeds averaged."""
+    keys = [k for k in searched_keys(trials) if pd.api.types.is_numeric_dtype(trials[k])]
+    if len(keys) != 2 or len(searched_keys(trials)) != 2:
+        return None
+    plt = _plt()
+    best = f"best_{sweep.metric}"
+    grid = trials.pivot_table(index=keys[0], columns=keys[1], values=best, aggfunc="mean")
+    scale = 100 if sweep.metric.endswith("acc") else 1
+    fig, ax = plt.subplots(figsize=(1.2 * len(grid.columns) + 3, 0.8 * len(grid.index) + 2))
+    im = ax.imshow(grid.values * scale, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(grid.columns)), [_fmt(v) for v in grid.columns])
+    ax.set_yticks(range(len(grid.index)), [_fmt(v) for v in grid.index])
+    lo, hi = im.get_clim()
+    for i in range(len(grid.index)):
+        for j in range(len(grid.columns)):
+            v = grid.values[i, j] * scale
+            bright = hi > lo and (v - lo) / (hi - lo) > 0.6  # viridis turns yellow: dark text there
+            ax.text(j, i, "" if math.isnan(v) else f"{v:.1f}", ha="center", va="center",
+                    color="k" if bright else "w", fontsize=9)
+    unit = " (%)" if scale == 100 else ""
+    ax.set(title=f"Best {sweep.metric}{unit} per configuration", xlabel=keys[1], ylabel=keys[0])
+    fig.colorbar(im, ax=ax, label=f"{sweep.metric}{unit}")
+    fig.tight_layout()
+    path = out / "heatmap.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_architectures(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Optional[Path]:
+    if "model.name" not in trials or trials["model.name"].nunique() < 2:
+        return None
+    from cifar_ray.models import build_model
+    from cifar_ray.models.__main__ import count_parameters
+
+    plt = _plt()
+    best = f"best_{sweep.metric}"
+    per_epoch = curves.groupby("trial_id")[M.EPOCH_SECONDS].mean() if M.EPOCH_SECONDS in curves else pd.Series(dtype=float)
+    df = trials.assign(sec_per_epoch=trials["trial_id"].map(per_epoch))
+    by_model = df.groupby("model.name").agg(best=(best, "max"), sec=("sec_per_epoch", "mean"),
+                                            mem=(M.PEAK_MEMORY_MB, "max"))
+    opts = {k.split(".", 1)[1] for k in trials.columns if k.startswith("model.") and k != "model.name"}
+    params = {}
+    for name in by_model.index:
+        row = trials[trials["model.name"] == name].iloc[0]
+        kwargs = {k: row[f"model.{k}"] for k in opts if pd.notna(row[f"model.{k}"])}
+        params[name] = count_parameters(build_model(name, **kwargs)) / 1e6
+    by_model["params"] = pd.Series(params)
+    by_model = by_model.sort_values("best", ascending=False)
+    scale = 100 if sweep.metric.endswith("acc") else 1
+    panels = [("best", f"best {sweep.metric}" + (" (%)" if scale == 100 else ""), scale),
+              ("sec", "seconds per epoch (s)", 1), ("mem", "peak memory (MiB)", 1), ("params", "parameters (millions)", 1)]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.5))
+    for ax, (col, label, k) in zip(axes, panels):
+        ax.bar(by_model.index, by_model[col] * k, color="C0")
+        ax.set(title=label, xlabel="model", ylabel=label)
+        ax.tick_params(axis="x", rotation=45)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Architectures compared")
+    fig.tight_layout()
+    path = out / "architectures.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_evaluation(ev, out: Path) -> tuple[Path, Path]:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = list(ev.class_accuracy)
+    ax.bar(names, [100 * v for v in ev.class_accuracy.values()], color="C2")
+    ax.axhline(100 * ev.accuracy, color="k", linestyle="--", label=f"overall {100 * ev.accuracy:.1f}%")
+    ax.set(title=f"Per-class test accuracy of the best trial ({ev.count} images)", xlabel="class", ylabel="accuracy (%)",
+           ylim=(0, 100))
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend()
+    fig.tight_layout()
+    per_class = out / "per_class.png"
+    fig.savefig(per_class, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    cm = ev.confusion
+    rates = cm / cm.sum(axis=1, keepdims=True).clip(min=1)
+    im = ax.imshow(100 * rates, cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="w" if rates[i, j] > 0.5 else "k")
+    ax.set(title="Confusion matrix on test (counts; colour: % of the true class)", xlabel="predicted class",
+           ylabel="true class")
+    fig.colorbar(im, ax=ax, label="% of true class")
+    fig.tight_layout()
+    confusion = out / "confusion.png"
+    fig.savefig(confusion, dpi=110)
+    plt.close(fig)
+    return per_class, confusion
+
+
+def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = False,
+                 data: Optional[str] = None) -> Path:
+    from cifar_ray.train import format_report
+
+    sweep = load(results)
+    out_dir = Path(out) if out else sweep.path / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials, curves = sweep.trials(), sweep.curves()
+    sweep.to_parquet(out_dir)
+    counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+    md = [f"# Sweep `{sweep.path.name}`", "",
+          f"{len(trials)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+          f"metric `{sweep.metric}` ({sweep.mode}).", ""]
+    try:
+        best = sweep.best()
+        shown = ", ".join(f"`{k}={_fmt(best.config[k])}`" for k in searched_keys(trials) if k in best.config)
+        md += [f"Best trial: `{best.trial_id}`, {sweep.metric} {best.score:.4f} {shown}", ""]
+    except AnalysisError as err:
+        best = None
+        md += [f"No best trial yet: {err}", ""]
+    md += ["## Trials", "", markdown_table(trial_table(sweep, trials)), ""]
+    figures = [("Learning curves", plot_curves(sweep, trials, curves, out_dir)),
+               ("Grid", plot_heatmap(sweep, trials, out_dir)),
+               ("Architectures", plot_architectures(sweep, trials, curves, out_dir))]
+    if evaluate_best and best is not None:
+        ev = sweep.evaluate(best.trial_id, "test", data=data)
+        text = format_report(ev, "test")
+        (out_dir / "test_report.txt").write_text(text + "\n")
+        per_class, confusion = plot_evaluation(ev, out_dir)
+        md += [f"## Best trial on the test set (`{best.trial_id}`, checkpoint `{best.checkpoint.name}`)", "",
+               "```", text, "```", ""]
+        figures += [("Per-class test accuracy", per_class), ("Confusion matrix", confusion)]
+    for title, path in figures:
+        if path is not None:
+            md += [f"## {title}", "", f"![{title}]({path.name})", ""]
+    md += ["Tables: `trials.parquet`, `curves.parquet` (read with `pandas.read_parquet`)."]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(md) + "\n")
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cifar_ray.report", description="Write a sweep's report.")
+    p.add_argument("results", help="the sweep's results folder, e.g. results/quickstart")
+    p.add_argument("--out", help="output folder (default RESULTS/report)")
+    p.add_argument("--evaluate-best", action="store_true", help="evaluate the best checkpoint on the test set")
+    p.add_argument("--data", help="data source for --evaluate-best when the sweep's is not at hand here")
+    args = p.parse_args(argv)
+    from cifar_ray.config import ConfigError
+    from cifar_ray.data import DataError
+
+    try:
+        report = write_report(args.results, args.out, args.evaluate_best, args.data)
+    except (AnalysisError, ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Analysis and report on small real sweeps (synthetic data, local Ray, W&B offline)."""
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from cifar_ray import analysis
+from cifar_ray.analysis import AnalysisError
+from cifar_ray.report import main as report_main
+from cifar_ray.sweep import main as sweep_main
+from test_sweep import write_sweep
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(ray_session, tmp_path_factory):
+    """lr x momentum grid, two seeds: 8 trials with checkpoints."""
+    tmp = tmp_path_factory.mktemp("grid")
+    path = write_sweep(tmp, "lrmom", train__lr={"grid": [0.01, 0.05]}, train__momentum={"grid": [0.5, 0.9]},
+                       seeds=[0, 1], checkpoint={"keep": 2})
+    assert sweep_main([str(path), "--storage-path", str(tmp / "results")]) == 0
+    return tmp / "results" / "lrmom"
+
+
+@pytest.fixture(scope="module")
+def models_sweep(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("models")
+    path = write_sweep(tmp, "models", model={"name": {"grid": ["base", "net3"]}}, train__epochs=1)
+    assert sweep_main([str(path), "--storage-path", str(tmp / "results")]) == 0
+    return tmp / "results" / "models"
+
+
+def test_trials_one_row_per_trial_with_searched_keys(grid_sweep):
+    df = analysis.load(grid_sweep).trials()
+    assert len(df) == 8 and df["trial_id"].is_unique
+    for col in ("train.lr", "train.momentum", "train.seed", "status", "val_acc", "best_val_acc", "epochs", "seconds",
+                "node"):
+        assert col in df
+    assert set(zip(df["train.lr"], df["train.momentum"], df["train.seed"])) == {
+        (lr, m, s) for lr in (0.01, 0.05) for m in (0.5, 0.9) for s in (0, 1)}
+    assert (df["status"] == "completed").all() and (df["epochs"] == 2).all()
+
+
+def test_curves_one_row_per_trial_epoch(grid_sweep):
+    sweep = analysis.load(grid_sweep)
+    curves = sweep.curves()
+    assert len(curves) == 8 * 2
+    assert set(curves.groupby("trial_id")["epoch"].apply(tuple)) == {(1, 2)}
+    assert "val_class_acc/airplane" in curves
+    final = curves[curves["epoch"] == 2].set_index("trial_id")["val_acc"]
+    trials = sweep.trials().set_index("trial_id")["val_acc"]
+    assert np.allclose(final.sort_index(), trials.sort_index())
+
+
+def test_best_agrees_with_a_plain_sort(grid_sweep):
+    sweep = analysis.load(grid_sweep)
+    df = sweep.trials()
+    best = sweep.best()
+    assert best.trial_id == df.sort_values("best_val_acc", ascending=False).iloc[0]["trial_id"]
+    last = sweep.best(scope="last")
+    assert last.trial_id == df.sort_values("val_acc", ascending=False).iloc[0]["trial_id"]
+    worst_loss = sweep.best(metric="val_loss", mode="min", scope="last")
+    assert worst_loss.trial_id == df.sort_values("val_loss").iloc[0]["trial_id"]
+    assert best.checkpoint is not None and (best.checkpoint / "state.pt").exists()
+
+
+def test_aggregate_over_seeds(grid_sweep):
+    agg = analysis.load(grid_sweep).trials(aggregate=True)
+    assert len(agg) == 4
+    assert (agg["val_acc_count"] == 2).all()
+    df = analysis.load(grid_sweep).trials()
+    one = df[(df["train.lr"] == 0.05) & (df["train.momentum"] == 0.9)]["val_acc"]
+    row = agg[(agg["train.lr"] == 0.05) & (agg["train.momentum"] == 0.9)].iloc[0]
+    assert row["val_acc_mean"] == pytest.approx(one.mean()) and row["val_acc_std"] == pytest.approx(one.std())
+
+
+def test_evaluate_reproduces_the_reported_accuracy(grid_sweep):
+    sweep = analysis.load(grid_sweep)
+    best = sweep.best()
+    from cifar_ray.train import load_state
+
+    epoch = load_state(best.checkpoint / "state.pt")["epoch"]
+    curves = sweep.curves()
+    reported = curves[(curves["trial_id"] == best.trial_id) & (curves["epoch"] == epoch)]["val_acc"].iloc[0]
+    ev = sweep.evaluate(best.trial_id, split="val")
+    assert ev.accuracy == pytest.approx(reported, abs=1e-9)
+    test = sweep.evaluate(best.trial_id, split="test")
+    assert test.count == 200 and 0 <= test.accuracy <= 1
+
+
+def test_parquet_round_trip(grid_sweep, tmp_path):
+    sweep = analysis.load(grid_sweep)
+    trials_path, curves_path = sweep.to_parquet(tmp_path / "out")
+    for path, frame in ((trials_path, sweep.trials()), (curves_path, sweep.curves())):
+        table = pq.read_table(path)
+        back = table.to_pandas()
+        assert list(back.columns) == list(frame.columns)
+        pd.testing.assert_frame_equal(back, frame, check_dtype=False)
+        assert pq.read_schema(path) == table.schema
+
+
+def test_a_copied_sweep_folder_still_loads(grid_sweep, tmp_path):
+    copy = tmp_path / "elsewhere" / "lrmom"
+    shutil.copytree(grid_sweep, copy)
+    sweep = analysis.load(copy)
+    assert len(sweep.trials()) == 8
+    assert str(sweep.best().checkpoint).startswith(str(copy))
+    assert sweep.evaluate(split="val").count == 200
+
+
+def test_clear_errors(grid_sweep, tmp_path):
+    with pytest.raises(AnalysisError, match="no such folder"):
+        analysis.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AnalysisError, match="not a sweep folder"):
+        analysis.load(tmp_path / "empty")
+    sweep = analysis.load(grid_sweep)
+    with pytest.raises(AnalysisError, match="no trial 'abc'"):
+        sweep.evaluate("abc")
+    copy = tmp_path / "nockpt" / "lrmom"
+    shutil.copytree(grid_sweep, copy)
+    for ckpt in copy.glob("*/checkpoint_*"):
+        shutil.rmtree(ckpt)
+    with pytest.raises(AnalysisError, match="has no checkpoint"):
+        analysis.load(copy).evaluate()
+
+
+def test_errored_and_diverged_trials_are_kept_and_nan_never_wins(ray_session, tmp_path):
+    path = write_sweep(tmp_path, "mixed", train__lr={"grid": [0.05, 10.0]}, train__momentum=0.99,
+                       train__batch_size=16, train__epochs=2)
+    assert sweep_main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
+    sweep = analysis.load(tmp_path / "results" / "mixed", metric="train_loss", mode="min")
+    df = sweep.trials()
+    assert set(df["status"]) == {"completed", "diverged"}
+    assert math.isnan(df.set_index("train.lr").loc[10.0, "train_loss"])
+    assert sweep.best(scope="last").config["train.lr"] == 0.05
+
+
+def _report_images(md: Path) -> list[str]:
+    import re
+
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text())
+
+
+def test_report_writes_markdown_figures_and_tables(grid_sweep, tmp_path):
+    out = tmp_path / "report"
+    assert report_main([str(grid_sweep), "--out", str(out), "--evaluate-best"]) == 0
+    md = out / "report.md"
+    images = _report_images(md)
+    assert set(images) == {"curves.png", "heatmap.png", "per_class.png", "confusion.png"}
+    for name in images:
+        assert (out / name).stat().st_size > 5000
+    text = md.read_text()
+    assert "Accuracy of the network on the 200 test images:" in text
+    assert "| trial_id | status |" in text
+    assert (out / "trials.parquet").exists() and (out / "curves.parquet").exists()
+
+
+def test_report_compares_architectures(models_sweep, tmp_path):
+    out = tmp_path / "report"
+    assert report_main([str(models_sweep), "--out", str(out)]) == 0
+    assert "architectures.png" in _report_images(out / "report.md")
+    assert "heatmap.png" not in _report_images(out / "report.md")
+
+
+def test_report_bad_path_exits_2(tmp_path, capsys):
+    assert report_main([str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
