@@ -95,7 +95,7 @@ class Sweep:
             row[f"best_{self.metric}"] = _best(curve[self.metric], self.mode) if self.metric in curve else math.nan
             row["epochs"] = int(last.get(M.EPOCH, 0) or 0)
             row["seconds"] = float(last.get("time_total_s", math.nan))
-            for k in ("node", "device", "accelerator"):
+            for k in ("node", "node_id", "device", "accelerator"):
                 row[k] = last.get(k)
             row["error"] = _error_text(trial)
             rows.append(row)

@@ -1,10 +1,15 @@
-"""Resource requests per trial and their feasibility against the connected Ray cluster.
+"""Resource requests per trial, their feasibility against the connected Ray cluster, and cluster files.
+
+    python -m cifar_ray.cluster validate cluster.yaml clusters/onprem.yaml   # offline, against Ray's schema
 
 A request that no node can ever satisfy would stay PENDING forever in Tune; we refuse it up front.
 """
 from __future__ import annotations
 
-from typing import Any
+import copy
+import json
+from pathlib import Path
+from typing import Any, Optional
 
 from cifar_ray.config import ConfigError, ResourcesConfig, SweepConfig
 from cifar_ray.models import model_spec
@@ -77,6 +82,11 @@ def infeasible(requests: dict[str, dict[str, float]], nodes: list[dict[str, floa
     return {model: req for model, req in requests.items() if not any(fits(req, o) for o in offers)}
 
 
+def _unprefixed(offers: dict[str, float]) -> dict[str, float]:
+    """A node type's offers, plus Ray's accelerator label that a GPU node gets when it starts."""
+    return {("CPU" if k == "cpu" else "GPU" if k == "gpu" else k): v for k, v in offers.items()}
+
+
 def cluster_nodes() -> list[dict[str, Any]]:
     import ray
 
@@ -88,13 +98,161 @@ def _short(resources: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(keep.items()))
 
 
-def check_feasible(requests: dict[str, dict[str, float]]) -> None:
+def check_feasible(requests: dict[str, dict[str, float]], node_types: Optional[dict[str, dict[str, float]]] = None) -> None:
+    """Exit-4 check: each request must fit a live node or a node type the autoscaler could start."""
     nodes = cluster_nodes()
-    bad = infeasible(requests, [n["Resources"] for n in nodes])
+    offers = [n["Resources"] for n in nodes] + [_unprefixed(o) for o in (node_types or {}).values()]
+    bad = infeasible(requests, offers)
     if bad:
         lines = [f"no node of the cluster can ever run these trials (they would wait forever):"]
         lines += [f"  {model}: needs {_short(req)}" for model, req in bad.items()]
         lines += ["nodes:"] + [f"  {n.get('NodeManagerAddress', '?')}: {_short(n['Resources'])}" for n in nodes]
+        lines += [f"  node type {name} (not started): {_short(o)}" for name, o in (node_types or {}).items()]
         lines.append("lower the request in resources:/resources_by_model:, add a node that offers it, "
                      "or pass --allow-pending on an autoscaling cluster")
         raise InfeasibleError("\n".join(lines))
+
+
+# ---------------------------------------------------------------- cluster files
+
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster file on the head
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "fuse.sshfs", "lustre", "gpfs", "ceph", "glusterfs",
+                      "fuse.glusterfs", "beegfs", "fuse.s3fs", "fuse.gcsfuse", "9p", "virtiofs")
+
+
+def validate_cluster_file(path: str) -> dict:
+    """Validate a cluster YAML against Ray's own schema (offline); returns the prepared config."""
+    from cifar_ray.config import parse_yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such file")
+    raw = parse_yaml(p.read_text(), path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping (a Ray cluster file)")
+    try:
+        # Ray's validator is private API: this is the one place that calls it.
+        from ray.autoscaler._private.util import prepare_config, validate_config
+
+        config = prepare_config(copy.deepcopy(raw))
+        validate_config(config)
+    except Exception as exc:  # jsonschema.ValidationError, ValueError, KeyError from Ray
+        detail = " ".join(str(exc).split())[:400]
+        raise ConfigError(f"{path}: not a valid Ray cluster file: {detail}") from None
+    config["_host_tags"] = host_tags(p)
+    return config
+
+
+def host_tags(cluster_file: Path) -> dict[str, dict[str, float]]:
+    """Per-host tag files (`hosts/<hostname>.json` beside an on-prem cluster file)."""
+    out = {}
+    for f in sorted((cluster_file.parent / "hosts").glob("*.json")):
+        try:
+            data = json.loads(f.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{f}: not JSON ({exc})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in data.values()):
+            raise ConfigError(f"{f}: must be an object of tag -> positive amount, e.g. {{\"mps\": 1}}")
+        out[f.stem] = data
+    return out
+
+
+def node_type_offers(config: dict) -> dict[str, dict[str, float]]:
+    """What each node type (or on-prem host) offers, in the names tune.with_resources uses."""
+    offers = {}
+    for name, spec in (config.get("available_node_types") or {}).items():
+        if name == config.get("head_node_type") and config.get("provider", {}).get("type") == "local":
+            continue
+        offers[name] = _node_offers(spec.get("resources") or {})
+    for host, tags in (config.get("_host_tags") or {}).items():
+        offers[f"host {host}"] = {"cpu": 1e9, "gpu": tags.get("cuda", 0), **tags}  # CPU count unknown offline
+    return offers
+
+
+def tags_used(sweep: SweepConfig) -> set[str]:
+    used = set()
+    for r in [sweep.resources, *sweep.resources_by_model.values()]:
+        used |= set(r.tags)
+    return used
+
+
+def check_sweep_tags(sweep_files: list[Path], cluster_configs: dict[str, dict]) -> list[str]:
+    """Problems: a tag a sweep asks for that no node type of any cluster file offers."""
+    from cifar_ray.config import read_sweep
+
+    offered = set()
+    for config in cluster_configs.values():
+        for offers in node_type_offers(config).values():
+            offered |= {k for k, v in offers.items() if v}
+    problems = []
+    for f in sweep_files:
+        for tag in sorted(tags_used(read_sweep(str(f))) - offered):
+            problems.append(f"{f}: resources tag {tag!r} is offered by no node type of {', '.join(cluster_configs)}")
+    return problems
+
+
+def autoscaler_node_types(path: Optional[str] = None) -> dict[str, dict[str, float]]:
+    """Node types of the cluster this driver runs on, when it was started by `ray up` (the file is
+    on the head) or given with --cluster-config: they count as nodes that could still start."""
+    p = Path(path or AUTOSCALER_CONFIG).expanduser()
+    if not p.is_file():
+        return {}
+    import yaml
+
+    config = yaml.safe_load(p.read_text()) or {}
+    if path:
+        config = validate_cluster_file(str(p))
+    return node_type_offers(config)
+
+
+def is_shared_path(path: Path) -> bool:
+    """True when `path` lies on a network filesystem (from /proc/mounts), so every node sees it."""
+    try:
+        mounts = [line.split()[:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    target, best = str(path.resolve()), ("", "")
+    for _dev, mount, fstype in mounts:
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[0]):
+            best = (mount, fstype)
+    return best[1] in SHARED_FILESYSTEMS
+
+
+def check_storage(storage: str, nodes: list[dict]) -> None:
+    """Multi-node sweeps checkpoint to shared storage (Ray >= 2.7); refuse a node-local path."""
+    hosts = {n.get("NodeManagerAddress") for n in nodes}
+    if len(hosts) <= 1 or "://" in storage or is_shared_path(Path(storage).expanduser()):
+        return
+    raise ConfigError(f"--storage-path {storage}: a local folder, but the cluster has {len(hosts)} machines; "
+                      "trials on other nodes could not save checkpoints there. Use shared storage: "
+                      "--storage-path s3://BUCKET/PATH (or gs://), or a folder on an NFS mount every node has")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m cifar_ray.cluster")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check cluster files offline, and the tags the sweeps ask for")
+    v.add_argument("files", nargs="+")
+    v.add_argument("--sweeps", default="sweeps", help="folder of sweep files whose tags must be offered")
+    args = p.parse_args(argv)
+    try:
+        configs = {f: validate_cluster_file(f) for f in args.files}
+        for f, config in configs.items():
+            for name, offers in node_type_offers(config).items():
+                print(f"{f}: {name}: {_short({k: v for k, v in offers.items() if v < 1e9})}")
+        problems = check_sweep_tags(sorted(Path(args.sweeps).glob("*.yaml")), configs)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if not problems:
+        print(f"ok: {len(configs)} cluster files valid; every tag used in {args.sweeps}/ is offered")
+    return 2 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

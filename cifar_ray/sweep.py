@@ -54,6 +54,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the file, e.g. train.lr=0.01 (repeatable)")
     p.add_argument("--allow-pending", action="store_true", help="skip the resource feasibility check (autoscaling clusters)")
+    p.add_argument("--cluster-config", help="the cluster file whose node types may still start "
+                                            "(default: ~/ray_bootstrap_config.yaml on a `ray up` head)")
     return p.parse_args(argv)
 
 
@@ -272,15 +274,16 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     import ray
 
     from cifar_ray.analysis import TRIALS_FILE, load, write_parquet
-    from cifar_ray.cluster import check_feasible, requests_by_model
+    from cifar_ray.cluster import autoscaler_node_types, check_feasible, check_storage, cluster_nodes, requests_by_model
 
     check_results_folder(plan, args.resume)
     dataset = load_sweep_data(plan.space)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=True) if address else ray.init(include_dashboard=False)
+    check_storage(plan.storage, cluster_nodes())
     if not args.allow_pending:
-        check_feasible(requests_by_model(plan.sweep, plan.space))
+        check_feasible(requests_by_model(plan.sweep, plan.space), autoscaler_node_types(args.cluster_config))
     write_sweep_copy(plan)
     tuner = build_tuner(plan, dataset, args.resume)
     tuner.fit()

@@ -80,6 +80,7 @@ def _flat_metrics(metrics: dict) -> dict:
 def run_trial(config: dict, dataset: Dataset = None, wandb_settings: dict = None, sweep_name: str = "sweep",
               checkpoint_every: int = 1) -> None:
     """Tune function trainable; `dataset` arrives once through the object store (tune.with_parameters)."""
+    import ray
     from ray import tune
 
     ctx = tune.get_context()
@@ -91,7 +92,7 @@ def run_trial(config: dict, dataset: Dataset = None, wandb_settings: dict = None
 
     tracker = TrialTracker(wandb_settings or {"mode": "disabled"})
     tracker.start(ctx.get_trial_name(), run_id(sweep_name, ctx.get_trial_id()), config)
-    where = {"node": socket.gethostname(), "device": str(device),
+    where = {"node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
              "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
 
     def on_epoch(metrics: dict, make_state) -> None:
