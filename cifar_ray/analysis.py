@@ -42,8 +42,10 @@ class AnalysisError(ValueError):
     """A path that is not a sweep, an unknown trial, a trial without a checkpoint."""
 
 
-def trial_status(tune_status: str, last: Optional[dict]) -> str:
-    if tune_status == "ERROR":
+def trial_status(tune_status: str, last: Optional[dict], has_error: bool = False) -> str:
+    """The user's outcome of a trial. Tune's last state snapshot can lag behind a final error, so an
+    error file beside a trial that did not terminate also means errored."""
+    if tune_status == "ERROR" or (has_error and tune_status != "TERMINATED"):
         return ERRORED
     reported = (last or {}).get(M.STATUS)
     if tune_status == "TERMINATED":
@@ -87,8 +89,9 @@ class Sweep:
         for trial in self._analysis.trials:
             last = trial.last_result or {}
             curve = curves.get(trial.trial_id, pd.DataFrame())
+            error = _error_text(trial)
             row: dict[str, Any] = {"trial_id": trial.trial_id,
-                                   "status": trial_status(trial.status, last)}
+                                   "status": trial_status(trial.status, last, error is not None)}
             row.update({k: v for k, v in trial.config.items()})
             for m in M.EPOCH_METRICS:
                 row[m] = last.get(m, math.nan)
@@ -97,7 +100,7 @@ class Sweep:
             row["seconds"] = float(last.get("time_total_s", math.nan))
             for k in ("node", "node_id", "device", "accelerator"):
                 row[k] = last.get(k)
-            row["error"] = _error_text(trial)
+            row["error"] = error
             rows.append(row)
         return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True) if rows else pd.DataFrame(rows)
 

@@ -10,10 +10,12 @@ LR = "lr"
 EPOCH_SECONDS = "epoch_seconds"
 IMAGES_PER_SECOND = "images_per_second"  # training images per second of the training phase
 PEAK_MEMORY_MB = "peak_memory_mb"  # peak device memory (cuda/mps) or peak process RSS (cpu), MiB
+SETUP_SECONDS = "setup_seconds"  # from trial start (or fit entry) to its first training step
 STATUS = "status"
 
 # Scalar metrics reported every epoch; a sweep's `metric` must be one of these.
-EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, LR, EPOCH_SECONDS, IMAGES_PER_SECOND, PEAK_MEMORY_MB)
+EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, LR, EPOCH_SECONDS, IMAGES_PER_SECOND, PEAK_MEMORY_MB,
+                 SETUP_SECONDS)
 
 # Trial outcomes of the engine.
 RUNNING = "running"

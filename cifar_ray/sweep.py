@@ -175,13 +175,13 @@ def build_tuner(plan: Plan, dataset, resume: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     from cifar_ray.cluster import requests_by_model
-    from cifar_ray.tracking import trial_settings
+    from cifar_ray.tracking import preflight, trial_settings
     from cifar_ray.trainable import run_trial
 
     sweep, space = plan.sweep, plan.space
     wandb_dir = str(plan.results / "wandb") if "://" not in plan.storage else str(Path("results") / sweep.name / "wandb")
     trainable = tune.with_parameters(run_trial, dataset=dataset, sweep_name=sweep.name,
-                                     wandb_settings=trial_settings(sweep.wandb, sweep.name, wandb_dir),
+                                     wandb_settings=preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir)),
                                      checkpoint_every=sweep.checkpoint.every)
     requests = requests_by_model(sweep, space)
     default_model = next(iter(requests))
@@ -219,7 +219,8 @@ def build_tuner(plan: Plan, dataset, resume: bool):
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
                                     num_samples=sweep.search.samples, max_concurrent_trials=sweep.max_concurrent_trials,
-                                    trial_name_creator=name_of, trial_dirname_creator=name_of),
+                                    trial_name_creator=name_of, trial_dirname_creator=name_of,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=str(plan.results.parent) if "://" not in plan.storage else plan.storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.checkpoint.keep,
@@ -238,6 +239,13 @@ def load_sweep_data(space: Space):
     from cifar_ray.space import unflatten
 
     return load_dataset(trial_config(unflatten(first)).data)
+
+
+def resume_command(plan: Plan) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "cifar_ray.sweep", plan.file, "--resume", "--name",
+                                             plan.sweep.name, "--storage-path", str(plan.results.parent)])
 
 
 def summarize(plan: Plan, trials) -> tuple[str, int]:
@@ -262,9 +270,8 @@ def summarize(plan: Plan, trials) -> tuple[str, int]:
     if len(errored):
         code = EXIT_ERRORED
     if len(trials) and (trials["status"] == UNFINISHED).any():
-        resume = " ".join(["python -m cifar_ray.sweep", plan.file, "--resume", "--name", sweep.name,
-                           "--storage-path", str(plan.results.parent)])
-        lines.append(f"interrupted: {int((trials['status'] == UNFINISHED).sum())} trials unfinished; resume with:\n  {resume}")
+        lines.append(f"interrupted: {int((trials['status'] == UNFINISHED).sum())} trials unfinished; resume with:\n"
+                     f"  {resume_command(plan)}")
         code = EXIT_INTERRUPTED
     return "\n".join(lines), code
 
@@ -286,8 +293,11 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         check_feasible(requests_by_model(plan.sweep, plan.space), autoscaler_node_types(args.cluster_config))
     write_sweep_copy(plan)
     tuner = build_tuner(plan, dataset, args.resume)
-    tuner.fit()
+    grid = tuner.fit()
     trials = load(plan.results).trials()
+    # The driver's own result grid is the authority on which trials errored (the state file may lag).
+    errored = {r.metrics.get("trial_id") for r in grid if r.error is not None}
+    trials.loc[trials["trial_id"].isin(errored), "status"] = "errored"
     write_parquet(trials, plan.results / TRIALS_FILE)
     text, code = summarize(plan, trials)
     print(text)
@@ -299,12 +309,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     from cifar_ray.cluster import InfeasibleError
     from cifar_ray.data import DataError
 
+    plan = None
     try:
         plan = plan_from_args(args)
         if args.dry_run:
             print(describe(plan))
             return EXIT_OK
         return run(plan, args)
+    except KeyboardInterrupt:  # a second Ctrl-C: Tune saved its state at the first one
+        if plan is not None:
+            print(f"\ninterrupted; resume with:\n  {resume_command(plan)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from cifar_ray.config import WandbSettings
 
-INIT_TIMEOUT_S = 30  # seconds wandb.init may take before we give up on W&B for the trial
+INIT_TIMEOUT_S = 20  # seconds wandb.init may take before we give up on W&B for the trial
+PREFLIGHT_TIMEOUT_S = 10  # seconds the driver spends checking W&B is reachable and the key is good
 SECRET_ENV = ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
@@ -36,6 +37,34 @@ def resolve_mode(mode: str) -> str:
     if mode == "auto":
         return "online" if has_credentials() else "offline"
     return mode
+
+
+def preflight(settings: dict) -> dict:
+    """Check once, in the driver, that online W&B works (server reachable, key accepted). If not,
+    warn and log offline instead, so no trial waits on a dead server; `wandb sync` uploads later."""
+    if settings["mode"] != "online":
+        return settings
+    import concurrent.futures
+
+    def login() -> None:
+        import wandb
+
+        # Api().viewer asks the server who the key belongs to; unlike wandb.login it writes no netrc.
+        api = wandb.Api(api_key=os.environ.get("WANDB_API_KEY") or None, timeout=PREFLIGHT_TIMEOUT_S)
+        if not api.viewer:
+            raise RuntimeError("W&B did not accept the API key")
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(login).result(timeout=PREFLIGHT_TIMEOUT_S)
+        return settings
+    except Exception as exc:  # noqa: BLE001 - timeouts, network errors, a bad key
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        print(f"warning: W&B is not usable ({reason}); logging offline instead "
+              f"(upload later with `wandb sync {settings['dir']}/wandb`)", file=sys.stderr)
+        return {**settings, "mode": "offline"}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_id(sweep_name: str, trial_id: str) -> str:

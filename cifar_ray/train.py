@@ -6,6 +6,7 @@ Run one trial without Ray:
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import resource
@@ -179,8 +180,11 @@ def save_state(state: dict, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full while writing checkpoint {path}; the previous checkpoint is "
+                                        "intact: free space, then resume the sweep with --resume") from exc
         raise
 
 
@@ -234,13 +238,17 @@ def _loss(out: Any, y: torch.Tensor, smoothing: float) -> torch.Tensor:
 
 
 def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Optional[OnEpoch] = None,
-        resume: Optional[dict] = None, device: Optional[torch.device] = None) -> FitResult:
+        resume: Optional[dict] = None, device: Optional[torch.device] = None,
+        started_at: Optional[float] = None) -> FitResult:
     """Train cfg.model on cfg.data for cfg.train.epochs (or until early stop / divergence).
 
     resume: a state from a previous run's make_state(); training continues after its epoch and
     gives the same metrics as an uninterrupted run on the CPU. device overrides cfg.train.device
-    (the Ray trainable passes the device Ray granted).
+    (the Ray trainable passes the device Ray granted). started_at (time.perf_counter()) is when the
+    caller's work began; setup_seconds runs from there to the first training step.
     """
+    started_at = time.perf_counter() if started_at is None else started_at
+    setup_seconds: Optional[float] = None
     t = cfg.train
     device = device or select_device(t.device)
     check_device(cfg.model.name, device.type)
@@ -304,6 +312,8 @@ def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Option
         seen, diverged = 0, False
         autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
         for step, (x, y) in enumerate(images.batches(train_idx, t.batch_size, gen=gen, augment_cfg=augment_cfg), 1):
+            if setup_seconds is None:
+                setup_seconds = time.perf_counter() - started_at
             with autocast:
                 out = forward(x)
                 loss = _loss(out, y, t.label_smoothing)
@@ -342,7 +352,8 @@ def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Option
             M.EPOCH: epoch, M.TRAIN_LOSS: float(loss_sum.item() / max(seen, 1)) if not diverged else math.nan,
             M.TRAIN_ACC: float(correct.item() / max(seen, 1)), M.VAL_LOSS: ev.loss, M.VAL_ACC: ev.accuracy,
             M.VAL_CLASS_ACC: ev.class_accuracy, M.LR: lr, M.EPOCH_SECONDS: epoch_seconds,
-            M.IMAGES_PER_SECOND: seen / train_seconds, M.PEAK_MEMORY_MB: peak_memory_mb(device), M.STATUS: status,
+            M.IMAGES_PER_SECOND: seen / train_seconds, M.PEAK_MEMORY_MB: peak_memory_mb(device),
+            M.SETUP_SECONDS: setup_seconds, M.STATUS: status,
         }
         result.history.append(metrics)
         result.evaluation = ev

@@ -10,6 +10,7 @@ import math
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -80,6 +81,7 @@ def _flat_metrics(metrics: dict) -> dict:
 def run_trial(config: dict, dataset: Dataset = None, wandb_settings: dict = None, sweep_name: str = "sweep",
               checkpoint_every: int = 1) -> None:
     """Tune function trainable; `dataset` arrives once through the object store (tune.with_parameters)."""
+    started_at = time.perf_counter()
     import ray
     from ray import tune
 
@@ -109,7 +111,7 @@ def run_trial(config: dict, dataset: Dataset = None, wandb_settings: dict = None
     try:
         if resume is not None and resume.get("config", {}).get("train") != cfg.train.model_dump(mode="json"):
             resume = _adopt_new_hyperparameters(resume, cfg)
-        fit(cfg, dataset, on_epoch=on_epoch, resume=resume, device=device)
+        fit(cfg, dataset, on_epoch=on_epoch, resume=resume, device=device, started_at=started_at)
     except BaseException:
         tracker.finish(exit_code=1)
         raise

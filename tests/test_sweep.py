@@ -132,31 +132,6 @@ def _wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_killed_worker_is_retried_from_its_checkpoint(ray_session, tmp_path):
-    path = write_sweep(tmp_path, "kill_worker", train__epochs=6, data={**TINY["data"], "synthetic_size": 6000,
-                                                                       "val_size": 500},
-                       model={"name": "netconv", "width": 0.5}, failures={"max_retries": 2})
-    proc = _sweep_process(path, tmp_path, ray_session)
-    exp = tmp_path / "results" / "kill_worker"
-
-    def worker_after_epoch_2():
-        for d in exp.glob("netconv_*"):
-            rows = result_rows(d)
-            if rows and rows[-1]["epoch"] >= 2 and rows[-1]["epoch"] < 6 and list(d.glob("checkpoint_*")):
-                return rows[-1]["pid"]
-        return None
-
-    pid = _wait_for(worker_after_epoch_2, 180, "the trial's second epoch")
-    os.kill(pid, signal.SIGKILL)  # the trial's worker, started by this test's sweep
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    df = results_of(tmp_path, "kill_worker")
-    assert df.loc[0, "status"] == "completed" and df.loc[0, "epochs"] == 6
-    epochs = [r["epoch"] for r in result_rows(next(exp.glob("netconv_*")))]
-    assert epochs.count(1) == 1, f"restarted from scratch: {epochs}"  # resumed from a checkpoint
-    assert epochs[-1] == 6 and len({r for r in epochs}) == 6
-
-
 def test_killed_driver_is_completed_by_resume(ray_session, tmp_path):
     path = write_sweep(tmp_path, "kill_driver", train__epochs={"grid": [1, 1, 8, 8]},
                        data={**TINY["data"], "synthetic_size": 6000, "val_size": 500})

@@ -1,0 +1,86 @@
+"""One training epoch per model, images per second: cifar_ray's engine against a plain PyTorch loop
+fed by the seed's DataLoader pipeline (PIL images, transforms), same model, batch size and device.
+
+    python bench/epoch.py [--models base,netconv,resnet18] [--data SOURCE] [--train-size 5000]
+        [--batch-size 128] [--device auto] [--augment none]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+
+from cifar_ray import metrics as M
+from cifar_ray.config import AUGMENT_PRESETS, TrialConfig
+from cifar_ray.data import load_dataset, split_dataset
+from cifar_ray.models import build_model
+from cifar_ray.train import fit, select_device
+
+from pipeline import SETS, PILDataset  # the same baseline pipeline as bench/pipeline.py
+
+
+def baseline_epoch(name: str, ds, split, args, device) -> float:
+    """Images per second of one epoch of the plain loop."""
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    transforms = next(t for _, (preset, t) in SETS.items() if preset == args.augment)
+    loader = torch.utils.data.DataLoader(
+        PILDataset(ds.train_x[split.train_idx], ds.train_y[split.train_idx],
+                   T.Compose([*transforms, T.ToTensor(), T.Normalize(split.mean, split.std)])),
+        batch_size=args.batch_size, shuffle=True, num_workers=args.workers, pin_memory=device.type == "cuda")
+    model.train()
+    seen, t0 = 0, time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        out = out[0] if isinstance(out, tuple) else out
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0)
+
+
+def engine_epoch(name: str, ds, args, device) -> float:
+    cfg = TrialConfig.model_validate({
+        "model": {"name": name},
+        "data": {"source": args.data, "val_size": args.val_size, "train_size": args.train_size, "augment": args.augment},
+        "train": {"epochs": 1, "batch_size": args.batch_size, "lr": 0.01, "momentum": 0.9, "device": str(device)}})
+    return fit(cfg, ds, device=device).history[0][M.IMAGES_PER_SECOND]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="base,netconv,resnet18")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--train-size", type=int, default=5000)
+    p.add_argument("--val-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--augment", default="none", choices=[v[0] for v in SETS.values()])
+    args = p.parse_args()
+    assert args.augment in AUGMENT_PRESETS
+    device = select_device(args.device)
+    cfg = TrialConfig.model_validate({"data": {"source": args.data, "val_size": args.val_size,
+                                               "train_size": args.train_size}})
+    ds = load_dataset(cfg.data)
+    split = split_dataset(ds, cfg.data)
+    print(f"device {device}, batch size {args.batch_size}, {len(split.train_idx)} training images, "
+          f"augment {args.augment}, baseline DataLoader with {args.workers} workers")
+    print(f"{'model':<10}{'plain loop img/s':>18}{'cifar_ray img/s':>17}{'ratio':>9}")
+    for name in args.models.split(","):
+        base = baseline_epoch(name, ds, split, args, device)
+        ours = engine_epoch(name, ds, args, device)
+        print(f"{name:<10}{base:>18.0f}{ours:>17.0f}{ours / base:>8.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""GPU measurements for one prepared run (bench/gpu.sh calls this; --smoke runs tiny sizes on the CPU).
+
+1. the card's measured dense bf16 matmul rate (TFLOP/s);
+2. one training epoch of resnet18, vgg16 and netconv (cifar stem, bf16 autocast, channels_last), with
+   and without torch.compile, against the floor from their FLOPs (3x forward) at that rate;
+3. seconds for resnet18 to reach the seed's 85.8% validation accuracy;
+4. wall time of the seed's 20-trial resnet_grid, four trials per GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from cifar_ray import metrics as M
+from cifar_ray.config import TrialConfig
+from cifar_ray.data import load_dataset, split_dataset
+from cifar_ray.models import build_model
+from cifar_ray.models.__main__ import forward_gflops
+from cifar_ray.train import fit, select_device
+
+SEED_VAL_ACC = 0.858
+
+
+def matmul_tflops(device: torch.device, n: int, repeats: int) -> float:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def trial(model: str, data: dict, train: dict) -> TrialConfig:
+    return TrialConfig.model_validate({"model": {"name": model}, "data": data, "train": train})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: proves the script runs")
+    p.add_argument("--data", default="cifar10")
+    p.add_argument("--out", default="gpu_results.json")
+    args = p.parse_args()
+    device = select_device("auto")
+    smoke = args.smoke
+    data = ({"source": "synthetic", "synthetic_size": 1200, "val_size": 200, "train_size": 512} if smoke
+            else {"source": args.data, "val_size": 10_000})
+    ds = load_dataset(trial("netconv", data, {}).data)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": name,
+           "torch": torch.__version__, "smoke": smoke}
+    rate = matmul_tflops(device, 256 if smoke else 8192, 3 if smoke else 50)
+    out["matmul_tflops"] = rate
+    print(f"{name}: dense {'bf16' if device.type == 'cuda' else 'fp32'} matmul {rate:.1f} TFLOP/s", flush=True)
+
+    batch = 64 if smoke else 512
+    epochs = []
+    for model in ("resnet18", "vgg16", "netconv"):
+        gflops = forward_gflops(build_model(model))
+        for compiled in (False, True):
+            if compiled and device.type != "cuda":
+                continue
+            cfg = trial(model, data, {"epochs": 2 if not smoke else 1, "batch_size": batch, "lr": 0.05,
+                                      "device": str(device), "compile": compiled})
+            hist = fit(cfg, ds, device=device).history
+            last = hist[-1]  # the second epoch: compilation and cuDNN autotuning are behind it
+            n_train = len(split_dataset(ds, cfg.data).train_idx)
+            train_s = n_train / last[M.IMAGES_PER_SECOND]
+            floor = 3 * gflops * 1e9 * n_train / (rate * 1e12)
+            row = {"model": model, "compile": compiled, "epoch_s": last[M.EPOCH_SECONDS], "train_s": train_s,
+                   "floor_s": floor, "images_per_s": last[M.IMAGES_PER_SECOND], "peak_mb": last[M.PEAK_MEMORY_MB]}
+            epochs.append(row)
+            print(f"{model:<9} compile={compiled!s:<5} epoch {last[M.EPOCH_SECONDS]:.2f} s (train {train_s:.2f} s, "
+                  f"floor {floor:.2f} s, {last[M.IMAGES_PER_SECOND]:.0f} img/s, peak {last[M.PEAK_MEMORY_MB]:.0f} MiB)",
+                  flush=True)
+    out["epochs"] = epochs
+
+    # Time to the seed's 85.8%: flip+crop, one-cycle, label smoothing, bs 512.
+    cfg = trial("resnet18", {**data, "augment": "flip_crop"},
+                {"epochs": 1 if smoke else 16, "batch_size": batch, "optimizer": "sgd", "lr": 0.4, "momentum": 0.9,
+                 "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.1,
+                 "device": str(device)})
+    t0, reached = time.perf_counter(), None
+
+    def watch(m, _state):
+        nonlocal reached
+        if reached is None and m[M.VAL_ACC] >= SEED_VAL_ACC:
+            reached = (m[M.EPOCH], time.perf_counter() - t0)
+
+    hist = fit(cfg, ds, on_epoch=watch, device=device).history
+    out["to_seed_accuracy"] = {"reached": reached, "final_val_acc": hist[-1][M.VAL_ACC],
+                               "seconds": time.perf_counter() - t0, "epochs": len(hist)}
+    print(f"resnet18 to {SEED_VAL_ACC:.1%}: {reached} (epoch, s); final val_acc {hist[-1][M.VAL_ACC]:.4f}", flush=True)
+
+    # The seed's grid, four trials per GPU.
+    sets = ["--set", "wandb.mode=disabled", "--storage-path", "/tmp/cifar_ray_gpu_bench", "--name",
+            f"grid_{int(time.time())}"]
+    if smoke:
+        sets += ["--data", "synthetic", "--set", "data.synthetic_size=1200", "--set", "data.val_size=200",
+                 "--set", "train.epochs=1", "--set", "train.lr={grid: [0.005, 0.001]}", "--set", "train.momentum=0.5",
+                 "--set", "resources.gpu=0", "--set", "resources.cpu=1"]
+    else:
+        sets += ["--data", args.data, "--set", "resources.cpu=2"]
+    t0 = time.perf_counter()
+    rc = subprocess.run([sys.executable, "-m", "cifar_ray.sweep", "sweeps/resnet_grid.yaml", *sets],
+                        env={**os.environ, "RAY_AIR_NEW_OUTPUT": "0"}).returncode
+    out["resnet_grid"] = {"seconds": time.perf_counter() - t0, "exit": rc}
+    print(f"resnet_grid: {out['resnet_grid']['seconds']:.0f} s, exit {rc}", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

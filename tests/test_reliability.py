@@ -1,0 +1,227 @@
+"""Faults provoked for real: killed workers and drivers, Ctrl-C, damaged checkpoints, W&B outages,
+a full disk, secrets, and a 200-trial load. Local Ray, synthetic data."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from cifar_ray import analysis
+from cifar_ray.sweep import main
+from test_sweep import TINY, _sweep_process, _wait_for, result_rows, results_of, write_sweep
+
+SLOWER_DATA = {**TINY["data"], "synthetic_size": 6000, "val_size": 500}  # about a second an epoch
+
+
+def _trial_dirs(exp: Path, prefix: str) -> list[Path]:
+    return sorted(exp.glob(f"{prefix}_*"))
+
+
+def _kill_worker_after(exp: Path, prefix: str, epoch: int, last: int, timeout: float = 180) -> int:
+    def ready():
+        for d in _trial_dirs(exp, prefix):
+            rows = result_rows(d)
+            if rows and epoch <= rows[-1]["epoch"] < last and list(d.glob("checkpoint_*")):
+                return rows[-1]["pid"]
+        return None
+
+    pid = _wait_for(ready, timeout, f"epoch {epoch}")
+    os.kill(pid, signal.SIGKILL)  # a trial worker of the sweep this test started
+    return pid
+
+
+def test_killed_worker_resumes_and_matches_an_undisturbed_run(ray_session, tmp_path):
+    common = dict(train__epochs=5, data=SLOWER_DATA, model={"name": "netconv", "width": 0.5},
+                  failures={"max_retries": 2}, wandb={"mode": "disabled"})
+    path = write_sweep(tmp_path, "killed", **common)
+    proc = _sweep_process(path, tmp_path, ray_session)
+    exp = tmp_path / "results" / "killed"
+    _kill_worker_after(exp, "netconv", 2, 5)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    killed = results_of(tmp_path, "killed")
+    assert killed.loc[0, "status"] == "completed" and killed.loc[0, "epochs"] == 5
+    epochs = [r["epoch"] for r in result_rows(_trial_dirs(exp, "netconv")[0])]
+    assert epochs.count(1) == 1, f"restarted from scratch: {epochs}"
+    assert sorted(set(epochs)) == [1, 2, 3, 4, 5]
+
+    calm = write_sweep(tmp_path, "calm", **common)
+    assert main([str(calm), "--storage-path", str(tmp_path / "results")]) == 0
+    undisturbed = results_of(tmp_path, "calm")
+    for m in ("val_acc", "val_loss", "train_loss", "train_acc"):
+        assert killed.loc[0, m] == undisturbed.loc[0, m], m
+
+
+def test_killed_worker_without_retries_errors_and_exits_3(ray_session, tmp_path):
+    path = write_sweep(tmp_path, "no_retry", train__epochs=4, train__lr={"grid": [0.01, 0.02]}, data=SLOWER_DATA,
+                       failures={"max_retries": 0}, wandb={"mode": "disabled"})
+    proc = _sweep_process(path, tmp_path, ray_session)
+    exp = tmp_path / "results" / "no_retry"
+    _kill_worker_after(exp, "base", 1, 4)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out
+    df = results_of(tmp_path, "no_retry")
+    assert sorted(df["status"]) == ["completed", "errored"]
+    errored = df[df["status"] == "errored"].iloc[0]
+    assert f"errored: {errored['trial_id']}" in out
+
+
+def test_driver_killed_twice_then_resume_completes(ray_session, tmp_path):
+    path = write_sweep(tmp_path, "twice_killed", train__epochs={"grid": [1, 1, 6, 6]}, data=SLOWER_DATA,
+                       wandb={"mode": "disabled"})
+    exp = tmp_path / "results" / "twice_killed"
+
+    def finished(d):
+        return any(r.get("status") == "completed" for r in result_rows(d))
+
+    proc = _sweep_process(path, tmp_path, ray_session)
+    _wait_for(lambda: sum(finished(d) for d in _trial_dirs(exp, "base")) >= 2
+              and any(1 <= r["epoch"] < 6 for d in _trial_dirs(exp, "base") for r in result_rows(d) if not finished(d)),
+              240, "two finished trials and a running one")
+    early = {d.name: len(result_rows(d)) for d in _trial_dirs(exp, "base") if finished(d)}
+    proc.kill()
+    proc.wait(timeout=30)
+
+    progress = {d.name: len(result_rows(d)) for d in _trial_dirs(exp, "base")}
+    proc = _sweep_process(path, tmp_path, ray_session, "--resume")
+    _wait_for(lambda: any(len(result_rows(d)) > progress.get(d.name, 0) for d in _trial_dirs(exp, "base")),
+              240, "progress after the first resume")
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not (exp / "trials.parquet").exists()
+
+    proc = _sweep_process(path, tmp_path, ray_session, "--resume")
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    df = results_of(tmp_path, "twice_killed")
+    assert len(df) == 4 and df["trial_id"].is_unique and set(df["status"]) == {"completed"}
+    for name, n in early.items():
+        assert len(result_rows(exp / name)) == n, f"{name} finished before the kills and was trained again"
+    for d in _trial_dirs(exp, "base"):
+        epochs = [r["epoch"] for r in result_rows(d)]
+        # at most the epoch in flight at each kill is trained again
+        assert len(epochs) - len(set(epochs)) <= 2, epochs
+        assert max(epochs) in (1, 6)
+
+
+def test_ctrl_c_saves_state_and_prints_the_resume_command(ray_session, tmp_path):
+    path = write_sweep(tmp_path, "ctrl_c", train__epochs=8, train__lr={"grid": [0.01, 0.02]}, data=SLOWER_DATA,
+                       wandb={"mode": "disabled"})
+    exp = tmp_path / "results" / "ctrl_c"
+    proc = _sweep_process(path, tmp_path, ray_session)
+    _wait_for(lambda: any(r["epoch"] >= 2 for d in _trial_dirs(exp, "base") for r in result_rows(d)), 240, "epoch 2")
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    out, _ = proc.communicate(timeout=60)
+    assert time.time() - t0 < 60
+    assert proc.returncode == 130, out
+    assert "--resume" in out and "resume with" in out
+    assert not (exp / "trials.parquet").exists() or len(pd.read_parquet(exp / "trials.parquet")) == 2
+    proc = _sweep_process(path, tmp_path, ray_session, "--resume")
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    df = results_of(tmp_path, "ctrl_c")
+    assert set(df["status"]) == {"completed"} and (df["epochs"] == 8).all()
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    from ray import tune
+
+    from cifar_ray.trainable import _checkpoint_state
+    from cifar_ray.train import save_state
+
+    for i, epoch in enumerate((1, 2)):
+        d = tmp_path / f"checkpoint_{i:06d}"
+        d.mkdir()
+        save_state({"epoch": epoch, "w": torch.full((3,), float(epoch))}, d / "state.pt")
+    newest = tmp_path / "checkpoint_000001" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:40])  # truncated
+    state = _checkpoint_state(tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000001")))
+    assert state["epoch"] == 1
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from cifar_ray import train
+    from cifar_ray.train import load_state, save_state
+
+    path = tmp_path / "state.pt"
+    save_state({"epoch": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    with pytest.raises(OSError, match="disk full while writing checkpoint .* previous checkpoint is intact"):
+        save_state({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_state(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_unreachable_wandb_warns_and_the_sweep_completes(ray_session, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    path = write_sweep(tmp_path, "wandb_down", wandb={"mode": "online", "project": "p"})
+    t0 = time.time()
+    assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
+    assert time.time() - t0 < 120
+    assert "W&B is not usable" in capsys.readouterr().err
+    assert len(results_of(tmp_path, "wandb_down")) == 1
+    assert list((tmp_path / "results" / "wandb_down").glob("wandb/wandb/offline-run-*"))
+
+
+def test_no_secret_reaches_results_logs_or_wandb(ray_session, tmp_path, monkeypatch, capfd):
+    secrets = ["wandb-SECRET-0123456789abcdef0123456789abcdef", "aws-SECRET-9876543210"]
+    monkeypatch.setenv("WANDB_API_KEY", secrets[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secrets[1])
+    path = write_sweep(tmp_path, "secrets", wandb={"mode": "offline"})
+    assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
+    out, err = capfd.readouterr()
+    for s in secrets:
+        assert s not in out + err
+        for f in (tmp_path / "results").rglob("*"):
+            if f.is_file():
+                assert s.encode() not in f.read_bytes(), f
+
+
+@pytest.mark.slow
+def test_200_short_trials_are_all_accounted_for(ray_session, tmp_path):
+    path = write_sweep(tmp_path, "load", seeds=list(range(200)), train__epochs=1,
+                       data={**TINY["data"], "synthetic_size": 240, "val_size": 40}, wandb={"mode": "disabled"},
+                       checkpoint={"keep": 1})
+    used: list[int] = []
+    stop = threading.Event()
+
+    def sample():  # host memory in use, MiB, every half second
+        while not stop.is_set():
+            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            used.append((int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) // 1024)
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
+    finally:
+        stop.set()
+        sampler.join()
+    df = results_of(tmp_path, "load")
+    assert len(df) == 200 and sorted(df["train.seed"]) == list(range(200))
+    assert set(df["status"]) == {"completed"}
+    quarter = max(len(used) // 4, 1)
+    first, last = max(used[:quarter]), max(used[-quarter:])
+    print(f"host memory in use: peak {max(used)} MiB, first quarter {first} MiB, last quarter {last} MiB")
+    assert last < first + 1024, "host memory grew over the sweep"
+    t0 = time.perf_counter()
+    assert len(analysis.load(tmp_path / "results" / "load").trials()) == 200
+    assert time.perf_counter() - t0 < 5.0
