@@ -8,7 +8,6 @@ Prints one row per augmentation set and the ratio; target on a 2-core CPU: at le
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import numpy as np
@@ -76,17 +75,18 @@ def main() -> None:
           f"baseline DataLoader with {args.workers} workers, torch threads {torch.get_num_threads()}")
     print(f"{'augmentation':<14}{'DataLoader+PIL b/s':>20}{'cifar_ray b/s':>16}{'ratio':>9}")
     for name, (preset, transforms) in SETS.items():
-        loader = torch.utils.data.DataLoader(
-            PILDataset(ds.train_x[split.train_idx], ds.train_y[split.train_idx],
-                       T.Compose([*transforms, T.ToTensor(), normalize])),
-            batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
-            persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
-        base = rate(itertools.cycle(loader) if args.workers == 0 else _forever(loader), device, args.seconds,
-                    args.batch_size)
+        # ours first: the baseline's worker processes must not be running while ours is timed
         aug = AugmentConfig(**AUGMENT_PRESETS[preset])
         gen = torch.Generator(device=device).manual_seed(0)
         ours_batches = _forever_ours(images, idx, args.batch_size, gen, aug if aug.enabled() else None)
         ours = rate(ours_batches, device, args.seconds, args.batch_size)
+        loader = torch.utils.data.DataLoader(
+            PILDataset(ds.train_x[split.train_idx], ds.train_y[split.train_idx],
+                       T.Compose([*transforms, T.ToTensor(), normalize])),
+            batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
+            pin_memory=device.type == "cuda")
+        base = rate(_forever(loader), device, args.seconds, args.batch_size)
+        del loader
         print(f"{name:<14}{base:>20.1f}{ours:>16.1f}{ours / base:>8.1f}x", flush=True)
 
 

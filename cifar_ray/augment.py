@@ -23,16 +23,15 @@ def hflip(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `padding` px, then cut a random HxW window per sample with one gather."""
+    """Zero-pad by `padding` px, then cut a random HxW window per sample with one flat gather."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
+    wide = w + 2 * padding
+    padded = F.pad(x, (padding, padding, padding, padding)).flatten(2)  # (B, C, (H+2p)(W+2p))
     oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
     ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[bi, ci, rows, cols]
+    window = (torch.arange(h, device=x.device)[:, None] * wide + torch.arange(w, device=x.device)).view(1, 1, h * w)
+    idx = (window + (oy * wide + ox)[:, None, None]).expand(b, c, h * w)
+    return padded.gather(2, idx).view(b, c, h, w)
 
 
 def _perspective_matrices(b: int, scale: float, gen: torch.Generator, device) -> torch.Tensor:
@@ -68,40 +67,53 @@ def _rotation_matrices(b: int, degrees: float, gen: torch.Generator, device) -> 
 def warp(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     """Resample each image through its 3x3 homography (output coords -> input coords), zeros outside."""
     b, _, h, w = x.shape
-    ys = torch.linspace(-1, 1, h, device=x.device)
-    xs = torch.linspace(-1, 1, w, device=x.device)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    base = torch.stack([gx, gy, torch.ones_like(gx)], -1).view(1, h * w, 3)  # (1, HW, 3)
-    pts = base @ matrices.transpose(1, 2)  # (B, HW, 3)
-    grid = (pts[..., :2] / pts[..., 2:].clamp_min(1e-6)).view(b, h, w, 2)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    gy = torch.linspace(-1, 1, h, device=x.device).view(1, h, 1)
+    gx = torch.linspace(-1, 1, w, device=x.device).view(1, 1, w)
+    m = matrices.to(x.dtype).view(b, 9, 1, 1).unbind(1)  # nine (B, 1, 1) coefficients
+    # elementwise, not a batched matmul of tiny matrices: several times faster on the CPU
+    u = m[0] * gx + m[1] * gy + m[2]  # (B, H, W)
+    v = m[3] * gx + m[4] * gy + m[5]
+    z = (m[6] * gx + m[7] * gy + m[8]).clamp_min(1e-6)
+    grid = torch.stack([u / z, v / z], dim=-1)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (B, 1, H, W)
+GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale
 
 
 def color_jitter(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue, composed into one per-sample affine colour map
+    x -> M x + o (M: (B, 3, 3), o: (B, 3)) and applied in a single pass over the pixels."""
     b, dev = x.shape[0], x.device
+    eye = torch.eye(3, device=dev).expand(b, 3, 3)
+    gray = torch.tensor(GRAY, device=dev)
+    m = eye.clone()
+    o = torch.zeros(b, 3, device=dev)
+    mu = x.mean(dim=(2, 3))  # (B, 3) per-channel means: the image's grey mean is linear in them
     if cfg.brightness:
-        x = x * _uniform(b, 1 - cfg.brightness, 1 + cfg.brightness, gen, dev)[:, None, None, None]
+        f = _uniform(b, 1 - cfg.brightness, 1 + cfg.brightness, gen, dev)[:, None, None]
+        m = f * m
     if cfg.contrast:
-        mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-        f = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen, dev)[:, None, None, None]
-        x = (x - mean) * f + mean
+        # blend with the image's mean grey level: x -> f x + (1 - f) mean_gray(x)
+        f = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen, dev)
+        mean_gray = ((m @ mu[:, :, None]).squeeze(2) + o) @ gray  # (B,)
+        m = f[:, None, None] * m
+        o = f[:, None] * o + ((1 - f) * mean_gray)[:, None]
     if cfg.saturation:
-        g = _gray(x)
-        f = _uniform(b, 1 - cfg.saturation, 1 + cfg.saturation, gen, dev)[:, None, None, None]
-        x = (x - g) * f + g
+        # blend with each pixel's grey value: x -> f x + (1 - f) (gray . x) 1
+        f = _uniform(b, 1 - cfg.saturation, 1 + cfg.saturation, gen, dev)[:, None, None]
+        sat = f * eye + (1 - f) * gray.expand(3, 3)
+        m, o = sat @ m, (sat @ o[:, :, None]).squeeze(2)
     if cfg.hue:
-        # A hue shift is a rotation about the grey axis of RGB space: one 3x3 matrix per sample.
+        # a hue shift is a rotation about the grey axis of RGB space
         theta = _uniform(b, -cfg.hue, cfg.hue, gen, dev) * (2 * math.pi)
         cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
         k = torch.full((3, 3), 1 / 3, device=dev)
         cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=dev) / math.sqrt(3)
         rot = cos * torch.eye(3, device=dev) + (1 - cos) * k + sin * cross  # (B, 3, 3)
-        x = torch.einsum("bij,bjhw->bihw", rot.to(x.dtype), x)
-    return x.clamp(0, 1)
+        m, o = rot @ m, (rot @ o[:, :, None]).squeeze(2)
+    out = torch.baddbmm(o[:, :, None].to(x.dtype), m.to(x.dtype), x.flatten(2))  # (B, 3, HW)
+    return out.view_as(x).clamp_(0, 1)
 
 
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:

@@ -75,3 +75,24 @@ def test_preset_names_resolve():
     assert not DataConfig().augment.enabled()
     with pytest.raises(ValueError, match="unknown augmentation preset"):
         DataConfig(augment="flips")
+
+
+def test_composed_colour_jitter_equals_the_steps_in_sequence():
+    """The one-pass affine colour map gives what brightness, contrast and saturation give one after
+    another (torchvision's definitions, without clamping between steps)."""
+    from cifar_ray.augment import color_jitter
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    out = color_jitter(x, AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3), torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    b, c, s = (torch.rand(4, generator=g)[:, None, None, None] * 0.6 + 0.7 for _ in range(3))
+
+    def gray(y):
+        return (0.299 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2]).unsqueeze(1)
+
+    y = x * b
+    mean = gray(y).mean((1, 2, 3), keepdim=True)
+    y = (y - mean) * c + mean
+    y = (y - gray(y)) * s + gray(y)
+    assert torch.allclose(out, y.clamp(0, 1), atol=1e-5)
