@@ -422,17 +422,18 @@ def split_dataset(ds: Dataset, cfg: DataConfig) -> Split:
     return Split(train_idx, val_idx, mean, std)
 
 
-def channel_stats(x: np.ndarray, idx: np.ndarray, chunk: int = 8192) -> tuple[tuple, tuple]:
-    """Per-channel mean and std on the [0, 1] scale, in chunks so no float copy of the set is made."""
+def channel_stats(x: np.ndarray, idx: np.ndarray, chunk: int = 1024) -> tuple[tuple, tuple]:
+    """Per-channel mean and std on the [0, 1] scale, in chunks of 1,024 images (12 MiB of float32)
+    so a trial never holds a float copy of the set; sums accumulate in float64."""
     s = np.zeros(3)
     s2 = np.zeros(3)
     for i in range(0, len(idx), chunk):
-        part = x[np.sort(idx[i:i + chunk])].astype(np.float64) / 255.0  # (b, 3, 32, 32)
-        s += part.sum(axis=(0, 2, 3))
-        s2 += (part ** 2).sum(axis=(0, 2, 3))
+        part = x[np.sort(idx[i:i + chunk])].astype(np.float32)  # (b, 3, 32, 32), 0..255
+        s += part.sum(axis=(0, 2, 3), dtype=np.float64)
+        s2 += np.square(part).sum(axis=(0, 2, 3), dtype=np.float64)
     count = len(idx) * x.shape[2] * x.shape[3]
-    mean = s / count
-    std = np.sqrt(np.maximum(s2 / count - mean ** 2, 1e-12))
+    mean = s / count / 255.0
+    std = np.sqrt(np.maximum(s2 / count / 255.0**2 - mean ** 2, 1e-12))
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 

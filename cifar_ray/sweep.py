@@ -62,6 +62,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def plan_from_args(args: argparse.Namespace) -> Plan:
     sets = list(args.sets) + ([f"name={args.name}"] if args.name else [])
     sweep = read_sweep(args.file, sets, args.data)
+    source = sweep.data.get("source")
+    if isinstance(source, str) and source not in ("cifar10", "synthetic") and Path(source).expanduser().exists():
+        # trials run in their own folders (and on other nodes): a relative path must not depend on them
+        sweep = sweep.model_copy(update={"data": {**sweep.data, "source": str(Path(source).expanduser().resolve())}})
     space = build_space(sweep, args.file)
     _check_scheduler(sweep, space, args.file)
     from cifar_ray.cluster import check_placement
@@ -287,7 +291,9 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     dataset = load_sweep_data(plan.space)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True) if address else ray.init(include_dashboard=False)
+        hook = {"worker_process_setup_hook": "cifar_ray.trainable.warm_worker"}
+        ray.init(address=address, include_dashboard=False, runtime_env=hook) if address else \
+            ray.init(include_dashboard=False, runtime_env=hook)
     check_storage(plan.storage, cluster_nodes())
     if not args.allow_pending:
         check_feasible(requests_by_model(plan.sweep, plan.space), autoscaler_node_types(args.cluster_config))
