@@ -33,8 +33,17 @@ class Plan:
     file: str
     sweep: SweepConfig
     space: Space
-    results: Path  # <storage>/<name>
+    results: Path  # <storage>/<name>; for cloud storage, a local folder for the sweep copy, W&B and tables
     storage: str
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.storage
+
+    @property
+    def experiment(self) -> str:
+        """Where Tune keeps the experiment: the results folder, or <URI>/<name> on cloud storage."""
+        return f"{self.storage.rstrip('/')}/{self.sweep.name}" if self.remote else str(self.results)
 
     @property
     def max_epochs(self) -> int:
@@ -77,7 +86,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         except ImportError:
             raise ConfigError(f"{args.file}: search.kind: optuna needs the optional extra: pip install -e '.[optuna]'") from None
     storage = args.storage_path
-    results = Path(storage).expanduser().resolve() / sweep.name if "://" not in storage else Path(sweep.name)
+    local = "results" if "://" in storage else storage
+    results = Path(local).expanduser().resolve() / sweep.name
     return Plan(args.file, sweep, space, results, storage)
 
 
@@ -137,7 +147,7 @@ def describe(plan: Plan) -> str:
         lines += [f"  resources {m}: {_resources_text(requests[m])}" for m in model_names(space)]
         total = n * plan.max_epochs
     lines.append(f"total epochs at most: {total}")
-    lines.append(f"results: {plan.results}")
+    lines.append(f"results: {plan.experiment}")
     return "\n".join(lines)
 
 
@@ -161,11 +171,13 @@ def check_results_folder(plan: Plan, resume: bool) -> None:
 
     stored = stored_sweep(plan.results)
     exists = plan.results.exists() and (stored is not None or any(plan.results.glob("experiment_state-*.json")))
+    if plan.remote:
+        exists = exists or Tuner.can_restore(plan.experiment)
     if not resume and exists:
         raise ConfigError(f"{plan.results} already holds a sweep named {plan.sweep.name!r}; continue it with "
                           f"--resume, or choose another --name")
     if resume:
-        if not exists or not Tuner.can_restore(str(plan.results)):
+        if not exists or not Tuner.can_restore(plan.experiment):
             raise ConfigError(f"--resume: {plan.results} holds no sweep to resume; run without --resume to start it")
         if stored is not None and stored.get(SPACE_KEY) != plan.space.fingerprint():
             old, new = stored.get(SPACE_KEY) or {}, plan.space.fingerprint()
@@ -183,7 +195,7 @@ def build_tuner(plan: Plan, dataset, resume: bool):
     from cifar_ray.trainable import run_trial
 
     sweep, space = plan.sweep, plan.space
-    wandb_dir = str(plan.results / "wandb") if "://" not in plan.storage else str(Path("results") / sweep.name / "wandb")
+    wandb_dir = str(plan.results / "wandb")  # local even with cloud storage: W&B writes files as it runs
     trainable = tune.with_parameters(run_trial, dataset=dataset, sweep_name=sweep.name,
                                      wandb_settings=preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir)),
                                      checkpoint_every=sweep.checkpoint.every)
@@ -191,7 +203,7 @@ def build_tuner(plan: Plan, dataset, resume: bool):
     default_model = next(iter(requests))
     trainable = tune.with_resources(trainable, lambda config: requests.get(config.get("model.name"), requests[default_model]))
     if resume:
-        return tune.Tuner.restore(str(plan.results), trainable, resume_unfinished=True, resume_errored=True,
+        return tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True,
                                   restart_errored=False, param_space=param_space(space))
 
     s = sweep.scheduler
@@ -226,7 +238,7 @@ def build_tuner(plan: Plan, dataset, resume: bool):
                                     trial_name_creator=name_of, trial_dirname_creator=name_of,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=sweep.name, storage_path=str(plan.results.parent) if "://" not in plan.storage else plan.storage,
+            name=sweep.name, storage_path=plan.storage if plan.remote else str(plan.results.parent),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.checkpoint.keep,
                                                     checkpoint_score_attribute=sweep.metric,
                                                     checkpoint_score_order=sweep.mode),
@@ -245,11 +257,28 @@ def load_sweep_data(space: Space):
     return load_dataset(trial_config(unflatten(first)).data)
 
 
+def summarize_remote(plan: Plan, grid) -> int:
+    """Cloud storage: summarise from the driver's result grid; the tables need a local copy."""
+    errored = [r for r in grid if r.error is not None]
+    print(f"\nsweep {plan.sweep.name}: {len(grid)} trials, {len(errored)} errored")
+    for r in errored:
+        print(f"errored: {r.metrics.get('trial_id')}: {' '.join(str(r.error).split())[:300]}")
+    try:
+        best = grid.get_best_result(plan.sweep.metric, plan.sweep.mode, scope="all")
+        print(f"best trial {best.metrics.get('trial_id')}: {plan.sweep.metric} {best.metrics.get(plan.sweep.metric)}")
+    except RuntimeError:
+        pass
+    print(f"results: {plan.experiment}\ncopy them here for analysis: aws s3 sync {plan.experiment} {plan.results} "
+          f"(gs://: gsutil -m rsync -r), then: python -m cifar_ray.report {plan.results}")
+    return EXIT_ERRORED if errored else EXIT_OK
+
+
 def resume_command(plan: Plan) -> str:
     import shlex
 
+    storage = plan.storage if plan.remote else str(plan.results.parent)
     return " ".join(shlex.quote(a) for a in ["python", "-m", "cifar_ray.sweep", plan.file, "--resume", "--name",
-                                             plan.sweep.name, "--storage-path", str(plan.results.parent)])
+                                             plan.sweep.name, "--storage-path", storage])
 
 
 def summarize(plan: Plan, trials) -> tuple[str, int]:
@@ -300,6 +329,8 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     write_sweep_copy(plan)
     tuner = build_tuner(plan, dataset, args.resume)
     grid = tuner.fit()
+    if plan.remote:
+        return summarize_remote(plan, grid)
     trials = load(plan.results).trials()
     # The driver's own result grid is the authority on which trials errored (the state file may lag).
     errored = {r.metrics.get("trial_id") for r in grid if r.error is not None}
