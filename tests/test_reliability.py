@@ -225,3 +225,22 @@ def test_200_short_trials_are_all_accounted_for(ray_session, tmp_path):
     t0 = time.perf_counter()
     assert len(analysis.load(tmp_path / "results" / "load").trials()) == 200
     assert time.perf_counter() - t0 < 5.0
+
+
+def test_second_ctrl_c_exits_at_once_and_the_sweep_still_resumes(ray_session, tmp_path):
+    path = write_sweep(tmp_path, "ctrl_c_twice", train__epochs=6, data=SLOWER_DATA, wandb={"mode": "disabled"})
+    exp = tmp_path / "results" / "ctrl_c_twice"
+    proc = _sweep_process(path, tmp_path, ray_session)
+    _wait_for(lambda: any(r["epoch"] >= 2 for d in _trial_dirs(exp, "base") for r in result_rows(d)), 240, "epoch 2")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    out, _ = proc.communicate(timeout=60)
+    assert time.time() - t0 < 15, "the second Ctrl-C did not exit at once"
+    assert proc.returncode == 130, out
+    assert "--resume" in out
+    proc = _sweep_process(path, tmp_path, ray_session, "--resume")
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    assert results_of(tmp_path, "ctrl_c_twice").loc[0, "epochs"] == 6
