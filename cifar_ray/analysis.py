@@ -85,10 +85,9 @@ class Sweep:
         if aggregate:
             return self.trials_aggregated()
         rows = []
-        curves = self._analysis.trial_dataframes
         for trial in self._analysis.trials:
             last = trial.last_result or {}
-            curve = curves.get(trial.trial_id, pd.DataFrame())
+            curve = self._curve(trial)
             error = _error_text(trial)
             row: dict[str, Any] = {"trial_id": trial.trial_id,
                                    "status": trial_status(trial.status, last, error is not None)}
@@ -210,7 +209,8 @@ class Sweep:
     def curves(self) -> pd.DataFrame:
         """Long format: one row per trial and epoch, every per-epoch metric."""
         frames = []
-        for trial_id, df in self._analysis.trial_dataframes.items():
+        for trial in self._analysis.trials:
+            trial_id, df = trial.trial_id, self._curve(trial)
             if df.empty or M.EPOCH not in df:
                 continue
             cols = [M.EPOCH, *[c for c in df.columns if c in M.EPOCH_METRICS or c.startswith(M.VAL_CLASS_ACC + "/")],
@@ -221,6 +221,16 @@ class Sweep:
         if not frames:
             return pd.DataFrame(columns=["trial_id", M.EPOCH])
         return pd.concat(frames, ignore_index=True).sort_values(["trial_id", M.EPOCH], ignore_index=True)
+
+    def _curve(self, trial) -> pd.DataFrame:
+        """The trial's per-epoch results. Tune re-copies result.json from storage when it restarts a
+        trial (PBT pauses, retries), and a copy taken before the last sync loses rows; the trial's
+        last result, kept in the experiment state, restores a missing final epoch."""
+        df = self._analysis.trial_dataframes.get(trial.trial_id, pd.DataFrame())
+        last = trial.last_result or {}
+        if M.EPOCH in last and (df.empty or M.EPOCH not in df or last[M.EPOCH] > df[M.EPOCH].max()):
+            df = pd.concat([df, pd.json_normalize([last], sep="/")], ignore_index=True)
+        return df
 
     def to_parquet(self, out: str | os.PathLike) -> tuple[Path, Path]:
         out = Path(out)

@@ -168,8 +168,11 @@ def test_pbt_runs_and_mutates_hyperparameters(ray_session, tmp_path):
     assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
     df = results_of(tmp_path, "pbt")
     assert len(df) == 4 and set(df["status"]) == {"completed"} and (df["epochs"] == 4).all()
-    # PBT copied a better trial's state into a worse one with a perturbed lr: the final config of
-    # some trial differs from the lr it started with
+    # PBT copied a better trial's state into a worse one with a perturbed lr (its own log says so)
     exp = tmp_path / "results" / "pbt"
-    started = {d.name.split("_", 1)[1]: result_rows(d)[0]["lr"] for d in exp.glob("base_*")}
-    assert any(abs(row["train.lr"] - started[row["trial_id"]]) > 1e-12 for _, row in df.iterrows())
+    steps = [json.loads(line) for line in (exp / "pbt_global.txt").read_text().splitlines() if line.strip()]
+    assert any(old["train.lr"] != new["train.lr"] for *_, old, new in steps)
+    # every trial's curve reaches its last epoch, even where Tune's restored result.json lost a row
+    from cifar_ray import analysis
+
+    assert (analysis.load(exp).curves().groupby("trial_id")["epoch"].max() == 4).all()
