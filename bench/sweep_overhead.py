@@ -32,7 +32,6 @@ def run(mode: str, data_cfg: DataConfig, trials: int, epochs: int) -> dict:
     """mode 'shared': the data set through the object store (cifar_ray); 'per_trial': each trial loads
     it; 'none': shared, with a data set just large enough for the same split (7,000 training images), to
     measure what a trial process holds besides the data."""
-    import ray
     from ray import tune
 
     from cifar_ray.train import fit

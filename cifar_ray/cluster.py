@@ -104,7 +104,7 @@ def check_feasible(requests: dict[str, dict[str, float]], node_types: Optional[d
     offers = [n["Resources"] for n in nodes] + [_unprefixed(o) for o in (node_types or {}).values()]
     bad = infeasible(requests, offers)
     if bad:
-        lines = [f"no node of the cluster can ever run these trials (they would wait forever):"]
+        lines = ["no node of the cluster can ever run these trials (they would wait forever):"]
         lines += [f"  {model}: needs {_short(req)}" for model, req in bad.items()]
         lines += ["nodes:"] + [f"  {n.get('NodeManagerAddress', '?')}: {_short(n['Resources'])}" for n in nodes]
         lines += [f"  node type {name} (not started): {_short(o)}" for name, o in (node_types or {}).items()]

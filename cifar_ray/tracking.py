@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from cifar_ray.config import WandbSettings
 

@@ -4,7 +4,6 @@ own process because the test session already holds a local Ray. Prints one JSON 
     python tests/cluster_run.py WORKDIR
 """
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -3,8 +3,6 @@ a full disk, secrets, and a 200-trial load. Local Ray, synthetic data."""
 import errno
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path

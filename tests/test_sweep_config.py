@@ -1,7 +1,6 @@
 """Sweep files: schema, search space, dry runs and every way a file can be wrong (no Ray started)."""
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

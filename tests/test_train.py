@@ -59,7 +59,6 @@ def test_reported_val_acc_is_reproduced_by_evaluate(synthetic):
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, synthetic, schedule):
     c = cfg("netconv", epochs=3, schedule=schedule, step_size=1, momentum=0.9, weight_decay=5e-4,
             model_opts={"width": 0.25}, data={"augment": "seed", "synthetic_size": 2400, "val_size": 400})
-    saved = {}
 
     def keep(metrics, make_state):
         if metrics[M.EPOCH] == 1:
