@@ -138,7 +138,7 @@ class Sweep:
         trial_id = score.idxmax() if mode == "max" else score.idxmin()
         row = df.set_index("trial_id").loc[trial_id]
         config = {k: v for k, v in row.items() if "." in k}
-        ckpt = self._best_checkpoint(trial_id, metric, mode)
+        ckpt = self._best_checkpoint(trial_id, metric, mode, curves)
         return BestTrial(trial_id, float(score[trial_id]), config, row.to_dict(), ckpt)
 
     def checkpoints(self, trial_id: str) -> list[tuple[Path, int]]:
@@ -157,11 +157,12 @@ class Sweep:
                     continue
         return out
 
-    def _best_checkpoint(self, trial_id: str, metric: str, mode: str) -> Optional[Path]:
+    def _best_checkpoint(self, trial_id: str, metric: str, mode: str,
+                         curves: Optional[pd.DataFrame] = None) -> Optional[Path]:
         ckpts = self.checkpoints(trial_id)
         if not ckpts:
             return None
-        curve = self.curves()
+        curve = self.curves() if curves is None else curves
         curve = curve[curve["trial_id"] == trial_id].drop_duplicates(M.EPOCH, keep="last").set_index(M.EPOCH)
         scored = [(curve[metric].get(epoch, math.nan) if metric in curve else math.nan, path) for path, epoch in ckpts]
         finite = [(v, p) for v, p in scored if isinstance(v, (int, float)) and math.isfinite(v)]
@@ -188,9 +189,12 @@ class Sweep:
         from cifar_ray.space import unflatten
         from cifar_ray.train import evaluate_split, load_state, select_device
 
-        trial_id = trial_id or self.best().trial_id
+        if trial_id is None:
+            best = self.best()
+            trial_id, ckpt = best.trial_id, best.checkpoint
+        else:
+            ckpt = self._best_checkpoint(trial_id, self.metric, self.mode)
         trial = self._trial(trial_id)
-        ckpt = self._best_checkpoint(trial_id, self.metric, self.mode)
         if ckpt is None:
             raise AnalysisError(f"trial {trial_id} has no checkpoint to evaluate")
         state = load_state(ckpt / "state.pt")

@@ -250,10 +250,9 @@ def build_tuner(plan: Plan, dataset, resume: bool):
 def load_sweep_data(space: Space):
     """Decode (or read from the cache) the sweep's one data set, in the driver, once."""
     from cifar_ray.data import load_dataset
-
-    first = {k: (v.candidates()[0] if isinstance(v, Domain) else v) for k, v in space.values.items()}
     from cifar_ray.space import unflatten
 
+    first = {k: (v.candidates()[0] if isinstance(v, Domain) else v) for k, v in space.values.items()}
     return load_dataset(trial_config(unflatten(first)).data)
 
 
