@@ -117,8 +117,9 @@ class TrainConfig(Strict):
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="stop after this many epochs without a lower val_loss")
     seed: int = 0
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    amp: Amp = Field("auto", description="auto: bf16 where the GPU has it, fp16 with a grad scaler on older CUDA GPUs, off on cpu/mps")
-    channels_last: bool = True
+    amp: Amp = Field("auto", description="auto: bf16 where the GPU has it, fp16 with a grad scaler on older CUDA GPUs, "
+                     "bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else off; off on mps")
+    channels_last: bool = Field(True, description="channels_last memory format on cuda and cpu")
     compile: bool = False
     eval_batch_size: int = Field(1000, ge=1)
 
@@ -212,6 +213,7 @@ __all__ = [
 
 SearchKind = Literal["grid", "random", "optuna"]
 SchedulerKind = Literal["fifo", "asha", "pbt"]
+SearchOrder = Literal["auto", "given", "shuffled"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 MAX_TRIALS = 10_000  # a grid larger than this is almost surely a typo
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -220,7 +222,9 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 class SearchConfig(Strict):
     kind: SearchKind = "grid"
     samples: int = Field(1, ge=1, le=MAX_TRIALS, description="grid: repeats of the grid; random/optuna: trials drawn")
-    seed: Optional[int] = Field(None, description="seed of the random or optuna sampler")
+    seed: Optional[int] = Field(None, description="seed of the random or optuna sampler, and of a shuffled grid order")
+    order: SearchOrder = Field("auto", description="grid: the order trials start in: given (the file's, first key "
+                               "outermost), shuffled (seeded by search.seed), auto (shuffled under asha, else given)")
 
 
 class SchedulerConfig(Strict):

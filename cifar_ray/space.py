@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -188,6 +189,8 @@ def _check_search(space: Space, sweep: SweepConfig, where: str) -> None:
     if sweep.search.kind == "optuna" and ("grid" in kinds or space.seeds):
         raise ConfigError(f"{where}: search.kind: optuna samples its own points and cannot run a grid or seeds:; "
                           "use choice instead of grid, or search.kind: grid")
+    if sweep.search.kind == "optuna" and sweep.search.order == "shuffled":
+        raise ConfigError(f"{where}: search.order: optuna chooses its own order; remove search.order")
     if sweep.search.kind != "grid" and not space.domains() and not space.seeds:
         raise ConfigError(f"{where}: search.kind: {sweep.search.kind} has nothing to search; add a domain such as "
                           "train.lr: {loguniform: [0.0001, 0.1]}")
@@ -200,22 +203,36 @@ def trial_count(space: Space, sweep: SweepConfig) -> int:
     return space.grid_size() * sweep.search.samples
 
 
+def shuffles(sweep: SweepConfig) -> bool:
+    """ASHA stops a trial when it is worse than those that reached the same rung before it. In the
+    file's order the first trials share the outer keys' values, so early rungs compare like with like
+    and let most trials through; a seeded shuffle gives every rung a spread from the start."""
+    order = sweep.search.order
+    return order == "shuffled" or (order == "auto" and sweep.scheduler.kind == "asha")
+
+
+def grid_points(space: Space, sweep: SweepConfig) -> list[dict[str, Any]]:
+    """The grid keys (and train.seed) of every trial in the order trials start: the grid in the file's
+    order (first key outermost, seeds innermost), `search.samples` times, shuffled when shuffles().
+    Empty when nothing is a grid."""
+    grid = {k: d.values for k, d in space.domains().items() if d.kind == "grid"}
+    if space.seeds:
+        grid["train.seed"] = space.seeds
+    if not grid:
+        return []
+    one = [dict(zip(grid, picks)) for picks in itertools.product(*grid.values())]
+    points = one * sweep.search.samples
+    if shuffles(sweep):
+        random.Random(sweep.search.seed or 0).shuffle(points)
+    return points
+
+
 def expand_grid(space: Space, sweep: SweepConfig) -> Optional[list[dict[str, Any]]]:
-    """Every trial's flat config when the space has no random domain; None otherwise."""
+    """Every trial's flat config, in start order, when the space has no random domain; None otherwise."""
     if space.has_random():
         return None
-    domains = space.domains()
-    keys = list(domains)
-    seeds = space.seeds or (None,)
-    trials = []
-    for _ in range(sweep.search.samples):
-        for picks in itertools.product(*(domains[k].values for k in keys)):
-            for seed in seeds:
-                flat = {k: v for k, v in space.values.items() if not isinstance(v, Domain)} | dict(zip(keys, picks))
-                if seed is not None:
-                    flat["train.seed"] = seed
-                trials.append(flat)
-    return trials
+    constants = {k: v for k, v in space.values.items() if not isinstance(v, Domain)}
+    return [constants | point for point in grid_points(space, sweep)] or [constants] * sweep.search.samples
 
 
 def to_tune(dom: Domain):

@@ -20,7 +20,7 @@ import yaml
 
 from cifar_ray import metrics as M
 from cifar_ray.config import ConfigError, SweepConfig, read_sweep, trial_config
-from cifar_ray.space import Domain, Space, build_space, expand_grid, mutations, param_space, trial_count
+from cifar_ray.space import Domain, Space, build_space, expand_grid, grid_points, mutations, param_space, shuffles, trial_count
 
 EXIT_OK, EXIT_INVALID, EXIT_ERRORED, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 SPACE_KEY = "space"  # the search-space fingerprint stored in the results' sweep.yaml
@@ -130,6 +130,8 @@ def describe(plan: Plan) -> str:
     n = trial_count(space, sweep)
     lines = [f"sweep {sweep.name}: {n} trials, {sweep.search.kind} search, {sweep.scheduler.kind} scheduler, "
              f"metric {sweep.metric} ({sweep.mode})"]
+    if shuffles(sweep) and space.grid_size() > 1:
+        lines.append(f"  grid trials start in a shuffled order (search.order, seed {sweep.search.seed or 0})")
     trials = expand_grid(space, sweep)
     keys = space.searched_keys()
     if trials is not None:
@@ -215,6 +217,7 @@ def build_tuner(plan: Plan, dataset, resume: bool):
                                             hyperparam_mutations=mutations(sweep, space, plan.file))
     else:
         scheduler = FIFOScheduler()
+    num_samples = sweep.search.samples
     if sweep.search.kind == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -222,7 +225,11 @@ def build_tuner(plan: Plan, dataset, resume: bool):
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=sweep.search.seed)
+        # Grid trials start in grid_points' order (the dry run's), each point one sample; random
+        # domains are still drawn per trial.
+        points = grid_points(space, sweep)
+        search_alg = BasicVariantGenerator(points_to_evaluate=points or None, random_state=sweep.search.seed)
+        num_samples = len(points) or num_samples
 
     def name_of(trial) -> str:
         return f"{trial.config.get('model.name', 'trial')}_{trial.trial_id}"
@@ -234,7 +241,7 @@ def build_tuner(plan: Plan, dataset, resume: bool):
     return tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=sweep.search.samples, max_concurrent_trials=sweep.max_concurrent_trials,
+                                    num_samples=num_samples, max_concurrent_trials=sweep.max_concurrent_trials,
                                     trial_name_creator=name_of, trial_dirname_creator=name_of,
                                     reuse_actors=True),
         run_config=tune.RunConfig(

@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from cifar_ray.config import read_sweep
+from cifar_ray.space import build_space, grid_points
 from cifar_ray.sweep import main
 from wandb_records import history
 
@@ -53,7 +55,9 @@ def test_grid_of_four_completes_with_results_checkpoints_and_wandb(ray_session, 
     assert "4 completed" in out and "best trial" in out and "analysis.load(" in out
     df = results_of(tmp_path, "grid4")
     assert len(df) == 4 and set(df["status"]) == {"completed"}
-    assert set(zip(df["train.lr"], df["train.momentum"])) == {(0.01, 0.5), (0.01, 0.9), (0.05, 0.5), (0.05, 0.9)}
+    # trials start in the file's order, first key outermost: the order the dry run lists
+    in_order = df.sort_values("trial_id")
+    assert list(zip(in_order["train.lr"], in_order["train.momentum"])) == [(0.01, 0.5), (0.01, 0.9), (0.05, 0.5), (0.05, 0.9)]
     assert (df["epochs"] == 3).all() and df["val_acc"].between(0, 1).all()
     assert (df["best_val_acc"] >= df["val_acc"]).all()
     exp = tmp_path / "results" / "grid4"
@@ -72,10 +76,13 @@ def test_grid_of_four_completes_with_results_checkpoints_and_wandb(ray_session, 
 
 def test_asha_stops_a_bad_trial_early(ray_session, tmp_path):
     path = write_sweep(tmp_path, "asha", train__epochs=4, train__lr={"grid": [0.05, 0.04, 1e-6, 1e-6, 1e-6, 1e-6]},
-                       scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2})
+                       data__synthetic_size=2400,  # enough steps that the good trials beat chance by epoch 2
+                       scheduler={"kind": "asha", "grace_period": 2, "reduction_factor": 2})
     assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
     df = results_of(tmp_path, "asha")
     assert len(df) == 6
+    sweep = read_sweep(str(path))  # under ASHA the grid starts in the seeded shuffled order
+    assert list(df.sort_values("trial_id")["train.lr"]) == [p["train.lr"] for p in grid_points(build_space(sweep, "a"), sweep)]
     stopped = df[df["status"] == "stopped"]
     assert len(stopped) >= 1 and (stopped["epochs"] < 4).all()
     assert (stopped["train.lr"] == 1e-6).any()

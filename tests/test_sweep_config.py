@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cifar_ray.config import ConfigError, apply_overrides, read_sweep
-from cifar_ray.space import Domain, build_space, expand_grid, trial_count
+from cifar_ray.space import Domain, build_space, expand_grid, grid_points, trial_count
 from cifar_ray.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,3 +133,31 @@ def test_optuna_missing_says_how_to_install(capsys):
                "--dry-run"])
     assert rc == 2
     assert "pip install -e '.[optuna]'" in capsys.readouterr().err
+
+
+def test_grid_order_is_shuffled_under_asha_and_given_otherwise():
+    doc = ["train.lr={grid: [0.1, 0.05, 0.01, 0.001]}", "train.momentum={grid: [0, 0.5, 0.9, 0.99]}"]
+    given = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), doc)
+    pts = grid_points(build_space(given, "q"), given)
+    assert [(p["train.lr"], p["train.momentum"]) for p in pts[:5]] == [
+        (0.1, 0), (0.1, 0.5), (0.1, 0.9), (0.1, 0.99), (0.05, 0)]  # first key outermost
+    asha = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), doc + ["scheduler={kind: asha}"])
+    shuffled = grid_points(build_space(asha, "q"), asha)
+    assert shuffled != pts and sorted(map(str, shuffled)) == sorted(map(str, pts))
+    assert shuffled == grid_points(build_space(asha, "q"), asha)  # seeded: the same every time
+    other_seed = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), doc + ["scheduler={kind: asha}", "search.seed=1"])
+    assert grid_points(build_space(other_seed, "q"), other_seed) != shuffled
+    kept = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), doc + ["scheduler={kind: asha}", "search.order=given"])
+    assert grid_points(build_space(kept, "q"), kept) == pts
+    forced = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), doc + ["search.order=shuffled"])
+    assert grid_points(build_space(forced, "q"), forced) == shuffled
+
+
+def test_dry_run_lists_trials_in_start_order(capsys):
+    assert main([str(ROOT / "sweeps/quickstart.yaml"), "--dry-run", "--set", "scheduler={kind: asha}"]) == 0
+    out = capsys.readouterr().out
+    sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), ["scheduler={kind: asha}"])
+    listed = [line.split(":", 1)[1] for line in out.splitlines() if line.startswith("  trial ")]
+    expected = expand_grid(build_space(sweep, "q"), sweep)
+    assert len(listed) == len(expected) and all(f"train.lr={t['train.lr']:g}" in line for line, t in zip(listed, expected))
+    assert "shuffled order" in out

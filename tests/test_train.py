@@ -9,7 +9,8 @@ import torch
 from cifar_ray import metrics as M
 from cifar_ray.config import TrialConfig
 from cifar_ray.data import load_dataset, make_synthetic
-from cifar_ray.train import evaluate_split, fit, format_report, load_state, save_state
+from cifar_ray.train import (amp_dtype, cpu_has_native_bf16, evaluate_split, fit, format_report, has_diverged,
+                             load_state, save_state)
 from conftest import REAL_DATA
 
 
@@ -171,3 +172,18 @@ def test_netconv_on_real_cifar10(real_cache):
     test = evaluate_split(result.model, c, dataset, "test")
     assert test.count == 10_000
     assert test.accuracy > 0.25
+
+
+def test_divergence_threshold_is_relative_to_a_uniform_guess():
+    limit = 100 * math.log(10)
+    assert has_diverged(float("nan"), limit) and has_diverged(float("inf"), limit)
+    assert has_diverged(8.8e9, limit)  # a bf16 blow-up measured on the CPU: finite, never inf
+    assert not has_diverged(2.31, limit) and not has_diverged(60.0, limit)
+
+
+def test_cpu_precision_follows_the_cpu():
+    cpu = torch.device("cpu")
+    assert amp_dtype("off", cpu) is None and amp_dtype("fp16", cpu) is None
+    assert amp_dtype("bf16", cpu) == torch.bfloat16
+    assert amp_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert amp_dtype("auto", torch.device("mps")) is None
