@@ -90,7 +90,8 @@ def main() -> None:
 
     # Time to the seed's 85.8%: flip+crop, one-cycle, label smoothing, bs 512.
     cfg = trial("resnet18", {**data, "augment": "flip_crop"},
-                {"epochs": 1 if smoke else 16, "batch_size": batch, "optimizer": "sgd", "lr": 0.4, "momentum": 0.9,
+                {"epochs": 1 if smoke else 16, "batch_size": batch, "optimizer": "sgd", "lr": 0.1,
+                 "lr_reference_batch": 128, "momentum": 0.9,  # linear scaling: 0.4 at batch 512
                  "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.1,
                  "device": str(device)})
     t0, reached = time.perf_counter(), None

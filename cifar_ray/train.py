@@ -157,7 +157,7 @@ def logits_of(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: DeviceImages, idx: torch.Tensor, classes: tuple[str, ...],
-             batch_size: int = 1000, amp: Optional[torch.dtype] = None) -> Evaluation:
+             batch_size: int = 256, amp: Optional[torch.dtype] = None) -> Evaluation:
     """Accuracy, mean loss, per-class accuracy and confusion matrix of model on images[idx]."""
     was_training = model.training
     model.eval()
