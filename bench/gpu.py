@@ -3,6 +3,7 @@
 1. the card's measured dense bf16 matmul rate (TFLOP/s);
 2. one training epoch of resnet18, vgg16 and netconv (cifar stem, bf16 autocast, channels_last), with
    and without torch.compile, against the floor from their FLOPs (3x forward) at that rate;
+   then the batch path alone (flip+crop, the seed's four) in images/s against resnet18's training rate;
 3. seconds for resnet18 to reach the seed's 85.8% validation accuracy;
 4. wall time of the seed's 20-trial resnet_grid, four trials per GPU.
 """
@@ -19,11 +20,13 @@ import time
 import torch
 
 from cifar_ray import metrics as M
-from cifar_ray.config import TrialConfig
+from cifar_ray.config import AUGMENT_PRESETS, AugmentConfig, TrialConfig
 from cifar_ray.data import load_dataset, split_dataset
 from cifar_ray.models import build_model
 from cifar_ray.models.__main__ import forward_gflops
-from cifar_ray.train import fit, select_device
+from cifar_ray.train import DeviceImages, fit, select_device
+
+from pipeline import _forever_ours, rate as batches_per_second  # bench/ is on sys.path when run as bench/gpu.py
 
 SEED_VAL_ACC = 0.858
 
@@ -87,6 +90,19 @@ def main() -> None:
                   f"floor {floor:.2f} s, {last[M.IMAGES_PER_SECOND]:.0f} img/s, peak {last[M.PEAK_MEMORY_MB]:.0f} MiB)",
                   flush=True)
     out["epochs"] = epochs
+
+    # The batch path alone on the device (gather, augment, normalise): it must outrun training.
+    split = split_dataset(ds, trial("netconv", data, {}).data)
+    images = DeviceImages.create(ds.train_x, ds.train_y, split, device, channels_last=True)
+    idx = torch.from_numpy(split.train_idx).to(device)
+    fastest = max(r["images_per_s"] for r in epochs if r["model"] == "resnet18")
+    out["batch_path"] = {}
+    for preset in ("flip_crop", "seed"):
+        gen = torch.Generator(device=device).manual_seed(0)
+        batches = _forever_ours(images, idx, batch, gen, AugmentConfig(**AUGMENT_PRESETS[preset]))
+        per_s = batches_per_second(batches, device, 0.5 if smoke else 3.0, batch) * batch
+        out["batch_path"][preset] = per_s
+        print(f"batch path {preset}: {per_s:.0f} img/s, {per_s / fastest:.1f}x resnet18's training rate", flush=True)
 
     # Time to the seed's 85.8%: flip+crop, one-cycle, label smoothing, bs 512.
     cfg = trial("resnet18", {**data, "augment": "flip_crop"},

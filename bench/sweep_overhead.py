@@ -63,7 +63,7 @@ def run(mode: str, data_cfg: DataConfig, trials: int, epochs: int) -> dict:
     # CIFAR example starts a process per trial.
     tuner = tune.Tuner(trainable, param_space={"trial": trial, "i": tune.grid_search(list(range(trials)))},
                        tune_config=tune.TuneConfig(max_concurrent_trials=4, reuse_actors=mode != "per_trial"),
-                       run_config=tune.RunConfig(storage_path=f"/tmp/cifar_ray_bench/{mode}_{int(time.time())}",
+                       run_config=tune.RunConfig(name=mode, storage_path=f"/tmp/cifar_ray_bench/{mode}_{int(time.time())}",
                                                  verbose=0))
     grid = tuner.fit()
     firsts = [r.metrics_dataframe[M.SETUP_SECONDS].iloc[0] for r in grid]
@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=2)
     args = p.parse_args()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no per-experiment banner
     import ray
 
     source = args.data if args.data in ("cifar10", "synthetic") else os.path.abspath(args.data)  # trials run elsewhere

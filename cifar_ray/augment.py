@@ -34,6 +34,28 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     return padded.gather(2, idx).view(b, c, h, w)
 
 
+def flip_crop(x: torch.Tensor, flip_p: float, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """hflip(p=flip_p) then random_crop(padding) as one flat gather: the same random draws and the
+    same pixels as the two calls, on any dtype, so the batch path runs it on uint8 before the float
+    conversion (4x fewer bytes than on float, and no flipped copy of the batch)."""
+    b, c, h, w = x.shape
+    flip = torch.rand(b, generator=gen, device=x.device) < flip_p if flip_p else None
+    if padding:
+        x = F.pad(x, (padding, padding, padding, padding))
+        oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
+        ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
+    else:
+        oy = ox = torch.zeros(b, dtype=torch.int64, device=x.device)
+    wide = w + 2 * padding
+    j = torch.arange(w, device=x.device)
+    cols = ox[:, None] + j  # (B, W)
+    if flip is not None:  # a flipped-then-padded image read at ox+j is the padded one read at wide-1-ox-j
+        cols = torch.where(flip[:, None], (wide - 1 - ox)[:, None] - j, cols)
+    rows = (oy[:, None] + torch.arange(h, device=x.device)) * wide  # (B, H)
+    idx = (rows[:, :, None] + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return x.flatten(2).gather(2, idx).view(b, c, h, w)
+
+
 def _perspective_matrices(b: int, scale: float, gen: torch.Generator, device) -> torch.Tensor:
     """Per-sample homographies (B, 3, 3) in normalised [-1, 1] coordinates that move each corner
     inwards by up to `scale`/2 of the side, as torchvision's RandomPerspective does."""
@@ -127,12 +149,11 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     return x * (~hole).unsqueeze(1).to(x.dtype)
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Apply every enabled augmentation of cfg to a float batch (B, 3, H, W) in [0, 1]."""
-    if cfg.hflip:
-        x = hflip(x, cfg.hflip, gen)
-    if cfg.crop_padding:
-        x = random_crop(x, cfg.crop_padding, gen)
+def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, *, flip_crop_done: bool = False) -> torch.Tensor:
+    """Apply every enabled augmentation of cfg to a float batch (B, 3, H, W) in [0, 1].
+    flip_crop_done: the caller already ran flip_crop(cfg.hflip, cfg.crop_padding) (on uint8)."""
+    if (cfg.hflip or cfg.crop_padding) and not flip_crop_done:
+        x = flip_crop(x, cfg.hflip, cfg.crop_padding, gen)
     if cfg.rotation or cfg.perspective:
         m = torch.eye(3, device=x.device).expand(x.shape[0], 3, 3)
         if cfg.rotation:

@@ -42,6 +42,11 @@ class AugmentConfig(Strict):
     def enabled(self) -> bool:
         return self != AugmentConfig()
 
+    def needs_float(self) -> bool:
+        """Anything beyond flip and crop, which run on uint8 by index."""
+        return bool(self.rotation or self.perspective or self.brightness or self.contrast or self.saturation
+                    or self.hue or self.cutout)
+
 
 # Named sets, so a sweep can search `data.augment: {choice: [none, flip_crop, seed]}`.
 AUGMENT_PRESETS: dict[str, dict[str, float]] = {

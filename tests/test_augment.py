@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cifar_ray.augment import augment, hflip, random_crop, warp
+from cifar_ray.augment import augment, flip_crop, hflip, random_crop, warp
 from cifar_ray.config import AUGMENT_PRESETS, AugmentConfig
 
 SETS = {name: AugmentConfig(**values) for name, values in AUGMENT_PRESETS.items() if values}
@@ -96,3 +96,17 @@ def test_composed_colour_jitter_equals_the_steps_in_sequence():
     y = (y - mean) * c + mean
     y = (y - gray(y)) * s + gray(y)
     assert torch.allclose(out, y.clamp(0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("flip_p,padding", [(0.5, 4), (0.5, 0), (0.0, 4), (1.0, 2)])
+def test_flip_crop_on_uint8_equals_hflip_then_crop_on_float(flip_p, padding):
+    """The batch path runs flip_crop on uint8 before the float conversion: the same draws, the same pixels."""
+    x8 = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    expected = x8.float() / 255
+    g1 = torch.Generator().manual_seed(3)
+    if flip_p:
+        expected = hflip(expected, flip_p, g1)
+    if padding:
+        expected = random_crop(expected, padding, g1)
+    got = flip_crop(x8, flip_p, padding, torch.Generator().manual_seed(3)).float() / 255
+    assert torch.equal(got, expected)
