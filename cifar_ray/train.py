@@ -72,8 +72,8 @@ def cpu_has_native_bf16() -> bool:
 
 def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
     """bf16 where the GPU supports it; fp16 (with a grad scaler) on older CUDA GPUs (T4, 1080 Ti).
-    On the CPU: bf16 when asked, or for auto when the CPU has native bf16 (measured on this project's
-    AVX512-BF16 CPU: netconv 1.6x, resnet18 2x faster per step); fp16 and MPS run in fp32."""
+    On the CPU: bf16 when asked, or for auto when the CPU has native bf16 (on this project's AVX512-BF16
+    CPU a netconv epoch 1.6x and a resnet18 epoch 2.0x faster: docs/performance.md); fp16 and MPS run in fp32."""
     if mode == "off" or device.type == "mps":
         return None
     if device.type == "cpu":
@@ -279,7 +279,7 @@ def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Option
     check_device(cfg.model.name, device.type)
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
     split = split_dataset(dataset, cfg.data)
-    channels_last = t.channels_last and device.type in ("cuda", "cpu")  # oneDNN: 1.1-1.5x per step on CPU
+    channels_last = t.channels_last and device.type in ("cuda", "cpu")  # oneDNN's CPU convolutions prefer it too
     images = DeviceImages.create(dataset.train_x, dataset.train_y, split, device, channels_last)
     train_idx = torch.from_numpy(split.train_idx).to(device)
     val_idx = torch.from_numpy(split.val_idx).to(device)
