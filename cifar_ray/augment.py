@@ -17,6 +17,8 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torc
     return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
 
 
+# hflip and random_crop are the plain definitions; augment() and the batch path run both at once
+# through flip_crop, which tests hold to exactly these pixels.
 def hflip(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     flip = torch.rand(x.shape[0], generator=gen, device=x.device) < p  # (B,)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
