@@ -108,6 +108,12 @@ class DeviceImages:
     mean: torch.Tensor  # (1, 3, 1, 1), [0, 1] scale
     std: torch.Tensor
     channels_last: bool = False
+    # (x / 255 - mean) / std == x * scale - shift: one multiply and one subtract per uint8 batch
+    scale: torch.Tensor = field(init=False)
+    shift: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.scale, self.shift = 1 / (255 * self.std), self.mean / self.std
 
     @classmethod
     def create(cls, x: np.ndarray, y: np.ndarray, split: Split, device: torch.device, channels_last: bool):
@@ -125,8 +131,8 @@ class DeviceImages:
         if augment_cfg is not None and augment_cfg.needs_float():
             x = augment(x.float().div_(255), augment_cfg, gen, flip_crop_done=True)  # on [0, 1]
             x = x.sub_(self.mean).div_(self.std)
-        else:  # (x / 255 - mean) / std folded into one scale and shift, in place
-            x = x.float().mul_(1 / (255 * self.std)).sub_(self.mean / self.std)
+        else:
+            x = x.float().mul_(self.scale).sub_(self.shift)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.y[idx]
