@@ -1,10 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from cifar_ray.augment import augment, flip_crop, hflip, random_crop, warp
 from cifar_ray.config import AUGMENT_PRESETS, AugmentConfig
+from cifar_ray.data import Split
+from cifar_ray.train import DeviceImages
 
 SETS = {name: AugmentConfig(**values) for name, values in AUGMENT_PRESETS.items() if values}
 
@@ -110,3 +113,21 @@ def test_flip_crop_on_uint8_equals_hflip_then_crop_on_float(flip_p, padding):
         expected = random_crop(expected, padding, g1)
     got = flip_crop(x8, flip_p, padding, torch.Generator().manual_seed(3)).float() / 255
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("preset", ["none", "flip_crop", "seed"])
+def test_batch_path_equals_augment_then_normalise(preset):
+    """DeviceImages.batch runs flip/crop on uint8 and folds normalisation into a scale and shift: the
+    batches must equal the plain definition, float in [0, 1] -> augment -> (x - mean) / std."""
+    x8 = np.random.default_rng(0).integers(0, 256, (200, 3, 32, 32), dtype=np.uint8)
+    y = np.arange(200, dtype=np.int64) % 10
+    split = Split(np.arange(200), np.arange(0), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    images = DeviceImages.create(x8, y, split, torch.device("cpu"), channels_last=False)
+    cfg = AugmentConfig(**AUGMENT_PRESETS[preset])
+    idx = torch.arange(7, 71)
+    got, labels = images.batch(idx, cfg if cfg.enabled() else None, torch.Generator().manual_seed(5))
+    ref = torch.from_numpy(x8[7:71]).float() / 255
+    if cfg.enabled():
+        ref = augment(ref, cfg, torch.Generator().manual_seed(5))
+    ref = (ref - images.mean) / images.std
+    assert torch.allclose(got, ref, atol=1e-5) and torch.equal(labels, torch.from_numpy(y[7:71]))
