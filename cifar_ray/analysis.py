@@ -7,9 +7,9 @@ interrupted) without the trainable or a running cluster.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,16 +17,21 @@ from typing import Any, Optional
 import pandas as pd
 
 from cifar_ray import metrics as M
+from cifar_ray.files import LinkError, atomic_write, read_text_nofollow
 
 SWEEP_FILE = "sweep.yaml"
 TRIALS_FILE = "trials.parquet"
 CURVES_FILE = "curves.parquet"
-
-# Outcome of a trial as the user reads it.
-ERRORED = "errored"
-STOPPED = "stopped"  # stopped early by the scheduler (ASHA)
-UNFINISHED = "unfinished"  # pending, running or paused: an interrupted or running sweep
-FINISHED_OK = (M.COMPLETED, M.DIVERGED, M.EARLY_STOPPED, STOPPED)
+OUTCOME_FILE = "outcome.json"  # written by the driver when a trial ends (cifar_ray.callbacks)
+HISTORY_FILE = "history.jsonl"  # every report, appended by the driver as it arrives (cifar_ray.callbacks)
+RESULT_FILE = "result.json"  # Tune's rows, the same form; can lose rows when a trial restarts
+PARAMS_FILE = "params.json"  # the trial's starting config, as JSON
+ERROR_FILE = "error.txt"
+STATE_FILE = "state.pt"  # in each checkpoint_* folder
+STATE_GLOB = "experiment_state-*.json"
+TUNE_ROW_KEYS = ("trial_id", "done", "training_iteration", "timestamp", "date", "time_this_iter_s", "time_total_s",
+                 "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name",
+                 "should_checkpoint", "config")
 
 
 @dataclass(frozen=True)
@@ -39,29 +44,148 @@ class BestTrial:
 
 
 class AnalysisError(ValueError):
-    """A path that is not a sweep, an unknown trial, a trial without a checkpoint."""
+    """A path that is not a sweep, an unknown trial, a trial without a checkpoint, a link where a
+    plain file belongs."""
 
 
-def trial_status(tune_status: str, last: Optional[dict], has_error: bool = False) -> str:
-    """The user's outcome of a trial. Tune's last state snapshot can lag behind a final error, so an
-    error file beside a trial that did not terminate also means errored."""
-    if tune_status == "ERROR" or (has_error and tune_status != "TERMINATED"):
-        return ERRORED
-    reported = (last or {}).get(M.STATUS)
-    if tune_status == "TERMINATED":
-        if reported in (M.COMPLETED, M.DIVERGED, M.EARLY_STOPPED):
-            return reported
-        return STOPPED if reported == M.RUNNING else M.COMPLETED
-    return UNFINISHED
-
-
-def _error_text(trial) -> Optional[str]:
-    """The last line of the trial's error.txt (Tune writes it in the trial folder), if any."""
-    path = Path(trial.storage.trial_fs_path) / "error.txt"
-    if not path.exists():
+def _read_text(path: Path) -> Optional[str]:
+    """A file of the results folder as text, None when absent; a link is refused, never followed."""
+    try:
+        return read_text_nofollow(path)
+    except FileNotFoundError:
         return None
-    lines = [ln for ln in Path(path).read_text(errors="replace").strip().splitlines() if ln.strip()]
+    except LinkError:
+        raise AnalysisError(f"{path} is a symbolic link; a results folder holds plain files only "
+                            "(refusing to follow it)") from None
+
+
+def _read_json(path: Path) -> Optional[Any]:
+    text = _read_text(path)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None  # half-written by a running sweep, or damaged: treated as absent
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """result.json: one JSON object a line. A last line cut short by a running sweep is skipped."""
+    rows = []
+    for line in (_read_text(path) or "").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _tune_states(folder: Path) -> dict[str, dict]:
+    """Each trial's status, folder name and last result from Tune's newest experiment_state file,
+    read as plain JSON: the fields Tune pickles (results, resources, ...) are never decoded."""
+    files = sorted(folder.glob(STATE_GLOB))
+    doc = _read_json(files[-1]) if files else None
+    out: dict[str, dict] = {}
+    for entry in (doc or {}).get("trial_data", []) if isinstance(doc, dict) else []:
+        try:
+            trial = json.loads(entry[0])
+            meta = json.loads(entry[1])
+        except (ValueError, TypeError, IndexError):
+            continue
+        if not isinstance(trial, dict) or not isinstance(trial.get("trial_id"), str):
+            continue
+        last = meta.get("last_result") if isinstance(meta, dict) else None
+        out[trial["trial_id"]] = {"status": str(trial.get("status", "")), "dir": trial.get("relative_logdir"),
+                                  "config": trial.get("config") if isinstance(trial.get("config"), dict) else {},
+                                  "last": last if isinstance(last, dict) else {}}
+    return out
+
+
+def tune_outcome(tune_status: str, last: Optional[dict], has_error: bool) -> str:
+    """The user's outcome of a trial from Tune's status, for trials without an outcome file (a
+    running or interrupted sweep). Tune's state snapshot can lag behind a final error, so an error
+    file beside a trial that did not terminate also means errored."""
+    from cifar_ray.callbacks import ended_status
+
+    if tune_status == "ERROR" or (has_error and tune_status != "TERMINATED"):
+        return M.ERRORED
+    if tune_status == "TERMINATED":
+        return ended_status(last)
+    return M.UNFINISHED
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as its folder records it: plain JSON files only."""
+
+    trial_id: str
+    folder: Optional[Path]  # None for a trial Tune has not started yet
+    status: str
+    config: dict  # flat sweep-file keys; PBT's latest values
+    rows: tuple[dict, ...]  # every report, in order
+    error: Optional[str]
+
+    @property
+    def last(self) -> dict:
+        return self.rows[-1] if self.rows else {}
+
+
+def _last_line(text: Optional[str]) -> Optional[str]:
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
     return lines[-1][:500] if lines else None
+
+
+def _trial_folders(folder: Path, states: dict[str, dict]) -> dict[str, Path]:
+    """trial id -> folder, for each sub-folder that Tune made for a trial (it holds params.json)."""
+    by_name = {state["dir"]: trial_id for trial_id, state in states.items() if isinstance(state.get("dir"), str)}
+    out = {}
+    for sub in sorted(folder.iterdir()):
+        if not any((sub / name).exists() for name in (PARAMS_FILE, RESULT_FILE, HISTORY_FILE)):
+            continue
+        if sub.is_symlink():
+            raise AnalysisError(f"{sub} is a symbolic link; a results folder holds plain folders only "
+                                "(refusing to follow it)")
+        rows = _rows_of(sub)
+        trial_id = next((r["trial_id"] for r in rows if isinstance(r.get("trial_id"), str)), None)
+        # <model>_<experiment>_<index>, Tune's trial id being the last two parts
+        out[trial_id or by_name.get(sub.name) or "_".join(sub.name.split("_")[-2:])] = sub
+    return out
+
+
+def _rows_of(trial_folder: Path) -> list[dict]:
+    """The trial's reports: the driver's history where it kept one, else Tune's result.json (folders
+    written before the history existed, or by plain Ray Tune)."""
+    history = trial_folder / HISTORY_FILE
+    return _read_rows(history if history.exists() or history.is_symlink() else trial_folder / RESULT_FILE)
+
+
+def read_trials(folder: Path) -> list[TrialRecord]:
+    states = _tune_states(folder)
+    folders = _trial_folders(folder, states)
+    records = []
+    for trial_id in sorted(set(folders) | set(states)):
+        sub, state = folders.get(trial_id), states.get(trial_id, {})
+        rows = _rows_of(sub) if sub else []
+        last_state = state.get("last") or {}
+        # Tune's state can hold a final report that result.json lost when a trial was restarted
+        if M.EPOCH in last_state and (not rows or last_state[M.EPOCH] > max(r.get(M.EPOCH, 0) for r in rows)):
+            rows.append(last_state)
+        config = dict(state.get("config") or {})
+        params = _read_json(sub / PARAMS_FILE) if sub else None
+        config.update(params if isinstance(params, dict) else {})
+        if rows and isinstance(rows[-1].get("config"), dict):
+            config.update(rows[-1]["config"])
+        outcome = _read_json(sub / OUTCOME_FILE) if sub else None
+        error = _last_line(_read_text(sub / ERROR_FILE)) if sub else None
+        if isinstance(outcome, dict) and isinstance(outcome.get("status"), str):
+            status = outcome["status"]
+            error = outcome.get("error") or error if status == M.ERRORED else error
+        else:
+            status = tune_outcome(state.get("status", ""), rows[-1] if rows else None, error is not None)
+        records.append(TrialRecord(trial_id, sub, status, config, tuple(rows), error))
+    return records
 
 
 def _best(values: pd.Series, mode: str) -> float:
@@ -74,10 +198,14 @@ def _best(values: pd.Series, mode: str) -> float:
 
 @dataclass
 class Sweep:
+    """A results folder, read afresh at each call (a running sweep keeps growing)."""
+
     path: Path
     metric: str
     mode: str
-    _analysis: Any
+
+    def records(self) -> list[TrialRecord]:
+        return read_trials(self.path)
 
     def trials(self, aggregate: bool = False) -> pd.DataFrame:
         """One row per trial: id, status, config (the sweep file's key names), final and best metrics,
@@ -85,13 +213,11 @@ class Sweep:
         if aggregate:
             return self.trials_aggregated()
         rows = []
-        for trial in self._analysis.trials:
-            last = trial.last_result or {}
-            curve = self._curve(trial)
-            error = _error_text(trial)
-            row: dict[str, Any] = {"trial_id": trial.trial_id,
-                                   "status": trial_status(trial.status, last, error is not None)}
-            row.update({k: v for k, v in trial.config.items()})
+        for rec in self.records():
+            last = rec.last
+            curve = pd.DataFrame(list(rec.rows))
+            row: dict[str, Any] = {"trial_id": rec.trial_id, "status": rec.status}
+            row.update(rec.config)
             for m in M.EPOCH_METRICS:
                 row[m] = last.get(m, math.nan)
             row[f"best_{self.metric}"] = _best(curve[self.metric], self.mode) if self.metric in curve else math.nan
@@ -99,7 +225,7 @@ class Sweep:
             row["seconds"] = float(last.get("time_total_s", math.nan))
             for k in ("node", "node_id", "device", "accelerator"):
                 row[k] = last.get(k)
-            row["error"] = error
+            row["error"] = rec.error
             rows.append(row)
         return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True) if rows else pd.DataFrame(rows)
 
@@ -142,19 +268,19 @@ class Sweep:
         return BestTrial(trial_id, float(score[trial_id]), config, row.to_dict(), ckpt)
 
     def checkpoints(self, trial_id: str) -> list[tuple[Path, int]]:
-        """(folder, epoch) of every checkpoint the trial still has."""
+        """(folder, epoch) of every checkpoint the trial still has; links and damaged files are skipped."""
         from cifar_ray.train import load_state
 
-        trial = self._trial(trial_id)
-        folder = Path(trial.storage.trial_fs_path)
+        rec = self._record(trial_id)
         out = []
-        for ckpt in sorted(folder.glob("checkpoint_*")):
-            state_file = ckpt / "state.pt"
-            if state_file.exists():
-                try:
-                    out.append((ckpt, int(load_state(state_file)["epoch"])))
-                except Exception:  # noqa: BLE001 - a damaged checkpoint is skipped, not fatal
-                    continue
+        for ckpt in sorted(rec.folder.glob("checkpoint_*")) if rec.folder else []:
+            state_file = ckpt / STATE_FILE
+            if ckpt.is_symlink() or state_file.is_symlink() or not state_file.is_file():
+                continue
+            try:
+                out.append((ckpt, int(load_state(state_file)["epoch"])))  # weights_only=True
+            except Exception:  # noqa: BLE001 - a damaged checkpoint is skipped, not fatal
+                continue
         return out
 
     def _best_checkpoint(self, trial_id: str, metric: str, mode: str,
@@ -163,24 +289,26 @@ class Sweep:
         if not ckpts:
             return None
         curve = self.curves() if curves is None else curves
-        curve = curve[curve["trial_id"] == trial_id].drop_duplicates(M.EPOCH, keep="last").set_index(M.EPOCH)
+        curve = curve[curve["trial_id"] == trial_id].set_index(M.EPOCH)
         scored = [(curve[metric].get(epoch, math.nan) if metric in curve else math.nan, path) for path, epoch in ckpts]
         finite = [(v, p) for v, p in scored if isinstance(v, (int, float)) and math.isfinite(v)]
         if not finite:
             return ckpts[-1][0]
         return (max if mode == "max" else min)(finite, key=lambda t: t[0])[1]
 
-    def _trial(self, trial_id: str):
-        for trial in self._analysis.trials:
-            if trial.trial_id == trial_id:
-                return trial
-        known = ", ".join(t.trial_id for t in self._analysis.trials)
+    def _record(self, trial_id: str) -> TrialRecord:
+        records = self.records()
+        for rec in records:
+            if rec.trial_id == trial_id:
+                return rec
+        known = ", ".join(r.trial_id for r in records)
         raise AnalysisError(f"no trial {trial_id!r} in {self.path}; trials: {known}")
 
     def evaluate(self, trial_id: Optional[str] = None, split: str = "test", data: Optional[str] = None,
                  device: Optional[str] = None):
         """Load the trial's best checkpoint (weights_only) and evaluate it on `split` (test or val).
-        trial_id defaults to the best trial; data overrides the data source (another machine)."""
+        trial_id defaults to the best trial. The data is this machine's: `data`, else the sweep's
+        cifar10 or synthetic source, else $CIFAR_RAY_DATA; paths stored in the folder are never used."""
         import torch
 
         from cifar_ray.config import trial_config
@@ -194,13 +322,11 @@ class Sweep:
             trial_id, ckpt = best.trial_id, best.checkpoint
         else:
             ckpt = self._best_checkpoint(trial_id, self.metric, self.mode)
-        trial = self._trial(trial_id)
+        rec = self._record(trial_id)
         if ckpt is None:
             raise AnalysisError(f"trial {trial_id} has no checkpoint to evaluate")
-        state = load_state(ckpt / "state.pt")
-        nested = unflatten(dict(trial.config))
-        if data is not None:
-            nested.setdefault("data", {})["source"] = data
+        state = load_state(ckpt / STATE_FILE)
+        nested = unflatten(local_data(rec.config, data, trial_id))
         cfg = trial_config(nested, where=f"trial {trial_id}")
         dev = select_device(device or "auto")
         dataset = load_dataset(cfg.data)
@@ -211,30 +337,21 @@ class Sweep:
             return evaluate_split(model, cfg, dataset, split, dev)
 
     def curves(self) -> pd.DataFrame:
-        """Long format: one row per trial and epoch, every per-epoch metric."""
+        """Long format: one row per trial and epoch, every per-epoch metric. Where a trial reported an
+        epoch again (a retry or resume repeats the epoch in flight), the later report stands."""
         frames = []
-        for trial in self._analysis.trials:
-            trial_id, df = trial.trial_id, self._curve(trial)
+        for rec in self.records():
+            df = pd.DataFrame(list(rec.rows))
             if df.empty or M.EPOCH not in df:
                 continue
             cols = [M.EPOCH, *[c for c in df.columns if c in M.EPOCH_METRICS or c.startswith(M.VAL_CLASS_ACC + "/")],
                     *[c for c in ("status", "time_total_s") if c in df]]
-            part = df[cols].copy()
-            part.insert(0, "trial_id", trial_id)
+            part = df[cols].drop_duplicates(M.EPOCH, keep="last").copy()
+            part.insert(0, "trial_id", rec.trial_id)
             frames.append(part)
         if not frames:
             return pd.DataFrame(columns=["trial_id", M.EPOCH])
         return pd.concat(frames, ignore_index=True).sort_values(["trial_id", M.EPOCH], ignore_index=True)
-
-    def _curve(self, trial) -> pd.DataFrame:
-        """The trial's per-epoch results. Tune re-copies result.json from storage when it restarts a
-        trial (PBT pauses, retries), and a copy taken before the last sync loses rows; the trial's
-        last result, kept in the experiment state, restores a missing final epoch."""
-        df = self._analysis.trial_dataframes.get(trial.trial_id, pd.DataFrame())
-        last = trial.last_result or {}
-        if M.EPOCH in last and (df.empty or M.EPOCH not in df or last[M.EPOCH] > df[M.EPOCH].max()):
-            df = pd.concat([df, pd.json_normalize([last], sep="/")], ignore_index=True)
-        return df
 
     def to_parquet(self, out: str | os.PathLike) -> tuple[Path, Path]:
         out = Path(out)
@@ -242,35 +359,58 @@ class Sweep:
         return write_parquet(self.trials(), out / TRIALS_FILE), write_parquet(self.curves(), out / CURVES_FILE)
 
 
+def local_data(config: dict, data: Optional[str], trial_id: str) -> dict:
+    """A stored trial config with this machine's data settings: the folder's cache and download
+    paths are dropped, and a source that is a path is replaced by `data` or $CIFAR_RAY_DATA."""
+    from cifar_ray.data import ENV_DATA
+
+    out = {k: v for k, v in config.items() if k not in ("data.cache_dir", "data.data_dir")}
+    stored = out.get("data.source", "cifar10")
+    if data is not None:
+        out["data.source"] = data
+    elif stored not in ("cifar10", "synthetic"):
+        if not os.environ.get(ENV_DATA):
+            raise AnalysisError(f"trial {trial_id} was trained on a local path; a results folder does not choose "
+                                f"what is read here: pass the data (--data SOURCE, or data=...) or set {ENV_DATA}")
+        out["data.source"] = "cifar10"  # resolved from $CIFAR_RAY_DATA by the data layer
+    return out
+
+
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    """Write through pyarrow to a temporary name, then rename: readers never see half a file."""
+    """Write through pyarrow to a new temporary file, then rename: readers never see half a file and
+    a link at `path` is replaced, not written through."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    return atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def load(path: str | os.PathLike, metric: Optional[str] = None, mode: Optional[str] = None) -> Sweep:
-    """Open a sweep folder (`<storage>/<name>`); metric and mode default to the sweep file's."""
+    """Open a sweep folder (`<storage>/<name>`); metric and mode default to the sweep file's. Only
+    plain JSON, YAML (safe_load), Parquet and weights-only checkpoints are read: opening a folder
+    from someone else runs none of its content."""
     import yaml
-    from ray.tune import ExperimentAnalysis
 
     p = Path(path)
     if not p.is_dir():
         raise AnalysisError(f"{path}: no such folder")
-    if not list(p.glob("experiment_state-*.json")):
-        raise AnalysisError(f"{path}: not a sweep folder (no experiment_state-*.json); expected <storage>/<name>")
-    stored = {}
-    if (p / SWEEP_FILE).exists():
-        stored = yaml.safe_load((p / SWEEP_FILE).read_text()) or {}
+    stored_text = _read_text(p / SWEEP_FILE)
+    if stored_text is None and not list(p.glob(STATE_GLOB)):
+        raise AnalysisError(f"{path}: not a sweep folder (no {SWEEP_FILE} or experiment_state-*.json); "
+                            "expected <storage>/<name>")
+    for state in p.glob(STATE_GLOB):
+        if state.is_symlink():
+            raise AnalysisError(f"{state} is a symbolic link; a results folder holds plain files only "
+                                "(refusing to follow it)")
+    try:
+        stored = yaml.safe_load(stored_text or "") or {}
+    except yaml.YAMLError:
+        raise AnalysisError(f"{p / SWEEP_FILE}: not valid YAML") from None
+    stored = stored if isinstance(stored, dict) else {}
     metric = metric or stored.get("metric", M.VAL_ACC)
     mode = mode or stored.get("mode", "max")
-    return Sweep(p.resolve(), metric, mode, ExperimentAnalysis(str(p.resolve())))
+    if metric not in M.EPOCH_METRICS or mode not in ("max", "min"):
+        raise AnalysisError(f"{p / SWEEP_FILE}: metric {metric!r} / mode {mode!r} are not a reported metric and "
+                            "max/min")
+    return Sweep(p.resolve(), metric, mode)

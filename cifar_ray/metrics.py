@@ -12,6 +12,7 @@ IMAGES_PER_SECOND = "images_per_second"  # training images per second of the tra
 PEAK_MEMORY_MB = "peak_memory_mb"  # peak device memory (cuda/mps) or peak process RSS (cpu), MiB
 SETUP_SECONDS = "setup_seconds"  # from trial start (or fit entry) to its first training step
 STATUS = "status"
+WARNINGS = "warnings"  # a trial's warnings since its previous report ("; "-joined), printed by the driver
 
 # Scalar metrics reported every epoch; a sweep's `metric` must be one of these.
 EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, LR, EPOCH_SECONDS, IMAGES_PER_SECOND, PEAK_MEMORY_MB,
@@ -22,3 +23,7 @@ RUNNING = "running"
 COMPLETED = "completed"
 DIVERGED = "diverged"
 EARLY_STOPPED = "early_stopped"
+# ... and of the sweep, as the user reads them.
+STOPPED = "stopped"  # stopped early by the scheduler (ASHA)
+ERRORED = "errored"  # failed after its retries
+UNFINISHED = "unfinished"  # pending, running or paused: a running or interrupted sweep

@@ -13,18 +13,39 @@ from typing import Optional
 import pandas as pd
 
 from cifar_ray import metrics as M
-from cifar_ray.analysis import AnalysisError, Sweep, load
+from cifar_ray.analysis import CURVES_FILE, TRIALS_FILE, AnalysisError, Sweep, load, write_parquet
+from cifar_ray.files import atomic_write, atomic_write_text
 
 TOP_CURVES = 5  # trials drawn in the learning-curve figure
+REPORT_FILE = "report.md"
+TEST_REPORT_FILE = "test_report.txt"
+FIGURES = ("curves.png", "heatmap.png", "architectures.png", "per_class.png", "confusion.png")
+WRITTEN = (REPORT_FILE, TEST_REPORT_FILE, TRIALS_FILE, CURVES_FILE, *FIGURES)  # every name the report writes
+MD_ESCAPES = {"\\": "\\\\", "&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "`": "\\`", "[": "\\[",
+              "]": "\\]", "*": "\\*", "\r": " ", "\n": " "}
 
 
 def _plt():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
+    matplotlib.rcParams["text.parse_math"] = False  # labels carry the folder's values: `$` is just a dollar
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def md(value) -> str:
+    """A value from the results folder as inert Markdown text: no table breaks, code spans, links,
+    HTML or line breaks of its own."""
+    return "".join(MD_ESCAPES.get(ch, ch) for ch in _fmt(value))
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Into a new file renamed over `path`: a link planted there is replaced, never written through."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    _plt().close(fig)
+    return path
 
 
 def searched_keys(trials: pd.DataFrame) -> list[str]:
@@ -40,9 +61,9 @@ def _fmt(v) -> str:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(df.columns) + " |"
+    head = "| " + " | ".join(md(c) for c in df.columns) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    rows = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    rows = ["| " + " | ".join(md(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *rows])
 
 
@@ -79,10 +100,7 @@ def plot_curves(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: P
     ax_acc.legend(fontsize=8)
     ax_loss.legend(fontsize=8)
     fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "curves.png")
 
 
 def plot_heatmap(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Path]:
@@ -109,17 +127,16 @@ def plot_heatmap(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Path
     ax.set(title=f"Best {sweep.metric}{unit} per configuration", xlabel=keys[1], ylabel=keys[0])
     fig.colorbar(im, ax=ax, label=f"{sweep.metric}{unit}")
     fig.tight_layout()
-    path = out / "heatmap.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "heatmap.png")
 
 
 def plot_architectures(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Optional[Path]:
     if "model.name" not in trials or trials["model.name"].nunique() < 2:
         return None
-    from cifar_ray.models import build_model
+    from cifar_ray.config import ConfigError, trial_config
+    from cifar_ray.models import ModelError, build_model
     from cifar_ray.models.__main__ import count_parameters
+    from cifar_ray.space import unflatten
 
     plt = _plt()
     best = f"best_{sweep.metric}"
@@ -131,8 +148,12 @@ def plot_architectures(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame,
     params = {}
     for name in by_model.index:
         row = trials[trials["model.name"] == name].iloc[0]
-        kwargs = {k: row[f"model.{k}"] for k in opts if pd.notna(row[f"model.{k}"])}
-        params[name] = count_parameters(build_model(name, **kwargs)) / 1e6
+        options = {f"model.{k}": row[f"model.{k}"] for k in opts if pd.notna(row[f"model.{k}"])}
+        try:  # the folder's values go through the schema (known model, bounded width) before anything is built
+            model = trial_config(unflatten({"model.name": name, **options})).model
+            params[name] = count_parameters(build_model(model.name, **model.options())) / 1e6
+        except (ConfigError, ModelError):
+            params[name] = math.nan
     by_model["params"] = pd.Series(params)
     by_model = by_model.sort_values("best", ascending=False)
     scale = 100 if sweep.metric.endswith("acc") else 1
@@ -146,10 +167,7 @@ def plot_architectures(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame,
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Architectures compared")
     fig.tight_layout()
-    path = out / "architectures.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "architectures.png")
 
 
 def plot_evaluation(ev, out: Path) -> tuple[Path, Path]:
@@ -163,9 +181,7 @@ def plot_evaluation(ev, out: Path) -> tuple[Path, Path]:
     ax.tick_params(axis="x", rotation=45)
     ax.legend()
     fig.tight_layout()
-    per_class = out / "per_class.png"
-    fig.savefig(per_class, dpi=110)
-    plt.close(fig)
+    per_class = save_figure(fig, out / "per_class.png")
 
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     cm = ev.confusion
@@ -181,10 +197,28 @@ def plot_evaluation(ev, out: Path) -> tuple[Path, Path]:
            ylabel="true class")
     fig.colorbar(im, ax=ax, label="% of true class")
     fig.tight_layout()
-    confusion = out / "confusion.png"
-    fig.savefig(confusion, dpi=110)
-    plt.close(fig)
-    return per_class, confusion
+    return per_class, save_figure(fig, out / "confusion.png")
+
+
+class ReportError(ValueError):
+    """A report that cannot be written safely where it was asked for."""
+
+
+def output_folder(sweep: Sweep, out: Optional[str]) -> Path:
+    """The report's folder, refused when it or any file the report writes there is a symbolic link:
+    the report replaces its own files and never writes through a link."""
+    out_dir = Path(out) if out else sweep.path / "report"
+    if out_dir.is_symlink():
+        raise ReportError(f"{out_dir} is a symbolic link; refusing to write the report through it (remove it, "
+                          "or choose --out)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"{out_dir} exists and is not a folder; choose --out")
+    links = [name for name in WRITTEN if (out_dir / name).is_symlink()]
+    if links:
+        raise ReportError(f"{out_dir}: {', '.join(links)} is a symbolic link; refusing to overwrite it "
+                          "(remove it, or choose --out)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
 
 
 def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = False,
@@ -192,40 +226,39 @@ def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = 
     from cifar_ray.train import format_report
 
     sweep = load(results)
-    out_dir = Path(out) if out else sweep.path / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(sweep, out)
     trials, curves = sweep.trials(), sweep.curves()
-    sweep.to_parquet(out_dir)
+    write_parquet(trials, out_dir / TRIALS_FILE)
+    write_parquet(curves, out_dir / CURVES_FILE)
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
-    md = [f"# Sweep `{sweep.path.name}`", "",
-          f"{len(trials)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
-          f"metric `{sweep.metric}` ({sweep.mode}).", ""]
+    md_lines = [f"# Sweep {md(sweep.path.name)}", "",
+                f"{len(trials)} trials ({', '.join(f'{n} {md(s)}' for s, n in sorted(counts.items()))}); "
+                f"metric {md(sweep.metric)} ({md(sweep.mode)}).", ""]
     try:
         best = sweep.best()
-        shown = ", ".join(f"`{k}={_fmt(best.config[k])}`" for k in searched_keys(trials) if k in best.config)
-        md += [f"Best trial: `{best.trial_id}`, {sweep.metric} {best.score:.4f} {shown}", ""]
+        shown = ", ".join(f"{md(k)}={md(best.config[k])}" for k in searched_keys(trials) if k in best.config)
+        md_lines += [f"Best trial: {md(best.trial_id)}, {md(sweep.metric)} {best.score:.4f} {shown}", ""]
     except AnalysisError as err:
         best = None
-        md += [f"No best trial yet: {err}", ""]
-    md += ["## Trials", "", markdown_table(trial_table(sweep, trials)), ""]
+        md_lines += [f"No best trial yet: {md(err)}", ""]
+    md_lines += ["## Trials", "", markdown_table(trial_table(sweep, trials)), ""]
     figures = [("Learning curves", plot_curves(sweep, trials, curves, out_dir)),
                ("Grid", plot_heatmap(sweep, trials, out_dir)),
                ("Architectures", plot_architectures(sweep, trials, curves, out_dir))]
     if evaluate_best and best is not None:
         ev = sweep.evaluate(best.trial_id, "test", data=data)
         text = format_report(ev, "test")
-        (out_dir / "test_report.txt").write_text(text + "\n")
+        atomic_write_text(out_dir / TEST_REPORT_FILE, text + "\n")
         per_class, confusion = plot_evaluation(ev, out_dir)
-        md += [f"## Best trial on the test set (`{best.trial_id}`, checkpoint `{best.checkpoint.name}`)", "",
-               "```", text, "```", ""]
+        checkpoint = md(best.checkpoint.name) if best.checkpoint else "none"
+        md_lines += [f"## Best trial on the test set ({md(best.trial_id)}, checkpoint {checkpoint})", "",
+                     "```", text, "```", ""]
         figures += [("Per-class test accuracy", per_class), ("Confusion matrix", confusion)]
     for title, path in figures:
         if path is not None:
-            md += [f"## {title}", "", f"![{title}]({path.name})", ""]
-    md += ["Tables: `trials.parquet`, `curves.parquet` (read with `pandas.read_parquet`)."]
-    report = out_dir / "report.md"
-    report.write_text("\n".join(md) + "\n")
-    return report
+            md_lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
+    md_lines += [f"Tables: `{TRIALS_FILE}`, `{CURVES_FILE}` (read with `pandas.read_parquet`)."]
+    return atomic_write_text(out_dir / REPORT_FILE, "\n".join(md_lines) + "\n")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -240,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         report = write_report(args.results, args.out, args.evaluate_best, args.data)
-    except (AnalysisError, ConfigError, DataError) as err:
+    except (AnalysisError, ConfigError, DataError, ReportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report: {report}")

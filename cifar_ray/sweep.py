@@ -2,6 +2,7 @@
 
     python -m cifar_ray.sweep sweeps/quickstart.yaml [--dry-run] [--resume] [--name NAME]
         [--storage-path DIR] [--address ADDR] [--data SOURCE] [--set KEY=VALUE ...] [--allow-pending]
+        [--verbose]
 
 Exit codes: 0 every trial finished (completed, stopped early, diverged); 2 invalid sweep file or
 option; 3 trials errored after their retries; 4 a resource request no node can ever satisfy;
@@ -10,7 +11,9 @@ option; 3 trials errored after their retries; 4 a resource request no node can e
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,9 @@ from typing import Any, Optional
 import yaml
 
 from cifar_ray import metrics as M
+from cifar_ray.analysis import SWEEP_FILE
 from cifar_ray.config import ConfigError, SweepConfig, read_sweep, trial_config
+from cifar_ray.files import LinkError, atomic_write_text, read_text_nofollow
 from cifar_ray.space import Domain, Space, build_space, expand_grid, grid_points, mutations, param_space, shuffles, trial_count
 
 EXIT_OK, EXIT_INVALID, EXIT_ERRORED, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
@@ -55,7 +60,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cifar_ray.sweep", description="Run a CIFAR-10 sweep on Ray Tune.")
     p.add_argument("file", help="the sweep YAML file")
     p.add_argument("--dry-run", action="store_true", help="validate and list the trials; start nothing")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in its results folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep in its results folder; Ray reads the folder's pickled state, "
+                        "so resume only folders written by you or your own cluster (open anyone else's with "
+                        "cifar_ray.analysis or cifar_ray.report)")
     p.add_argument("--name", help="results folder name (default: the file's name:)")
     p.add_argument("--storage-path", default="results", help="where results go (default: ./results)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
@@ -65,6 +73,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--allow-pending", action="store_true", help="skip the resource feasibility check (autoscaling clusters)")
     p.add_argument("--cluster-config", help="the cluster file whose node types may still start "
                                             "(default: ~/ray_bootstrap_config.yaml on a `ray up` head)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and W&B's own log output (for debugging)")
     return p.parse_args(argv)
 
 
@@ -156,16 +165,19 @@ def describe(plan: Plan) -> str:
 # ---------------------------------------------------------------- running
 
 def stored_sweep(results: Path) -> Optional[dict]:
-    path = results / "sweep.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else None
+    path = results / SWEEP_FILE
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        return yaml.safe_load(read_text_nofollow(path))
+    except LinkError as err:
+        raise ConfigError(f"{err}; a results folder holds plain files only") from None
 
 
 def write_sweep_copy(plan: Plan) -> None:
     plan.results.mkdir(parents=True, exist_ok=True)
     doc = plan.sweep.model_dump(mode="json") | {SPACE_KEY: plan.space.fingerprint(), "source_file": str(plan.file)}
-    tmp = plan.results / "sweep.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, plan.results / "sweep.yaml")
+    atomic_write_text(plan.results / SWEEP_FILE, yaml.safe_dump(doc, sort_keys=False))
 
 
 def check_results_folder(plan: Plan, resume: bool) -> None:
@@ -188,25 +200,28 @@ def check_results_folder(plan: Plan, resume: bool) -> None:
                               "resume with the original file, or start a new sweep with another --name")
 
 
-def build_tuner(plan: Plan, dataset, resume: bool):
+def build_tuner(plan: Plan, dataset, resume: bool, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
+    from cifar_ray.callbacks import TrialRecorder
     from cifar_ray.cluster import requests_by_model
     from cifar_ray.tracking import preflight, trial_settings
     from cifar_ray.trainable import run_trial
 
     sweep, space = plan.sweep, plan.space
-    wandb_dir = str(plan.results / "wandb")  # local even with cloud storage: W&B writes files as it runs
-    trainable = tune.with_parameters(run_trial, dataset=dataset, sweep_name=sweep.name,
-                                     wandb_settings=preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir)),
-                                     checkpoint_every=sweep.checkpoint.every)
+    trainable = tune.with_parameters(run_trial, dataset=dataset, checkpoint_every=sweep.checkpoint.every,
+                                     quiet=not verbose)
     requests = requests_by_model(sweep, space)
     default_model = next(iter(requests))
     trainable = tune.with_resources(trainable, lambda config: requests.get(config.get("model.name"), requests[default_model]))
+    wandb_dir = str(plan.results / "wandb")  # local even with cloud storage: W&B writes files as it runs
+    recorder = TrialRecorder(preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir, verbose)), sweep.name)
     if resume:
-        return tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True,
-                                  restart_errored=False, param_space=param_space(space))
+        tuner = tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   restart_errored=False, param_space=param_space(space))
+        _use_recorder(tuner, recorder)
+        return tuner
 
     s = sweep.scheduler
     if s.kind == "asha":
@@ -250,8 +265,19 @@ def build_tuner(plan: Plan, dataset, resume: bool):
                                                     checkpoint_score_attribute=sweep.metric,
                                                     checkpoint_score_order=sweep.mode),
             failure_config=tune.FailureConfig(max_failures=sweep.failures.max_retries),
-            progress_reporter=reporter, verbose=1),
+            progress_reporter=reporter, verbose=1, callbacks=[recorder]),
     )
+
+
+def _use_recorder(tuner, recorder) -> None:
+    """A restored Tuner brings back the callbacks pickled at the start; use this run's recorder (with
+    this run's W&B preflight and --verbose) instead. Tuner.restore takes no run config: this reaches
+    into its one attribute for it."""
+    run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+    if run_config is None:  # a Ray without that attribute: the pickled recorder (same sweep) carries on
+        return
+    others = [c for c in (run_config.callbacks or []) if not isinstance(c, type(recorder))]
+    run_config.callbacks = [*others, recorder]
 
 
 def load_sweep_data(space: Space):
@@ -289,7 +315,6 @@ def resume_command(plan: Plan) -> str:
 
 def summarize(plan: Plan, trials) -> tuple[str, int]:
     """The closing summary and the exit code."""
-    from cifar_ray.analysis import ERRORED, UNFINISHED
 
     sweep = plan.sweep
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
@@ -300,7 +325,7 @@ def summarize(plan: Plan, trials) -> tuple[str, int]:
         best = ok.sort_values(best_col, ascending=sweep.mode == "min").iloc[0]
         shown = ", ".join(f"{k}={_fmt(best[k])}" for k in plan.space.searched_keys() if k in best)
         lines.append(f"best trial {best['trial_id']}: {sweep.metric} {best[best_col]:.4f}  ({shown})")
-    errored = trials[trials["status"] == ERRORED] if len(trials) else trials
+    errored = trials[trials["status"] == M.ERRORED] if len(trials) else trials
     for _, row in errored.iterrows():
         lines.append(f"errored: {row['trial_id']}: {row['error']}")
     lines.append(f"results: {plan.results}")
@@ -308,39 +333,132 @@ def summarize(plan: Plan, trials) -> tuple[str, int]:
     code = EXIT_OK
     if len(errored):
         code = EXIT_ERRORED
-    if len(trials) and (trials["status"] == UNFINISHED).any():
-        lines.append(f"interrupted: {int((trials['status'] == UNFINISHED).sum())} trials unfinished; resume with:\n"
+    if len(trials) and (trials["status"] == M.UNFINISHED).any():
+        lines.append(f"interrupted: {int((trials['status'] == M.UNFINISHED).sum())} trials unfinished; resume with:\n"
                      f"  {resume_command(plan)}")
         code = EXIT_INTERRUPTED
     return "\n".join(lines), code
 
 
-def run(plan: Plan, args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live table, with our columns
+CLOUD_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_secrets_out(plan: Plan) -> None:
+    """Ray Tune copies these variables into every trial actor's runtime environment, which Ray's
+    runtime-env agent writes to its log in plain text. Local storage needs none of them: drop them
+    from this process (and so from a local Ray it starts). Cloud storage: say how to do without."""
+    present = [k for k in CLOUD_SECRET_ENV if k in os.environ]
+    if not present:
+        return
+    if not plan.remote:
+        for key in present:
+            del os.environ[key]
+        return
+    print(f"warning: {', '.join(present)} set: Ray Tune passes them to every trial, and Ray's runtime-env agent "
+          "logs them in plain text; prefer an instance role or AWS_PROFILE (README: security notes)", file=sys.stderr)
+
+
+def start_ray(address: Optional[str], verbose: bool) -> None:
     import ray
 
+    if ray.is_initialized():
+        return
+    runtime_env = {"worker_process_setup_hook": "cifar_ray.trainable.warm_worker"}
+    # Without --verbose the workers' console is not forwarded: Ray's per-checkpoint lines and the
+    # "Exception ignored" noise of workers SIGTERMed at shutdown stay in Ray's log files. A trial's
+    # own warnings reach the console through its reports (cifar_ray.callbacks).
+    options = dict(include_dashboard=False, runtime_env=runtime_env, log_to_driver=verbose)
+    if not verbose:
+        options["logging_level"] = logging.WARNING
+    if address:
+        ray.init(address=address, **options)
+        return
+    # A Ray started here keeps its session folder, logs and auth token to this user (umask 077: files
+    # 0600, folders 0700); the processes it starts keep that umask.
+    old = os.umask(0o077)
+    try:
+        ray.init(**options)
+    finally:
+        os.umask(old)
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and not token.is_symlink() and token.stat().st_uid == os.getuid():
+        token.chmod(0o600)
+
+
+class QuietTune(logging.Filter):
+    """Without --verbose: no worker tracebacks repeated by Tune (the summary names each error and
+    error.txt keeps it whole), and no lines that point at Tune's own resume API instead of --resume."""
+
+    HIDDEN = ("Trials did not complete", "Experiment has been interrupted")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.HIDDEN):
+            return False
+        if record.exc_info:
+            error = record.exc_info[1]
+            last = str(error).strip().splitlines()[-1:] if error is not None else []
+            record.msg, record.args = f"{message}: {' '.join(last)[:300]}", ()
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Tune's warning about frequent state snapshots (they are forced by checkpoint.keep and cost
+    nothing on local storage) and the filter above, on every handler of Ray's loggers."""
+    if verbose:
+        return
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    quiet = QuietTune()
+    for name in ("ray", "ray.tune", ""):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, QuietTune) for f in handler.filters):
+                handler.addFilter(quiet)
+
+
+def exit_at_once_on_ctrl_c(plan: Plan) -> None:
+    """Tune takes the first Ctrl-C of a running sweep (it saves its state, then returns) and puts this
+    handler back; any Ctrl-C that reaches it (a second one, or one before or after Tune's loop: the
+    summary, Ray's shutdown) ends the process at once with the resume line and no traceback."""
+    def handler(signum, frame):
+        try:
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - interrupted in the middle of a write
+            pass
+        started = any(plan.results.glob("experiment_state-*.json"))
+        line = f"resume with:\n  {resume_command(plan)}" if started else "no trial had started"
+        os.write(2, f"\ninterrupted; {line}\n".encode())
+        os._exit(EXIT_INTERRUPTED)  # no atexit: Ray's and W&B's shutdown hooks are what it interrupts
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def run(plan: Plan, args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live table, with our columns
     from cifar_ray.analysis import TRIALS_FILE, load, write_parquet
     from cifar_ray.cluster import autoscaler_node_types, check_feasible, check_storage, cluster_nodes, requests_by_model
 
+    exit_at_once_on_ctrl_c(plan)
+    # This driver's W&B runs use a W&B service of its own: one inherited from a parent process outlives
+    # a killed driver and holds its runs open, and the resumed sweep's run of the same id then hangs.
+    os.environ.pop("WANDB_SERVICE", None)
     check_results_folder(plan, args.resume)
     dataset = load_sweep_data(plan.space)
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        hook = {"worker_process_setup_hook": "cifar_ray.trainable.warm_worker"}
-        ray.init(address=address, include_dashboard=False, runtime_env=hook) if address else \
-            ray.init(include_dashboard=False, runtime_env=hook)
+    keep_secrets_out(plan)
+    start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
+    quiet_logs(args.verbose)
     check_storage(plan.storage, cluster_nodes())
     if not args.allow_pending:
         check_feasible(requests_by_model(plan.sweep, plan.space), autoscaler_node_types(args.cluster_config))
     write_sweep_copy(plan)
-    tuner = build_tuner(plan, dataset, args.resume)
+    tuner = build_tuner(plan, dataset, args.resume, args.verbose)
     grid = tuner.fit()
     if plan.remote:
         return summarize_remote(plan, grid)
     trials = load(plan.results).trials()
     # The driver's own result grid is the authority on which trials errored (the state file may lag).
     errored = {r.metrics.get("trial_id") for r in grid if r.error is not None}
-    trials.loc[trials["trial_id"].isin(errored), "status"] = "errored"
+    trials.loc[trials["trial_id"].isin(errored), "status"] = M.ERRORED
     write_parquet(trials, plan.results / TRIALS_FILE)
     text, code = summarize(plan, trials)
     print(text)
@@ -348,6 +466,15 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The command, callable from Python: the Ctrl-C handler it installs is removed again on return."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return command(argv)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def command(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from cifar_ray.cluster import InfeasibleError
     from cifar_ray.data import DataError
@@ -359,7 +486,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(describe(plan))
             return EXIT_OK
         return run(plan, args)
-    except KeyboardInterrupt:  # a second Ctrl-C: Tune saved its state at the first one
+    except KeyboardInterrupt:  # a Ctrl-C before the handler was installed
         if plan is not None:
             print(f"\ninterrupted; resume with:\n  {resume_command(plan)}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -371,5 +498,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_INFEASIBLE
 
 
+def exit_cli(code: int) -> None:
+    """Shut Ray and W&B down while the exit-at-once Ctrl-C handler is still installed, then leave
+    without the interpreter's finalization: that resets signal handlers to the default, and a Ctrl-C
+    landing then would kill the process with a traceback-less -2 instead of exit 130."""
+    try:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
+        if "wandb" in sys.modules:
+            sys.modules["wandb"].teardown()
+    except Exception as exc:  # noqa: BLE001 - the sweep's result stands; say why shutdown was untidy
+        print(f"warning: shutdown: {type(exc).__name__}: {exc}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # command(), not main(): the exit-at-once Ctrl-C handler stays in place through the shutdown
+    exit_cli(command())

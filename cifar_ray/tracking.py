@@ -1,7 +1,8 @@
-"""W&B for one trial: mode resolution, a stable run id per trial, and failure-proof logging.
+"""W&B for a sweep: mode resolution, a stable run id per trial, and failure-proof logging.
 
-W&B trouble (no network, bad key, a crash of its service) warns once and turns logging off for that
-trial; it never fails a trial or a sweep.
+The runs are written by the sweep's driver (cifar_ray.callbacks), one per trial. W&B trouble (no
+network, bad key, a crash of its service) warns once and turns logging off for that trial; it never
+fails a trial or a sweep.
 """
 from __future__ import annotations
 
@@ -9,15 +10,14 @@ import hashlib
 import netrc
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from cifar_ray import metrics as M
 from cifar_ray.config import WandbSettings
 
 INIT_TIMEOUT_S = 20  # seconds wandb.init may take before we give up on W&B for the trial
 PREFLIGHT_TIMEOUT_S = 10  # seconds the driver spends checking W&B is reachable and the key is good
-SECRET_ENV = ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 def has_credentials() -> bool:
@@ -74,7 +74,8 @@ def run_id(sweep_name: str, trial_id: str) -> str:
 
 @dataclass
 class TrialTracker:
-    """Per-trial W&B run; every call is safe to make when W&B is off or broken."""
+    """One trial's W&B run, driven from the sweep's driver process (several runs live side by side
+    there); every call is safe to make when W&B is off or broken."""
 
     settings: dict  # WandbSettings fields plus resolved mode, group, dir
     run: Any = None
@@ -91,31 +92,51 @@ class TrialTracker:
                 project=self.settings["project"], entity=self.settings.get("entity"), group=self.settings["group"],
                 tags=self.settings.get("tags") or None, name=name, id=run_key, resume="allow",
                 dir=self.settings["dir"], mode=self.settings["mode"], config=public_config(config),
-                settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, silent=True, console="off"),
-                reinit="finish_previous",
+                # the driver's own CPU and memory say nothing about a trial: no system metrics
+                settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, silent=not self.settings.get("verbose"),
+                                        console="off", x_disable_stats=True),
+                reinit="create_new",
             )
+            # Rows are logged in the order Tune records them, with W&B's own step; charts use the epoch
+            # as their x axis (a restored trial can report an epoch again).
+            self.run.define_metric("*", step_metric=M.EPOCH)
         except Exception as exc:  # noqa: BLE001 - W&B must never fail a trial
             self._warn(f"W&B init failed ({type(exc).__name__}: {exc}); continuing without W&B for this trial")
+            self.run = None
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict) -> None:
         if self.run is None:
             return
         try:
-            self.run.log(metrics, step=step)
+            self.run.log(metrics)
         except Exception as exc:  # noqa: BLE001
             self._warn(f"W&B log failed ({type(exc).__name__}: {exc}); continuing without W&B for this trial")
             self.run = None
 
-    def finish(self, exit_code: int = 0) -> None:
+    def update_config(self, config: dict) -> None:
+        """PBT changes a trial's hyperparameters as it goes: the run's config follows."""
         if self.run is None:
             return
         try:
-            import wandb
+            self.run.config.update(public_config(config), allow_val_change=True)
+        except Exception as exc:  # noqa: BLE001
+            self._warn(f"W&B config update failed ({type(exc).__name__}: {exc})")
 
+    def note(self, summary: dict) -> None:
+        """Summary fields that describe the run itself (its outcome, what was replayed)."""
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update(summary)
+        except Exception as exc:  # noqa: BLE001
+            self._warn(f"W&B summary update failed ({type(exc).__name__}: {exc})")
+
+    def finish(self, summary: dict, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update(summary)
             self.run.finish(exit_code=exit_code)
-            # Stop W&B's service process now: left to atexit, it races Ray's worker shutdown and
-            # prints a spurious ConnectionResetError traceback.
-            wandb.teardown()
         except Exception as exc:  # noqa: BLE001
             self._warn(f"W&B finish failed ({type(exc).__name__}: {exc})")
         self.run = None
@@ -123,7 +144,6 @@ class TrialTracker:
     def _warn(self, message: str) -> None:
         if not self.warned:
             print(f"warning: {message}", file=sys.stderr)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
             self.warned = True
 
 
@@ -132,5 +152,6 @@ def public_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if not any(s in k.lower() for s in ("api_key", "secret", "token", "password"))}
 
 
-def trial_settings(w: WandbSettings, sweep_name: str, wandb_dir: str) -> dict:
-    return {**w.model_dump(), "mode": resolve_mode(w.mode), "group": w.group or sweep_name, "dir": wandb_dir}
+def trial_settings(w: WandbSettings, sweep_name: str, wandb_dir: str, verbose: bool = False) -> dict:
+    return {**w.model_dump(), "mode": resolve_mode(w.mode), "group": w.group or sweep_name, "dir": wandb_dir,
+            "verbose": verbose}

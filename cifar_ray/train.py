@@ -305,6 +305,7 @@ def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Option
 
     loss_limit = DIVERGENCE_LOSS_FACTOR * math.log(len(dataset.classes))
     start_epoch, best = 0, {"val_loss": math.inf, "val_acc": -math.inf, "bad_epochs": 0}
+    last_metrics: Optional[dict] = None  # the metrics of the epoch a restored state was saved at
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
@@ -318,19 +319,29 @@ def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Option
             torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
         start_epoch = int(resume["epoch"])
         best = dict(resume["best"])
+        last_metrics = resume.get("metrics")
 
-    def make_state(epoch: int) -> dict:
+    def make_state(epoch: int, metrics: dict) -> dict:
         return {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else {},
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "epoch": epoch, "best": dict(best), "config": cfg.model_dump(mode="json"),
+            "epoch": epoch, "best": dict(best), "config": cfg.model_dump(mode="json"), "metrics": metrics,
             "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state(),
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
         }
 
     result = FitResult(M.COMPLETED, model=model)
-    if start_epoch >= t.epochs:
+    if resume is not None and (start_epoch >= t.epochs or (last_metrics or {}).get(M.STATUS, M.RUNNING) != M.RUNNING):
+        # A state saved at the run's end (a PBT clone of a finished trial, a retry after the last
+        # report): report its final epoch again so the caller's record ends with the true outcome.
+        final = last_metrics or _metrics_of_restored(model, images, val_idx, dataset.classes, t, amp, start_epoch)
+        if final[M.STATUS] == M.RUNNING:
+            final = {**final, M.STATUS: M.COMPLETED}
+        result.status = final[M.STATUS]
+        result.history.append(final)
+        if on_epoch is not None:
+            on_epoch(final, lambda: make_state(start_epoch, final))
         return result
     model.train()
     for epoch in range(start_epoch + 1, t.epochs + 1):
@@ -390,11 +401,21 @@ def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Option
         result.history.append(metrics)
         result.evaluation = ev
         if on_epoch is not None:
-            on_epoch(metrics, lambda e=epoch: make_state(e))
+            on_epoch(metrics, lambda e=epoch, m=metrics: make_state(e, m))
         if status != M.RUNNING:
             result.status = status
             break
     return result
+
+
+def _metrics_of_restored(model: nn.Module, images: DeviceImages, val_idx: torch.Tensor, classes: tuple[str, ...],
+                         t, amp: Optional[torch.dtype], epoch: int) -> dict:
+    """Metrics of a state saved without them (older checkpoints): validation measured again, the
+    training-phase figures unknown."""
+    ev = evaluate(model, images, val_idx, classes, t.eval_batch_size, amp)
+    return {M.EPOCH: epoch, M.TRAIN_LOSS: math.nan, M.TRAIN_ACC: math.nan, M.VAL_LOSS: ev.loss, M.VAL_ACC: ev.accuracy,
+            M.VAL_CLASS_ACC: ev.class_accuracy, M.LR: math.nan, M.EPOCH_SECONDS: 0.0, M.IMAGES_PER_SECOND: math.nan,
+            M.PEAK_MEMORY_MB: math.nan, M.SETUP_SECONDS: math.nan, M.STATUS: M.COMPLETED}
 
 
 def build_test_images(dataset: Dataset, split: Split, device: torch.device) -> tuple[DeviceImages, torch.Tensor]:

@@ -6,13 +6,14 @@ reports each epoch with a checkpoint.
 """
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -20,7 +21,6 @@ from cifar_ray import metrics as M
 from cifar_ray.config import trial_config
 from cifar_ray.data import Dataset
 from cifar_ray.space import unflatten
-from cifar_ray.tracking import TrialTracker, run_id
 from cifar_ray.train import fit, load_state, save_state
 
 STATE_FILE = "state.pt"
@@ -34,7 +34,11 @@ def warm_worker() -> None:
     import torch.optim  # noqa: F401
 
 
-def granted_device(requested: str) -> torch.device:
+def _stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def granted_device(requested: str, warn: Callable[[str], None] = _stderr) -> torch.device:
     """cuda when Ray granted GPU ids (Ray sets CUDA_VISIBLE_DEVICES), mps for an `mps` tag, else cpu.
     An explicit train.device of cpu is honoured."""
     import ray
@@ -44,8 +48,7 @@ def granted_device(requested: str) -> torch.device:
     if ray.get_gpu_ids():
         if torch.cuda.is_available():
             return torch.device("cuda")
-        print("warning: Ray granted a GPU but CUDA is not available in this worker; training on cpu",
-              file=sys.stderr)
+        warn("Ray granted a GPU but CUDA is not available in this worker; training on cpu")
         return torch.device("cpu")
     assigned = ray.get_runtime_context().get_assigned_resources()
     if assigned.get(MPS_TAG) and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -53,7 +56,7 @@ def granted_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _checkpoint_state(checkpoint) -> Optional[dict]:
+def _checkpoint_state(checkpoint, warn: Callable[[str], None] = _stderr) -> Optional[dict]:
     """Load the trial's newest checkpoint state; when it is damaged, fall back to the newest readable
     older checkpoint of the same trial (Tune keeps `checkpoint.keep` of them) with a warning."""
     if checkpoint is None:
@@ -65,13 +68,12 @@ def _checkpoint_state(checkpoint) -> Optional[dict]:
         try:
             state = load_state(path)
         except Exception as exc:  # noqa: BLE001 - missing, truncated or corrupt file
-            print(f"warning: checkpoint {path} is unreadable ({type(exc).__name__}); trying an older one",
-                  file=sys.stderr)
+            warn(f"checkpoint {path} is unreadable ({type(exc).__name__}); trying an older one")
             continue
         if folder != newest:
-            print(f"warning: resuming from older checkpoint {folder.name} (epoch {state['epoch']})", file=sys.stderr)
+            warn(f"resuming from older checkpoint {folder.name} (epoch {state['epoch']})")
         return state
-    print("warning: no readable checkpoint; the trial starts from scratch", file=sys.stderr)
+    warn("no readable checkpoint; the trial starts from scratch")
     return None
 
 
@@ -85,29 +87,42 @@ def _flat_metrics(metrics: dict) -> dict:
     return out
 
 
-def run_trial(config: dict, dataset: Dataset = None, wandb_settings: dict = None, sweep_name: str = "sweep",
-              checkpoint_every: int = 1) -> None:
-    """Tune function trainable; `dataset` arrives once through the object store (tune.with_parameters)."""
+def run_trial(config: dict, dataset: Dataset = None, checkpoint_every: int = 1, quiet: bool = True) -> None:
+    """Tune function trainable; `dataset` arrives once through the object store (tune.with_parameters).
+    W&B is written by the driver from what this reports (cifar_ray.callbacks), not here: Tune stops,
+    pauses and reuses this worker without waiting for anything it runs to finish."""
     started_at = time.perf_counter()
     import ray
     from ray import tune
+
+    if quiet:  # Ray logs a line per saved and restored checkpoint
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    pending: list[str] = []  # warnings for the user, carried to the driver by the next report
+
+    def warn(message: str) -> None:
+        _stderr(message)  # the worker's log
+        pending.append(message)
 
     ctx = tune.get_context()
     cfg = trial_config(unflatten(config), where=f"trial {ctx.get_trial_id()}")
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(math.floor(cpus or 1))))
-    device = granted_device(cfg.train.device)
-    resume = _checkpoint_state(tune.get_checkpoint())
-
-    tracker = TrialTracker(wandb_settings or {"mode": "disabled"})
-    tracker.start(ctx.get_trial_name(), run_id(sweep_name, ctx.get_trial_id()), config)
+    device = granted_device(cfg.train.device, warn)
+    resume = _checkpoint_state(tune.get_checkpoint(), warn)
     where = {"node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
              "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
 
     def on_epoch(metrics: dict, make_state) -> None:
         flat = _flat_metrics(metrics) | where
-        tracker.log({k: v for k, v in flat.items() if isinstance(v, (int, float))}, step=metrics[M.EPOCH])
+        if pending:
+            flat[M.WARNINGS] = "; ".join(pending)
+            pending.clear()
         done = metrics[M.STATUS] != M.RUNNING
+        if done:
+            # The trial ends with this report: the scheduler is not asked about it (PBT would otherwise
+            # clone a finished checkpoint into a trial that reports its end again, without end).
+            flat["done"] = True
         if metrics[M.EPOCH] % checkpoint_every and not done:
             tune.report(flat)
             return
@@ -115,14 +130,9 @@ def run_trial(config: dict, dataset: Dataset = None, wandb_settings: dict = None
             save_state(make_state(), Path(d) / STATE_FILE)
             tune.report(flat, checkpoint=tune.Checkpoint.from_directory(d))
 
-    try:
-        if resume is not None and resume.get("config", {}).get("train") != cfg.train.model_dump(mode="json"):
-            resume = _adopt_new_hyperparameters(resume, cfg)
-        fit(cfg, dataset, on_epoch=on_epoch, resume=resume, device=device, started_at=started_at)
-    except BaseException:
-        tracker.finish(exit_code=1)
-        raise
-    tracker.finish()
+    if resume is not None and resume.get("config", {}).get("train") != cfg.train.model_dump(mode="json"):
+        resume = _adopt_new_hyperparameters(resume, cfg)
+    fit(cfg, dataset, on_epoch=on_epoch, resume=resume, device=device, started_at=started_at)
 
 
 def _adopt_new_hyperparameters(state: dict, cfg) -> dict:

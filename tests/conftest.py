@@ -6,6 +6,7 @@ import os
 import pickle
 import tarfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -92,3 +93,152 @@ def ray_session():
     ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ctx
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- sweeps in tests
+
+TINY = {
+    "metric": "val_acc", "mode": "max",
+    "model": {"name": "base"},
+    "data": {"source": "synthetic", "synthetic_size": 1200, "val_size": 200},
+    "train": {"epochs": 2, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "device": "cpu"},
+    "resources": {"cpu": 1},
+    "wandb": {"mode": "offline"},
+}
+SLOWER_DATA = {**TINY["data"], "synthetic_size": 6000, "val_size": 500}  # about a second an epoch
+WAIT_S = 600  # a safety net for conditions that do come true: a broken run fails here, not a slow one
+
+
+def write_sweep(tmp_path: Path, name: str, **changes) -> Path:
+    """TINY with changes: `train__lr=...` sets one key of a section, `scheduler={...}` a whole one."""
+    import json
+
+    import yaml
+
+    doc = json.loads(json.dumps(TINY)) | {"name": name}
+    for key, value in changes.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            doc.setdefault(section, {})[leaf] = value
+        else:
+            doc[section] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def results_of(tmp_path: Path, name: str):
+    import pandas as pd
+
+    return pd.read_parquet(tmp_path / "results" / name / "trials.parquet")
+
+
+def result_rows(trial_dir: Path) -> list[dict]:
+    """The rows of a trial's result.json; a line still being written is skipped."""
+    import json
+
+    path = trial_dir / "result.json"
+    rows = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def trial_dirs(exp: Path, prefix: str) -> list[Path]:
+    return sorted(exp.glob(f"{prefix}_*"))
+
+
+def tune_statuses(exp: Path) -> dict[str, str]:
+    """trial folder name -> status, from Tune's newest experiment state snapshot (plain JSON)."""
+    from cifar_ray.analysis import _tune_states
+
+    return {s["dir"]: s["status"] for s in _tune_states(exp).values()}
+
+
+def wait_for(condition, what: str, timeout: float = WAIT_S):
+    """Poll until condition() is truthy and return its value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class SweepProcess:
+    """`python -m cifar_ray.sweep` in its own process on the session's Ray; its output goes to a file,
+    so it never blocks on a pipe nobody reads."""
+
+    def __init__(self, path: Path, tmp_path: Path, ray_session, *extra, env: Optional[dict] = None):
+        import subprocess
+        import sys
+
+        self.log = tmp_path / f"{path.stem}-{len(list(tmp_path.glob(path.stem + '-*.log')))}.log"
+        self._out = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cifar_ray.sweep", str(path), "--storage-path", str(tmp_path / "results"),
+             "--address", ray_session.address_info["address"], *extra],
+            stdout=self._out, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def finish(self, timeout: float = WAIT_S) -> tuple[int, str]:
+        """Wait for the exit; (exit code, everything it printed)."""
+        self.proc.wait(timeout=timeout)
+        self._out.close()
+        return self.proc.returncode, self.output()
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL to the process this test started
+        self.finish()
+
+
+# ---------------------------------------------------------------- W&B against the record
+
+def wandb_rows(exp: Path, trial_id: str, sweep_name: Optional[str] = None) -> list[dict]:
+    """Every history row of the trial's W&B run, in order: a resumed sweep writes a second offline
+    folder for the same run, which `wandb sync` appends."""
+    from cifar_ray.tracking import run_id
+    from wandb_records import history
+
+    key = run_id(sweep_name or exp.name, trial_id)
+    files = sorted(exp.glob(f"wandb/wandb/offline-run-*-{key}/run-{key}.wandb"))
+    return [row for f in files for row in history(f)]
+
+
+def assert_wandb_matches_curves(exp: Path) -> None:
+    """Each trial's W&B run holds exactly the epochs analysis.curves() holds, with the same values
+    (where an epoch was reported twice, the later report stands in both), and no W&B file is empty."""
+    import math
+
+    from cifar_ray import analysis
+    from wandb_records import history
+
+    files = list(exp.glob("wandb/wandb/offline-run-*/run-*.wandb"))
+    for f in files:
+        # a killed driver's W&B service dies with what it buffered; the resumed sweep's folder for the
+        # same run replays it, so only a run with one folder must hold history in it
+        if sum(g.name == f.name for g in files) == 1:
+            assert history(f), f"{f} holds no history"
+    curves = analysis.load(exp).curves()
+    assert not curves.empty
+    for trial_id, curve in curves.groupby("trial_id"):
+        last = {row["epoch"]: row for row in wandb_rows(exp, trial_id)}
+        assert sorted(last) == list(curve["epoch"]), f"{trial_id}: W&B epochs {sorted(last)}"
+        for col in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "val_class_acc/cat"):
+            logged = [last[e][col] for e in curve["epoch"]]
+            recorded = list(curve[col])
+            same = all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(logged, recorded))
+            assert same, f"{trial_id} {col}: W&B {logged} != curves {recorded}"

@@ -1,5 +1,9 @@
 """Analysis and report on small real sweeps (synthetic data, local Ray, W&B offline)."""
+import json
 import math
+import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +16,7 @@ from cifar_ray import analysis
 from cifar_ray.analysis import AnalysisError
 from cifar_ray.report import main as report_main
 from cifar_ray.sweep import main as sweep_main
-from test_sweep import write_sweep
+from conftest import write_sweep
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +173,140 @@ def test_report_compares_architectures(models_sweep, tmp_path):
 def test_report_bad_path_exits_2(tmp_path, capsys):
     assert report_main([str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- results folders from elsewhere
+
+class Payload:
+    """A pickle that runs a command when loaded: what a hostile folder plants in Tune's state."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant_pickle_state(folder: Path, marker: Path, keep_others: bool = True) -> Path:
+    """A newer experiment_state file whose trials' pickled fields run code when Ray unpickles them."""
+    states = sorted(folder.glob("experiment_state-*.json"))
+    doc = json.loads(states[-1].read_text())
+    evil = pickle.dumps(Payload(marker)).hex()
+    for entry in doc["trial_data"]:
+        trial = json.loads(entry[0])
+        trial["results"] = trial["extra_arg"] = evil
+        entry[0] = json.dumps(trial)
+    if not keep_others:
+        for p in states:
+            p.unlink()
+    planted = folder / "experiment_state-2099-01-01_00-00-00.json"
+    planted.write_text(json.dumps(doc))
+    return planted
+
+
+def _every_reader(folder: Path, out: Path) -> None:
+    sweep = analysis.load(folder)
+    sweep.trials(), sweep.curves()
+    try:
+        sweep.best()
+    except AnalysisError:
+        pass
+    assert report_main([str(folder), "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("keep_others", [True, False], ids=["newer_state_file", "only_state_file"])
+def test_a_planted_pickle_never_runs(grid_sweep, tmp_path, keep_others):
+    folder = tmp_path / "copy" / "lrmom"
+    shutil.copytree(grid_sweep, folder)
+    marker = tmp_path / "pwned"
+    _plant_pickle_state(folder, marker, keep_others)
+    (folder / "tuner.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    if not keep_others:
+        for trial_dir in folder.glob("base_*"):
+            shutil.rmtree(trial_dir)
+    honest = analysis.load(grid_sweep).trials()
+    _every_reader(folder, tmp_path / "report")
+    assert not marker.exists(), "code from the results folder ran"
+    got = analysis.load(folder).trials()
+    if keep_others:  # the honest data is still read
+        pd.testing.assert_frame_equal(got.drop(columns="status"), honest.drop(columns="status"))
+    else:  # the state file alone: its trials and their last results, read as plain JSON
+        assert list(got["trial_id"]) == list(honest["trial_id"]) and list(got["epochs"]) == list(honest["epochs"])
+
+
+def test_report_refuses_links_it_did_not_create(grid_sweep, tmp_path, capsys):
+    folder = tmp_path / "copy" / "lrmom"
+    shutil.copytree(grid_sweep, folder)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (folder / "report").symlink_to(outside)
+    assert report_main([str(folder)]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert list(outside.iterdir()) == []
+
+    (folder / "report").unlink()
+    (folder / "report").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (folder / "report" / "report.md").symlink_to(victim)
+    assert report_main([str(folder)]) == 2
+    assert "report.md is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "keep me"
+    assert sorted(p.name for p in (folder / "report").iterdir()) == ["report.md"]  # nothing half-written
+
+
+def test_a_linked_error_file_is_not_read(grid_sweep, tmp_path, capsys):
+    folder = tmp_path / "copy" / "lrmom"
+    shutil.copytree(grid_sweep, folder)
+    credentials = tmp_path / "credentials"
+    credentials.write_text("aws_secret_access_key = CANARY-123\n")
+    next(folder.glob("base_*")).joinpath("error.txt").symlink_to(credentials)
+    with pytest.raises(AnalysisError, match="error.txt is a symbolic link"):
+        analysis.load(folder).trials()
+    assert report_main([str(folder), "--out", str(tmp_path / "report")]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p != credentials]
+    assert not any(b"CANARY-123" in p.read_bytes() for p in written)
+
+
+def _rewrite_trial(trial_dir: Path, **config) -> None:
+    """Set config values in every record of a trial (params.json and each row's config)."""
+    params = json.loads((trial_dir / "params.json").read_text()) | config
+    (trial_dir / "params.json").write_text(json.dumps(params))
+    for name in ("history.jsonl", "result.json"):
+        path = trial_dir / name
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(json.dumps(r | {"config": r.get("config", {}) | config}) + "\n" for r in rows))
+
+
+def test_crafted_values_are_escaped_in_the_report(grid_sweep, tmp_path):
+    folder = tmp_path / "copy" / "lrmom"
+    shutil.copytree(grid_sweep, folder)
+    evil = "sgd|x` <script>alert(1)</script>\n# [click](http://example.invalid) $\\alpha$"
+    _rewrite_trial(next(folder.glob("base_*")), **{"train.optimizer": evil})
+    out = tmp_path / "report"
+    assert report_main([str(folder), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "<script" not in text and not re.search(r"(?<!\\)\]\(http", text) and "\n# [click]" not in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    columns = {line.count("|") - line.count("\\|") for line in table}
+    assert len(columns) == 1, "a value broke the table"
+    assert "train.optimizer" in table[0]
+
+
+def test_evaluate_takes_no_data_path_from_the_folder(grid_sweep, tmp_path, monkeypatch):
+    folder = tmp_path / "copy" / "lrmom"
+    shutil.copytree(grid_sweep, folder)
+    planted_cache = tmp_path / "planted-cache"
+    for trial_dir in folder.glob("base_*"):
+        _rewrite_trial(trial_dir, **{"data.cache_dir": str(planted_cache), "data.data_dir": str(planted_cache)})
+    sweep = analysis.load(folder)
+    assert sweep.evaluate(split="val").count == 200
+    assert not planted_cache.exists()
+
+    for trial_dir in folder.glob("base_*"):
+        _rewrite_trial(trial_dir, **{"data.source": str(tmp_path / "someone-elses-data")})
+    with pytest.raises(AnalysisError, match="--data"):
+        sweep.evaluate(split="val")
+    assert sweep.evaluate(split="val", data="synthetic").count == 200

@@ -10,7 +10,6 @@ import pytest
 from cifar_ray.cluster import (check_storage, check_sweep_tags, infeasible, main as cluster_main, node_type_offers,
                                validate_cluster_file)
 from cifar_ray.config import ConfigError
-from test_sweep import result_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "clusters" / "onprem.yaml"]
@@ -85,11 +84,12 @@ def test_placement_on_a_real_multi_node_cluster(tmp_path):
     assert out["nobody_rc"] == 4
     cuda = pd.read_parquet(tmp_path / "results" / "on_cuda" / "trials.parquet")
     assert len(cuda) == 4 and (cuda["node_id"] == out["gpu_node_id"]).all()
-    # the four gpu: 0.25 trials ran on the one GPU at the same time
+    # the four gpu: 0.25 trials ran on the one GPU at the same time: every trial's first epoch began
+    # before any trial's last report reached the driver (recorded_at: the driver's clock, float seconds)
     spans = []
     for d in (tmp_path / "results" / "on_cuda").glob("netconv_*"):
-        rows = result_rows(d)
-        spans.append((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]))
+        rows = [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
+        spans.append((rows[0]["recorded_at"] - rows[0]["time_this_iter_s"], rows[-1]["recorded_at"]))
     assert len(spans) == 4 and max(s for s, _ in spans) < min(e for _, e in spans)
     mps = pd.read_parquet(tmp_path / "results" / "on_mps" / "trials.parquet")
     mps_node = [nid for nid, res in out["nodes"].items() if res.get("mps")][0]

@@ -1,50 +1,13 @@
 """Sweeps on a real local Ray (2 CPUs), synthetic data, W&B offline."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from cifar_ray.config import read_sweep
 from cifar_ray.space import build_space, grid_points
 from cifar_ray.sweep import main
-from wandb_records import history
-
-TINY = {
-    "metric": "val_acc", "mode": "max",
-    "model": {"name": "base"},
-    "data": {"source": "synthetic", "synthetic_size": 1200, "val_size": 200},
-    "train": {"epochs": 2, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "device": "cpu"},
-    "resources": {"cpu": 1},
-    "wandb": {"mode": "offline"},
-}
-
-
-def write_sweep(tmp_path: Path, name: str, **changes) -> Path:
-    doc = json.loads(json.dumps(TINY)) | {"name": name}
-    for key, value in changes.items():
-        section, _, leaf = key.partition("__")
-        if leaf:
-            doc.setdefault(section, {})[leaf] = value
-        else:
-            doc[section] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def results_of(tmp_path: Path, name: str) -> pd.DataFrame:
-    return pd.read_parquet(tmp_path / "results" / name / "trials.parquet")
-
-
-def result_rows(trial_dir: Path) -> list[dict]:
-    path = trial_dir / "result.json"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+from conftest import (SLOWER_DATA, SweepProcess, assert_wandb_matches_curves, result_rows, results_of, tune_statuses,
+                      wait_for, write_sweep)
 
 
 def test_grid_of_four_completes_with_results_checkpoints_and_wandb(ray_session, tmp_path, capsys):
@@ -66,12 +29,9 @@ def test_grid_of_four_completes_with_results_checkpoints_and_wandb(ray_session, 
         ckpts = sorted(trial_dir.glob("checkpoint_*"))
         assert 1 <= len(ckpts) <= 2, ckpts  # keep=1 best by val_acc, plus the latest when it is not the best
         assert (ckpts[-1] / "state.pt").exists()
-    runs = sorted(exp.glob("wandb/wandb/offline-run-*/run-*.wandb"))
-    assert len(runs) == 4
-    logged = {tuple(r["val_acc"] for r in history(run)) for run in runs}
-    assert all(len(v) == 3 for v in logged)
-    final = {round(v[-1], 6) for v in logged}
-    assert final == {round(v, 6) for v in df["val_acc"]}
+    assert len(list(exp.glob("wandb/wandb/offline-run-*/run-*.wandb"))) == 4
+    assert_wandb_matches_curves(exp)
+    assert "Traceback" not in out
 
 
 def test_asha_stops_a_bad_trial_early(ray_session, tmp_path):
@@ -87,6 +47,26 @@ def test_asha_stops_a_bad_trial_early(ray_session, tmp_path):
     assert len(stopped) >= 1 and (stopped["epochs"] < 4).all()
     assert (stopped["train.lr"] == 1e-6).any()
     assert df["epochs"].sum() < 6 * 4
+    # every trial's W&B run is whole, the stopped ones and those that ran after them in a reused actor
+    assert_wandb_matches_curves(tmp_path / "results" / "asha")
+
+
+def test_a_sweep_console_is_quiet(ray_session, tmp_path):
+    """As a user runs it: the live table shows `stopped` for trials ASHA ended, and the console has no
+    traceback, no per-checkpoint line and no state-snapshot warning."""
+    path = write_sweep(tmp_path, "quiet", train__epochs=3, train__lr={"grid": [0.05, 1e-6, 1e-6, 1e-6]},
+                       data__synthetic_size=2400, scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2})
+    code, out = SweepProcess(path, tmp_path, ray_session).finish()
+    assert code == 0, out
+    for noise in ("Traceback", "Checkpoint successfully created", "snapshotting", "Exception ignored"):
+        assert noise not in out, noise
+    df = results_of(tmp_path, "quiet")
+    stopped = df[df["status"] == "stopped"]
+    assert len(stopped) >= 1
+    final_table = out[out.rindex("== Status =="):]
+    for trial_id in stopped["trial_id"]:
+        row = next(line for line in final_table.splitlines() if trial_id in line)
+        assert row.rstrip(" |").endswith("stopped"), row
 
 
 def test_diverging_trial_is_diverged_while_others_finish(ray_session, tmp_path):
@@ -96,13 +76,27 @@ def test_diverging_trial_is_diverged_while_others_finish(ray_session, tmp_path):
     df = results_of(tmp_path, "diverge").set_index("train.lr")
     assert df.loc[10.0, "status"] == "diverged"
     assert df.loc[0.05, "status"] == "completed" and df.loc[0.05, "epochs"] == 3
+    assert_wandb_matches_curves(tmp_path / "results" / "diverge")
 
 
-def test_impossible_request_exits_4_in_seconds(ray_session, tmp_path, capsys):
+def test_early_stopped_trial_keeps_its_outcome_and_whole_wandb_run(ray_session, tmp_path):
+    # the settings of tests/test_train.py::test_early_stopping_on_val_loss
+    path = write_sweep(tmp_path, "early", model={"name": "netconv", "dropout": 0.0},
+                       data={"source": "synthetic", "synthetic_size": 2400, "val_size": 400, "train_size": 60},
+                       train__epochs=40, train__early_stopping_patience=2)
+    assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
+    df = results_of(tmp_path, "early")
+    assert df.loc[0, "status"] == "early_stopped" and df.loc[0, "epochs"] < 40
+    exp = tmp_path / "results" / "early"
+    outcome = json.loads(next(exp.glob("netconv_*/outcome.json")).read_text())
+    assert outcome["status"] == "early_stopped" and outcome["epochs"] == df.loc[0, "epochs"]
+    assert_wandb_matches_curves(exp)
+
+
+def test_impossible_request_exits_4_before_anything_starts(ray_session, tmp_path, capsys):
     path = write_sweep(tmp_path, "impossible", resources={"cpu": 1, "tags": {"tpu_v9": 1}})
-    t0 = time.perf_counter()
     assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 4
-    assert time.perf_counter() - t0 < 30
+    assert not (tmp_path / "results" / "impossible").exists()
     err = capsys.readouterr().err
     assert "no node of the cluster can ever run" in err and "tpu_v9=1" in err and "nodes:" in err
     path = write_sweep(tmp_path, "too_many_cpus", resources={"cpu": 64})
@@ -121,48 +115,33 @@ def test_existing_results_are_not_overwritten(ray_session, tmp_path, capsys):
     assert "search space differs" in capsys.readouterr().err
 
 
-def _sweep_process(path: Path, tmp_path: Path, ray_session, *extra) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cifar_ray.sweep", str(path), "--storage-path",
-                             str(tmp_path / "results"), "--address", ray_session.address_info["address"], *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def _wait_for(condition, timeout: float, what: str):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_killed_driver_is_completed_by_resume(ray_session, tmp_path):
-    path = write_sweep(tmp_path, "kill_driver", train__epochs={"grid": [1, 1, 8, 8]},
-                       data={**TINY["data"], "synthetic_size": 6000, "val_size": 500})
-    proc = _sweep_process(path, tmp_path, ray_session)
+    path = write_sweep(tmp_path, "kill_driver", train__epochs={"grid": [1, 1, 8, 8]}, data=SLOWER_DATA)
+    sweep = SweepProcess(path, tmp_path, ray_session)
     exp = tmp_path / "results" / "kill_driver"
 
-    def two_finished_and_one_started():
-        done = [d for d in exp.glob("base_*") if any(r.get("status") == "completed" for r in result_rows(d))]
+    def two_recorded_and_one_running():
+        # Tune snapshots its state every few seconds: wait until the snapshot records the two finished
+        # trials, as a user's kill at that moment would find them
+        states = tune_statuses(exp)
+        done = [d for d in exp.glob("base_*") if states.get(d.name) == "TERMINATED"]
         running = [d for d in exp.glob("base_*") if any(1 <= r["epoch"] < 8 and r.get("status") == "running"
                                                         for r in result_rows(d))]
         return (done, running) if len(done) >= 2 and running else None
 
-    done, _ = _wait_for(two_finished_and_one_started, 240, "two finished trials")
+    done, _ = wait_for(two_recorded_and_one_running, "two finished trials in Tune's state")
     rows_before = {d.name: len(result_rows(d)) for d in done}
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    sweep.kill()
     assert not (exp / "trials.parquet").exists()
-    resume = _sweep_process(path, tmp_path, ray_session, "--resume")
-    out, _ = resume.communicate(timeout=400)
-    assert resume.returncode == 0, out
+    code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
+    assert code == 0, out
+    assert "Traceback" not in out
     df = results_of(tmp_path, "kill_driver")
     assert len(df) == 4 and set(df["status"]) == {"completed"}
     assert sorted(df["epochs"]) == [1, 1, 8, 8]
     for name, n in rows_before.items():
         assert len(result_rows(exp / name)) == n, f"{name} was trained again"
+    assert_wandb_matches_curves(exp)  # the interrupted trial's run continued after the resume
 
 
 def test_pbt_runs_and_mutates_hyperparameters(ray_session, tmp_path):
@@ -178,7 +157,8 @@ def test_pbt_runs_and_mutates_hyperparameters(ray_session, tmp_path):
     exp = tmp_path / "results" / "pbt"
     steps = [json.loads(line) for line in (exp / "pbt_global.txt").read_text().splitlines() if line.strip()]
     assert any(old["train.lr"] != new["train.lr"] for *_, old, new in steps)
-    # every trial's curve reaches its last epoch, even where Tune's restored result.json lost a row
+    # every trial's curve reaches its last epoch, clones of a finished trial included
     from cifar_ray import analysis
 
     assert (analysis.load(exp).curves().groupby("trial_id")["epoch"].max() == 4).all()
+    assert_wandb_matches_curves(exp)

@@ -77,6 +77,30 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, synthetic, s
         assert torch.equal(pa, pb)
 
 
+@pytest.mark.parametrize("how", ["completed", "early_stopped"])
+def test_a_state_saved_at_the_end_reports_its_final_metrics_again(tmp_path, synthetic, how):
+    """A PBT clone of a finished trial, or a retry after the last report, starts from a state saved at
+    the run's end: the engine reports that epoch again, with its outcome, instead of nothing."""
+    if how == "early_stopped":  # the settings of test_early_stopping_on_val_loss
+        c = cfg("netconv", epochs=40, lr=0.05, early_stopping_patience=2, model_opts={"dropout": 0.0},
+                data={"train_size": 60, "synthetic_size": 2400, "val_size": 400})
+    else:
+        c = cfg()
+    saved = []
+    full = fit(c, synthetic, on_epoch=lambda m, make_state: saved.append(make_state()))
+    assert full.status == how
+    state = saved[-1]
+    states = []
+    again = fit(c, synthetic, resume=state, on_epoch=lambda m, make_state: states.append((m, make_state())))
+    assert again.status == how
+    assert len(states) == 1, "the restored end was reported exactly once"
+    metrics, new_state = states[0]
+    assert metrics == full.history[-1]
+    assert new_state["epoch"] == state["epoch"] and new_state["metrics"] == full.history[-1]
+    for key, value in state["model"].items():
+        assert torch.equal(new_state["model"][key], value), key
+
+
 def test_divergence_stops_with_status_not_exception(synthetic):
     result = fit(cfg(lr=10.0, momentum=0.99, epochs=5), synthetic)
     assert result.status == M.DIVERGED

@@ -1,0 +1,54 @@
+"""Files written whole or not at all, and files read without following links.
+
+A results folder may come from someone else: nothing in it is trusted to be a plain file.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, IO
+
+
+class LinkError(OSError):
+    """A path that is a symbolic link where cifar_ray only reads or writes plain files."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fsync: bool = False) -> Path:
+    """Call write(f) on a new temporary file beside `path` (created exclusively, never through a link),
+    then rename it over `path`: readers see the old file or the new one, never half of one. A link at
+    `path` is replaced, not followed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_bytes_nofollow(path: str | os.PathLike) -> bytes:
+    """The file's bytes; LinkError when `path` itself is a symbolic link (O_NOFOLLOW)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LinkError(errno.ELOOP, f"{path} is a symbolic link; refusing to follow it") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def read_text_nofollow(path: str | os.PathLike) -> str:
+    return read_bytes_nofollow(path).decode("utf-8", errors="replace")
