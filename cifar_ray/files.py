@@ -15,6 +15,17 @@ class LinkError(OSError):
     """A path that is a symbolic link where cifar_ray only reads or writes plain files."""
 
 
+def _file_mode() -> int:
+    """The mode open() would give a new file under this process's umask (mkstemp makes 0600)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fsync: bool = False) -> Path:
     """Call write(f) on a new temporary file beside `path` (created exclusively, never through a link),
     then rename it over `path`: readers see the old file or the new one, never half of one. A link at
@@ -22,6 +33,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fs
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             if fsync:
