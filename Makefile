@@ -1,4 +1,5 @@
-# Two entry points: `make quickstart` (set up, then run the quickstart sweep) and `make test`.
+# Two entry points: `make quickstart` (set up, then run the quickstart sweep) and `make test`;
+# `make test-fast` skips the slow tests, `make lint` runs ruff (CI runs both lint and test).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -10,11 +11,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: setup test quickstart
+.PHONY: setup test test-fast lint quickstart
 setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest
+
+# the edit loop: everything but the tests marked slow (process kills, Ctrl-C timing, 200 trials, clusters)
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 quickstart: setup
 	$(PY) -m cifar_ray.sweep sweeps/quickstart.yaml

@@ -51,7 +51,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="cifar_ray_asha_"))
     rows = {}
     schedulers = {"fifo": {"kind": "fifo"},
-                  "asha": {"kind": "asha", "grace_period": args.grace_period, "reduction_factor": args.reduction_factor}}
+                  "asha": {"kind": "asha", "grace_period": args.grace_period,
+                           "reduction_factor": args.reduction_factor}}
     for name, scheduler in schedulers.items():
         if args.only and name != args.only:
             continue

@@ -15,16 +15,14 @@ import time
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
+from pipeline import SETS, PILDataset  # the same baseline pipeline as bench/pipeline.py
 
 from cifar_ray import metrics as M
 from cifar_ray.config import AUGMENT_PRESETS, TrialConfig
 from cifar_ray.data import load_dataset, split_dataset
 from cifar_ray.models import build_model
-from cifar_ray.models.__main__ import forward_gflops
+from cifar_ray.models.stats import forward_gflops
 from cifar_ray.train import amp_dtype, fit, select_device
-
-from pipeline import SETS, PILDataset  # the same baseline pipeline as bench/pipeline.py
-
 
 LARGE_GFLOPS = 0.1  # forward GFLOPs per image above which a model counts as large
 
@@ -88,7 +86,8 @@ def main() -> None:
           f"{args.workers} workers; cifar_ray: {'bf16 autocast' if amp else 'fp32'}"
           f"{', channels_last' if device.type in ('cuda', 'cpu') else ''}")
     # the fp32 column separates what the data path and channels_last give from what bf16 gives
-    print(f"{'model':<10}{'images':>8}{'plain loop img/s':>18}{'cifar_ray fp32':>16}{'cifar_ray img/s':>17}{'ratio':>9}")
+    print(f"{'model':<10}{'images':>8}{'plain loop img/s':>18}{'cifar_ray fp32':>16}{'cifar_ray img/s':>17}"
+          f"{'ratio':>9}")
     for name in args.models.split(","):
         size = args.large_train_size if forward_gflops(build_model(name)) > LARGE_GFLOPS else args.train_size
         split = split_dataset(ds, TrialConfig.model_validate({"data": data_config(args, size)}).data)

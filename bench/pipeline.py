@@ -48,7 +48,7 @@ def rate(batches, device: torch.device, seconds: float, batch_size: int) -> floa
     for _ in range(2):
         next(it)
     n, t0 = 0, time.perf_counter()
-    for x, y in it:
+    for x, _y in it:
         x = x.to(device, non_blocking=True)
         n += 1
         if time.perf_counter() - t0 > seconds:

@@ -63,7 +63,8 @@ def run(mode: str, data_cfg: DataConfig, trials: int, epochs: int) -> dict:
     # CIFAR example starts a process per trial.
     tuner = tune.Tuner(trainable, param_space={"trial": trial, "i": tune.grid_search(list(range(trials)))},
                        tune_config=tune.TuneConfig(max_concurrent_trials=4, reuse_actors=mode != "per_trial"),
-                       run_config=tune.RunConfig(name=mode, storage_path=f"/tmp/cifar_ray_bench/{mode}_{int(time.time())}",
+                       run_config=tune.RunConfig(name=mode,
+                                                 storage_path=f"/tmp/cifar_ray_bench/{mode}_{int(time.time())}",
                                                  verbose=0))
     grid = tuner.fit()
     firsts = [r.metrics_dataframe[M.SETUP_SECONDS].iloc[0] for r in grid]
@@ -98,7 +99,8 @@ def main() -> None:
         # 4 trials' private data, plus the one shared copy in the object store for cifar_ray
         data_mib = 4 * (r["private_mib"] - base) + (one_copy if mode == "shared" else 0)
         r["copies"] = data_mib / one_copy
-        print(f"{label:<24}{r['first_step_s']:>17.2f} / {r['first_step_max_s']:<9.2f}{data_mib:>20.0f}{r['copies']:>8.2f}")
+        print(f"{label:<24}{r['first_step_s']:>17.2f} / "
+              f"{r['first_step_max_s']:<9.2f}{data_mib:>20.0f}{r['copies']:>8.2f}")
     print(f"data memory, each-trial-loads / cifar_ray: {rows['per_trial']['copies'] / rows['shared']['copies']:.2f}x")
     ray.shutdown()
 

@@ -254,7 +254,8 @@ class Sweep:
         df = self.trials()
         curves = self.curves()
         if scope == "all":
-            score = curves.groupby("trial_id")[metric].agg(lambda v: _best(v, mode)) if metric in curves else pd.Series()
+            by_trial = curves.groupby("trial_id")[metric] if metric in curves else None
+            score = by_trial.agg(lambda v: _best(v, mode)) if by_trial is not None else pd.Series()
         else:
             score = df.set_index("trial_id")[metric] if metric in df else pd.Series()
         score = pd.to_numeric(score, errors="coerce").dropna()

@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from cifar_ray.config import ConfigError, ResourcesConfig, SweepConfig
+from cifar_ray.config import ConfigError, ResourcesConfig, SweepConfig, default
 from cifar_ray.models import model_spec
 from cifar_ray.space import Domain, Space
 
 ACCELERATOR_PREFIX = "accelerator_type:"
 ACCELERATOR_AMOUNT = 0.001  # Ray's convention: a token amount of the label pins the node type
-DEVICE_TAGS = ("mps", "cuda")  # tags that name the device a trial will use
 
 
 class InfeasibleError(RuntimeError):
@@ -25,7 +24,7 @@ class InfeasibleError(RuntimeError):
 
 
 def model_names(space: Space) -> list[str]:
-    name = space.values.get("model.name", "netconv")
+    name = space.values.get("model.name", default("model.name"))
     return list(dict.fromkeys(name.values)) if isinstance(name, Domain) else [name]
 
 
@@ -59,7 +58,8 @@ def check_placement(sweep: SweepConfig, space: Space, where: str) -> None:
     names = model_names(space)
     for extra in sweep.resources_by_model:
         if extra not in names:
-            raise ConfigError(f"{where}: resources_by_model.{extra}: not a model of this sweep; its models: {', '.join(names)}")
+            raise ConfigError(f"{where}: resources_by_model.{extra}: not a model of this sweep; its models: "
+                              f"{', '.join(names)}")
     for name in names:
         device = trial_device(sweep.resources_for(name), space.values.get("train.device", "auto"))
         if device in model_spec(name).unsupported_devices:
@@ -98,7 +98,8 @@ def _short(resources: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(keep.items()))
 
 
-def check_feasible(requests: dict[str, dict[str, float]], node_types: Optional[dict[str, dict[str, float]]] = None) -> None:
+def check_feasible(requests: dict[str, dict[str, float]],
+                   node_types: Optional[dict[str, dict[str, float]]] = None) -> None:
     """Exit-4 check: each request must fit a live node or a node type the autoscaler could start."""
     nodes = cluster_nodes()
     offers = [n["Resources"] for n in nodes] + [_unprefixed(o) for o in (node_types or {}).values()]

@@ -1,7 +1,7 @@
 """Typed configuration: the one place where every default lives.
 
-A trial is described by `TrialConfig` (model, data, train). Sweep files (see `sweep_schema.py`)
-reuse these models, so a key has one spelling and one default everywhere.
+A trial is described by `TrialConfig` (model, data, train); a sweep file by `SweepConfig` (below),
+whose model/data/train sections use the same keys, so a key has one spelling and one default everywhere.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class AugmentConfig(Strict):
     hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
     crop_padding: int = Field(0, ge=0, le=16, description="random crop after zero padding, px")
     rotation: float = Field(0.0, ge=0, le=180, description="max rotation, degrees either way")
-    perspective: float = Field(0.0, ge=0, le=1, description="max perspective distortion (torchvision's distortion_scale)")
+    perspective: float = Field(0.0, ge=0, le=1,
+                               description="max perspective distortion (torchvision's distortion_scale)")
     brightness: float = Field(0.0, ge=0, le=1, description="colour jitter: factor in [1-b, 1+b]")
     contrast: float = Field(0.0, ge=0, le=1)
     saturation: float = Field(0.0, ge=0, le=1)
@@ -60,13 +61,16 @@ AUGMENT_PRESETS: dict[str, dict[str, float]] = {
 
 
 class DataConfig(Strict):
-    source: str = Field("cifar10", description="cifar10, synthetic, or a path to an image-folder tree/archive or pickled batches")
+    source: str = Field("cifar10",
+                        description="cifar10, synthetic, or a path to an image-folder tree/archive or pickled batches")
     val_size: int = Field(10_000, ge=1, description="validation images taken from the training set")
     train_size: Optional[int] = Field(None, ge=1, description="cap on training images (stratified, seeded subset)")
     split_seed: int = Field(0, description="seed of the train/val split: the same for every trial")
     synthetic_size: int = Field(12_000, ge=20, description="images made by source=synthetic (5/6 train, 1/6 test)")
-    data_dir: Optional[str] = Field(None, description="where cifar10 is looked for and downloaded; default <cache_dir>/downloads")
-    cache_dir: Optional[str] = Field(None, description="decoded-pixel cache; default $CIFAR_RAY_CACHE or ~/.cache/cifar_ray")
+    data_dir: Optional[str] = Field(
+        None, description="where cifar10 is looked for and downloaded; default <cache_dir>/downloads")
+    cache_dir: Optional[str] = Field(None,
+                                     description="decoded-pixel cache; default $CIFAR_RAY_CACHE or ~/.cache/cifar_ray")
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("augment", mode="before")
@@ -119,7 +123,8 @@ class TrainConfig(Strict):
     step_size: int = Field(10, ge=1, description="epochs between lr drops for schedule=step")
     gamma: float = Field(0.1, gt=0, le=1, description="lr factor at each step for schedule=step")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    early_stopping_patience: Optional[int] = Field(None, ge=1, description="stop after this many epochs without a lower val_loss")
+    early_stopping_patience: Optional[int] = Field(None, ge=1,
+                                                   description="stop after this many epochs without a lower val_loss")
     seed: int = 0
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     amp: Amp = Field("auto", description="auto: bf16 where the GPU has it, fp16 with a grad scaler on older CUDA GPUs, "
@@ -202,6 +207,14 @@ def _schema_at(model: type[BaseModel], path: list[str]) -> Optional[type[BaseMod
     return model
 
 
+def default(key: str) -> Any:
+    """The schema's default for a dotted trial key, e.g. default("train.epochs") -> 10."""
+    node: Any = TrialConfig()
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def trial_config(data: dict, where: str = "config") -> TrialConfig:
     """Validate a nested dict into a TrialConfig, raising ConfigError with readable lines."""
     try:
@@ -212,7 +225,9 @@ def trial_config(data: dict, where: str = "config") -> TrialConfig:
 
 __all__ = [
     "Activation", "AugmentConfig", "AUGMENT_PRESETS", "ConfigError", "DataConfig", "ModelConfig",
-    "TrainConfig", "TrialConfig", "describe_errors", "did_you_mean", "trial_config"
+    "TrainConfig", "TrialConfig", "default", "describe_errors", "did_you_mean", "trial_config",
+    "CheckpointSettings", "FailureSettings", "ResourcesConfig", "SchedulerConfig", "SearchConfig", "SweepConfig",
+    "WandbSettings", "MAX_TRIALS", "apply_overrides", "parse_yaml", "read_sweep", "read_sweep_tree",
 ]
 
 
@@ -248,7 +263,8 @@ class ResourcesConfig(Strict):
     cpu: float = Field(1.0, ge=0, le=1024)
     gpu: float = Field(0.0, ge=0, le=64, description="fractions pack trials onto one GPU (0.25: four per GPU)")
     accelerator: Optional[str] = Field(None, description="GPU model, Ray's accelerator_type (A100, T4, ...)")
-    tags: dict[str, float] = Field(default_factory=dict, description="custom node resources, e.g. {cuda: 1} or {mps: 1}")
+    tags: dict[str, float] = Field(default_factory=dict,
+                                   description="custom node resources, e.g. {cuda: 1} or {mps: 1}")
 
     @field_validator("tags")
     @classmethod
@@ -283,7 +299,8 @@ class SweepConfig(Strict):
     model: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
-    seeds: Optional[list[int]] = Field(None, min_length=1, description="repeat every configuration with these train.seed values")
+    seeds: Optional[list[int]] = Field(None, min_length=1,
+                                       description="repeat every configuration with these train.seed values")
     search: SearchConfig = SearchConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -299,7 +316,8 @@ class SweepConfig(Strict):
         from cifar_ray.metrics import EPOCH_METRICS
 
         if value not in EPOCH_METRICS:
-            raise ValueError(f"{value!r} is never reported{did_you_mean(value, EPOCH_METRICS)}; allowed: {', '.join(EPOCH_METRICS)}")
+            raise ValueError(f"{value!r} is never reported{did_you_mean(value, EPOCH_METRICS)}; allowed: "
+                             f"{', '.join(EPOCH_METRICS)}")
         return value
 
     def resources_for(self, model_name: str) -> ResourcesConfig:
@@ -363,7 +381,8 @@ def read_sweep_tree(path: str) -> dict:
     if tree is None:
         raise ConfigError(f"{path}: empty; a sweep needs at least name: and model:")
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: must be a mapping of keys (name:, model:, train:, ...), not a {type(tree).__name__}")
+        raise ConfigError(f"{path}: must be a mapping of keys (name:, model:, train:, ...), not a "
+                          f"{type(tree).__name__}")
     return tree
 
 

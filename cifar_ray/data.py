@@ -13,7 +13,6 @@ import os
 import pickle
 import sys
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,6 +21,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from cifar_ray.config import DataConfig
+from cifar_ray.files import atomic_write
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -133,7 +133,8 @@ def _decode_image(raw: bytes, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(raw)) as img:
             img.load()
             if img.size != (32, 32) or img.mode != "RGB":
-                raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]} {img.mode}; every image must be 32x32 RGB")
+                raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]} {img.mode}; every image must be "
+                                "32x32 RGB")
             return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
     except DataError:
         raise
@@ -148,7 +149,8 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
     if member.issym() or member.islnk() or member.isdev() or member.isfifo():
         raise DataError(f"{archive}: refusing link or special file member: {member.name!r}")
     if member.size > MAX_MEMBER_BYTES:
-        raise DataError(f"{archive}: member {member.name!r} is {member.size} bytes, far more than a 32x32 image; refusing it")
+        raise DataError(f"{archive}: member {member.name!r} is {member.size} bytes, far more than a 32x32 image; "
+                        "refusing it")
 
 
 def _iter_archive(path: Path) -> Iterator[tuple[str, Optional[bytes]]]:
@@ -339,19 +341,12 @@ def cache_path(path: Path, cfg: DataConfig) -> Path:
 def _save_cache(ds: Dataset, target: Path) -> None:
     """Write atomically: a reader sees the old file, no file, or the whole new one."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # npz members carry CRC-32s, checked on load: a truncated or altered cache is detected.
-            np.savez(f, train_x=ds.train_x, train_y=ds.train_y, test_x=ds.test_x, test_y=ds.test_y,
-                     classes=np.asarray(ds.classes))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared by users of one machine
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(f) -> None:  # npz members carry CRC-32s, checked on load: a truncated or altered cache is detected
+        np.savez(f, train_x=ds.train_x, train_y=ds.train_y, test_x=ds.test_x, test_y=ds.test_y,
+                 classes=np.asarray(ds.classes))
+
+    atomic_write(target, write, fsync=True, mode=0o644)  # 0644: the cache may be shared by users of one machine
 
 
 def _load_cache(target: Path) -> Optional[Dataset]:
@@ -394,14 +389,15 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 # ---------------------------------------------------------------- the split
 
-def _stratified_take(labels: np.ndarray, idx: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_take(labels: np.ndarray, idx: np.ndarray, n: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Split idx into (taken, rest) with `n` taken in proportion to each class (largest remainder)."""
     classes, counts = np.unique(labels[idx], return_counts=True)
     exact = counts * n / counts.sum()
     quota = np.floor(exact).astype(int)
     quota[np.argsort(-(exact - quota), kind="stable")[: n - quota.sum()]] += 1
     taken, rest = [], []
-    for cls, q in zip(classes, quota):
+    for cls, q in zip(classes, quota, strict=True):
         members = rng.permutation(idx[labels[idx] == cls])
         taken.append(members[:q])
         rest.append(members[q:])
@@ -463,8 +459,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--cache-dir")
     parser.add_argument("--val-size", type=int)
     args = parser.parse_args(argv)
-    from cifar_ray.config import ConfigError, DataConfig as DC, describe_errors
     from pydantic import ValidationError
+
+    from cifar_ray.config import ConfigError, describe_errors
+    from cifar_ray.config import DataConfig as DC
 
     fields = {"source": args.source, "cache_dir": args.cache_dir, "val_size": args.val_size}
     try:

@@ -8,7 +8,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO, Callable, Optional
 
 
 class LinkError(OSError):
@@ -26,14 +26,16 @@ def _file_mode() -> int:
     return 0o644
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fsync: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fsync: bool = False,
+                 mode: Optional[int] = None) -> Path:
     """Call write(f) on a new temporary file beside `path` (created exclusively, never through a link),
     then rename it over `path`: readers see the old file or the new one, never half of one. A link at
-    `path` is replaced, not followed."""
+    `path` is replaced, not followed. fsync: the data is on disk before the rename (checkpoints, caches).
+    mode: the file's mode; default, what the umask gives a new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _file_mode())
+        os.fchmod(fd, _file_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             if fsync:

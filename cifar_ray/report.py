@@ -135,12 +135,13 @@ def plot_architectures(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame,
         return None
     from cifar_ray.config import ConfigError, trial_config
     from cifar_ray.models import ModelError, build_model
-    from cifar_ray.models.__main__ import count_parameters
+    from cifar_ray.models.stats import count_parameters
     from cifar_ray.space import unflatten
 
     plt = _plt()
     best = f"best_{sweep.metric}"
-    per_epoch = curves.groupby("trial_id")[M.EPOCH_SECONDS].mean() if M.EPOCH_SECONDS in curves else pd.Series(dtype=float)
+    per_epoch = (curves.groupby("trial_id")[M.EPOCH_SECONDS].mean() if M.EPOCH_SECONDS in curves
+                 else pd.Series(dtype=float))
     df = trials.assign(sec_per_epoch=trials["trial_id"].map(per_epoch))
     by_model = df.groupby("model.name").agg(best=(best, "max"), sec=("sec_per_epoch", "mean"),
                                             mem=(M.PEAK_MEMORY_MB, "max"))
@@ -158,9 +159,10 @@ def plot_architectures(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame,
     by_model = by_model.sort_values("best", ascending=False)
     scale = 100 if sweep.metric.endswith("acc") else 1
     panels = [("best", f"best {sweep.metric}" + (" (%)" if scale == 100 else ""), scale),
-              ("sec", "seconds per epoch (s)", 1), ("mem", "peak memory (MiB)", 1), ("params", "parameters (millions)", 1)]
+              ("sec", "seconds per epoch (s)", 1), ("mem", "peak memory (MiB)", 1),
+              ("params", "parameters (millions)", 1)]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.5))
-    for ax, (col, label, k) in zip(axes, panels):
+    for ax, (col, label, k) in zip(axes, panels, strict=True):
         ax.bar(by_model.index, by_model[col] * k, color="C0")
         ax.set(title=label, xlabel="model", ylabel=label)
         ax.tick_params(axis="x", rotation=45)
@@ -176,7 +178,8 @@ def plot_evaluation(ev, out: Path) -> tuple[Path, Path]:
     names = list(ev.class_accuracy)
     ax.bar(names, [100 * v for v in ev.class_accuracy.values()], color="C2")
     ax.axhline(100 * ev.accuracy, color="k", linestyle="--", label=f"overall {100 * ev.accuracy:.1f}%")
-    ax.set(title=f"Per-class test accuracy of the best trial ({ev.count} images)", xlabel="class", ylabel="accuracy (%)",
+    ax.set(title=f"Per-class test accuracy of the best trial ({ev.count} images)", xlabel="class",
+           ylabel="accuracy (%)",
            ylim=(0, 100))
     ax.tick_params(axis="x", rotation=45)
     ax.legend()

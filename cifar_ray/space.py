@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from cifar_ray.config import ConfigError, SweepConfig, TrialConfig, describe_errors, MAX_TRIALS
+from cifar_ray.config import MAX_TRIALS, ConfigError, SweepConfig, TrialConfig, describe_errors
 from cifar_ray.models import ModelError, check_options
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -38,8 +38,8 @@ class Domain:
 
     def describe(self) -> str:
         if self.kind in ("grid", "choice"):
-            return f"{self.kind}[{', '.join(map(_fmt, self.values))}]"
-        return f"{self.kind}({_fmt(self.values[0])}, {_fmt(self.values[1])})"
+            return f"{self.kind}[{', '.join(map(format_value, self.values))}]"
+        return f"{self.kind}({format_value(self.values[0])}, {format_value(self.values[1])})"
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,23 @@ class Space:
             "seeds": list(self.seeds) if self.seeds else None}
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A value as the dry run, errors and the summary show it: floats in %g."""
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def first_candidate(space: "Space") -> dict[str, Any]:
+    """Each key's first value (a domain's first candidate): the trial the dry run checks first and the
+    one whose data the driver loads."""
+    return {k: (v.candidates()[0] if isinstance(v, Domain) else v) for k, v in space.values.items()}
+
+
+def max_epochs(space: "Space") -> int:
+    """The most epochs any trial of the space trains."""
+    from cifar_ray.config import default
+
+    epochs = space.values.get("train.epochs", default("train.epochs"))
+    return int(max(epochs.values)) if isinstance(epochs, Domain) else int(epochs)
 
 
 def is_domain(value: Any) -> bool:
@@ -124,7 +139,7 @@ def parse_domain(key: str, spec: dict, where: str) -> Domain:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ConfigError(f"{at}: bounds must be finite numbers (NaN and inf are not allowed)")
     if lo > hi or (kind == "randint" and lo == hi):
-        raise ConfigError(f"{at}: lo ({_fmt(lo)}) must be below hi ({_fmt(hi)})")
+        raise ConfigError(f"{at}: lo ({format_value(lo)}) must be below hi ({format_value(hi)})")
     if kind == "loguniform" and lo <= 0:
         raise ConfigError(f"{at}: loguniform needs lo > 0")
     if kind == "randint" and not (float(lo).is_integer() and float(hi).is_integer()):
@@ -139,7 +154,8 @@ def build_space(sweep: SweepConfig, where: str) -> Space:
         for key, value in flatten(getattr(sweep, section), section).items():
             values[key] = parse_domain(key, value, where) if is_domain(value) else value
             if isinstance(values[key], Domain) and key in UNSEARCHABLE:
-                raise ConfigError(f"{where}: {key}: cannot be searched (one data set and device per sweep); give one value")
+                raise ConfigError(f"{where}: {key}: cannot be searched (one data set and device per sweep); give "
+                                  "one value")
     seeds = tuple(sweep.seeds) if sweep.seeds else None
     if seeds and "train.seed" in values:
         raise ConfigError(f"{where}: seeds: and train.seed: both set; keep one")
@@ -163,13 +179,13 @@ def _trial_from(flat: dict[str, Any], where: str) -> TrialConfig:
 
 def _check_candidates(space: Space, where: str) -> None:
     domains = space.domains()
-    first = {k: (v.candidates()[0] if isinstance(v, Domain) else v) for k, v in space.values.items()}
+    first = first_candidate(space)
     _trial_from(first, where)
     combos = math.prod(len(d.candidates()) for d in domains.values())
     if combos <= FULL_CHECK_LIMIT:  # every combination, so model x option clashes are found
         keys = list(domains)
         for picks in itertools.product(*(domains[k].candidates() for k in keys)):
-            _check_one(first | dict(zip(keys, picks)), dict(zip(keys, picks)), domains, where)
+            _check_one(first | dict(zip(keys, picks, strict=True)), dict(zip(keys, picks, strict=True)), domains, where)
     else:  # one domain at a time
         for key, dom in domains.items():
             for v in dom.candidates():
@@ -180,7 +196,7 @@ def _check_one(flat: dict, picked: dict, domains: dict[str, Domain], where: str)
     try:
         _trial_from(flat, where)
     except ConfigError as err:
-        shown = ", ".join(f"{k}={_fmt(v)} from {domains[k].kind}" for k, v in picked.items())
+        shown = ", ".join(f"{k}={format_value(v)} from {domains[k].kind}" for k, v in picked.items())
         raise ConfigError(f"{err} (with {shown})" if shown else str(err)) from None
 
 
@@ -220,7 +236,7 @@ def grid_points(space: Space, sweep: SweepConfig) -> list[dict[str, Any]]:
         grid["train.seed"] = space.seeds
     if not grid:
         return []
-    one = [dict(zip(grid, picks)) for picks in itertools.product(*grid.values())]
+    one = [dict(zip(grid, picks, strict=True)) for picks in itertools.product(*grid.values())]
     points = one * sweep.search.samples
     if shuffles(sweep):
         random.Random(sweep.search.seed or 0).shuffle(points)
@@ -273,7 +289,8 @@ def mutations(sweep: SweepConfig, space: Space, where: str) -> dict[str, Any]:
         elif is_domain(spec):
             out[key] = to_tune(parse_domain(f"scheduler.mutations.{key}", spec, where))
         else:
-            raise ConfigError(f"{where}: scheduler.mutations.{key}: give a list or a domain such as {{uniform: [0.1, 1]}}")
+            raise ConfigError(f"{where}: scheduler.mutations.{key}: give a list or a domain such as "
+                              "{uniform: [0.1, 1]}")
         if out[key] is None:
             raise ConfigError(f"{where}: scheduler.mutations.{key}: empty list")
     return out

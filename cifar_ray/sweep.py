@@ -17,15 +17,27 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
 from cifar_ray import metrics as M
 from cifar_ray.analysis import SWEEP_FILE
-from cifar_ray.config import ConfigError, SweepConfig, read_sweep, trial_config
+from cifar_ray.config import ConfigError, SweepConfig, default, read_sweep, trial_config
 from cifar_ray.files import LinkError, atomic_write_text, read_text_nofollow
-from cifar_ray.space import Domain, Space, build_space, expand_grid, grid_points, mutations, param_space, shuffles, trial_count
+from cifar_ray.space import (
+    Space,
+    build_space,
+    expand_grid,
+    first_candidate,
+    format_value,
+    grid_points,
+    max_epochs,
+    mutations,
+    param_space,
+    shuffles,
+    trial_count,
+)
 
 EXIT_OK, EXIT_INVALID, EXIT_ERRORED, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 SPACE_KEY = "space"  # the search-space fingerprint stored in the results' sweep.yaml
@@ -52,8 +64,7 @@ class Plan:
 
     @property
     def max_epochs(self) -> int:
-        epochs = self.space.values.get("train.epochs", trial_config({}).train.epochs)
-        return max(epochs.values) if isinstance(epochs, Domain) else int(epochs)
+        return max_epochs(self.space)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -70,7 +81,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--data", help="override data.source")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the file, e.g. train.lr=0.01 (repeatable)")
-    p.add_argument("--allow-pending", action="store_true", help="skip the resource feasibility check (autoscaling clusters)")
+    p.add_argument("--allow-pending", action="store_true",
+                   help="skip the resource feasibility check (autoscaling clusters)")
     p.add_argument("--cluster-config", help="the cluster file whose node types may still start "
                                             "(default: ~/ray_bootstrap_config.yaml on a `ray up` head)")
     p.add_argument("--verbose", action="store_true", help="show Ray's and W&B's own log output (for debugging)")
@@ -93,7 +105,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         try:
             import optuna  # noqa: F401
         except ImportError:
-            raise ConfigError(f"{args.file}: search.kind: optuna needs the optional extra: pip install -e '.[optuna]'") from None
+            raise ConfigError(f"{args.file}: search.kind: optuna needs the optional extra: pip install -e "
+                              "'.[optuna]'") from None
     storage = args.storage_path
     local = "results" if "://" in storage else storage
     results = Path(local).expanduser().resolve() / sweep.name
@@ -102,10 +115,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 def _check_scheduler(sweep: SweepConfig, space: Space, where: str) -> None:
     s = sweep.scheduler
-    epochs = space.values.get("train.epochs", trial_config({}).train.epochs)
-    max_epochs = max(epochs.values) if isinstance(epochs, Domain) else epochs
     if s.kind == "asha":
-        max_t = s.max_t or max_epochs
+        max_t = s.max_t or max_epochs(space)
         if s.grace_period > max_t:
             raise ConfigError(f"{where}: scheduler.grace_period: {s.grace_period} is more than max_t ({max_t}); "
                               "lower grace_period or raise max_t/train.epochs")
@@ -114,7 +125,8 @@ def _check_scheduler(sweep: SweepConfig, space: Space, where: str) -> None:
             raise ConfigError(f"{where}: checkpoint.keep: {sweep.checkpoint.keep}; PBT needs at least 3 "
                               "(it restores other trials' checkpoints, which must still exist)")
         if not s.mutations:
-            raise ConfigError(f"{where}: scheduler.mutations: PBT needs at least one, e.g. train.lr: {{loguniform: [0.001, 0.1]}}")
+            raise ConfigError(f"{where}: scheduler.mutations: PBT needs at least one, e.g. train.lr: "
+                              "{loguniform: [0.001, 0.1]}")
         if s.perturbation_interval % sweep.checkpoint.every:
             raise ConfigError(f"{where}: checkpoint.every: {sweep.checkpoint.every} must divide "
                               f"scheduler.perturbation_interval ({s.perturbation_interval})")
@@ -123,12 +135,8 @@ def _check_scheduler(sweep: SweepConfig, space: Space, where: str) -> None:
 
 # ---------------------------------------------------------------- dry run
 
-def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
 def _resources_text(req: dict[str, float]) -> str:
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in req.items() if v)
+    return ", ".join(f"{k}={format_value(v)}" for k, v in req.items() if v)
 
 
 def describe(plan: Plan) -> str:
@@ -145,10 +153,10 @@ def describe(plan: Plan) -> str:
     keys = space.searched_keys()
     if trials is not None:
         for i, t in enumerate(trials, 1):
-            name = t.get("model.name", "netconv")
-            shown = "  ".join(f"{k}={_fmt(t[k])}" for k in keys) or "(no searched keys)"
+            name = t.get("model.name", default("model.name"))
+            shown = "  ".join(f"{k}={format_value(t[k])}" for k in keys) or "(no searched keys)"
             lines.append(f"  trial {i:>3}: {shown}  [{_resources_text(requests[name])}]")
-        total = sum(int(t.get("train.epochs", trial_config({}).train.epochs)) for t in trials)
+        total = sum(int(t.get("train.epochs", default("train.epochs"))) for t in trials)
     else:
         lines.append("  domains:")
         lines += [f"    {k}: {d.describe()}" for k, d in space.domains().items()]
@@ -214,7 +222,8 @@ def build_tuner(plan: Plan, dataset, resume: bool, verbose: bool = False):
                                      quiet=not verbose)
     requests = requests_by_model(sweep, space)
     default_model = next(iter(requests))
-    trainable = tune.with_resources(trainable, lambda config: requests.get(config.get("model.name"), requests[default_model]))
+    trainable = tune.with_resources(
+        trainable, lambda config: requests.get(config.get("model.name"), requests[default_model]))
     wandb_dir = str(plan.results / "wandb")  # local even with cloud storage: W&B writes files as it runs
     recorder = TrialRecorder(preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir, verbose)), sweep.name)
     if resume:
@@ -228,7 +237,8 @@ def build_tuner(plan: Plan, dataset, resume: bool, verbose: bool = False):
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=s.max_t or plan.max_epochs,
                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets)
     elif s.kind == "pbt":
-        scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
+        scheduler = PopulationBasedTraining(time_attr="training_iteration",
+                                            perturbation_interval=s.perturbation_interval,
                                             hyperparam_mutations=mutations(sweep, space, plan.file))
     else:
         scheduler = FIFOScheduler()
@@ -285,8 +295,7 @@ def load_sweep_data(space: Space):
     from cifar_ray.data import load_dataset
     from cifar_ray.space import unflatten
 
-    first = {k: (v.candidates()[0] if isinstance(v, Domain) else v) for k, v in space.values.items()}
-    return load_dataset(trial_config(unflatten(first)).data)
+    return load_dataset(trial_config(unflatten(first_candidate(space))).data)
 
 
 def summarize_remote(plan: Plan, grid) -> int:
@@ -318,18 +327,20 @@ def summarize(plan: Plan, trials) -> tuple[str, int]:
 
     sweep = plan.sweep
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
-    lines = ["", f"sweep {sweep.name}: {len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    lines = ["", f"sweep {sweep.name}: {len(trials)} trials: {tally}"]
     best_col = f"best_{sweep.metric}"
     ok = trials[trials[best_col].notna()] if len(trials) else trials
     if len(ok):
         best = ok.sort_values(best_col, ascending=sweep.mode == "min").iloc[0]
-        shown = ", ".join(f"{k}={_fmt(best[k])}" for k in plan.space.searched_keys() if k in best)
+        shown = ", ".join(f"{k}={format_value(best[k])}" for k in plan.space.searched_keys() if k in best)
         lines.append(f"best trial {best['trial_id']}: {sweep.metric} {best[best_col]:.4f}  ({shown})")
     errored = trials[trials["status"] == M.ERRORED] if len(trials) else trials
     for _, row in errored.iterrows():
         lines.append(f"errored: {row['trial_id']}: {row['error']}")
     lines.append(f"results: {plan.results}")
-    lines.append(f"load them: from cifar_ray import analysis; sweep = analysis.load({str(plan.results)!r}); sweep.trials()")
+    lines.append(f"load them: from cifar_ray import analysis; sweep = analysis.load({str(plan.results)!r}); "
+                 "sweep.trials()")
     code = EXIT_OK
     if len(errored):
         code = EXIT_ERRORED

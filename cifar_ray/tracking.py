@@ -149,7 +149,8 @@ class TrialTracker:
 
 def public_config(config: dict) -> dict:
     """A config with anything that looks like a secret removed (keys never reach W&B or results)."""
-    return {k: v for k, v in config.items() if not any(s in k.lower() for s in ("api_key", "secret", "token", "password"))}
+    secret_words = ("api_key", "secret", "token", "password")
+    return {k: v for k, v in config.items() if not any(s in k.lower() for s in secret_words)}
 
 
 def trial_settings(w: WandbSettings, sweep_name: str, wandb_dir: str, verbose: bool = False) -> dict:

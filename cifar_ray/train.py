@@ -11,12 +11,10 @@ import math
 import os
 import resource
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -27,7 +25,8 @@ import torch.nn.functional as F
 from cifar_ray import metrics as M
 from cifar_ray.augment import augment, flip_crop
 from cifar_ray.config import ConfigError, TrialConfig, trial_config
-from cifar_ray.data import Dataset, DataError, Split, load_dataset, split_dataset
+from cifar_ray.data import DataError, Dataset, Split, load_dataset, split_dataset
+from cifar_ray.files import atomic_write
 from cifar_ray.models import ModelError, build_model, check_device
 from cifar_ray.models.googlenet import AUX_WEIGHT
 
@@ -199,17 +198,10 @@ def format_report(ev: Evaluation, split: str = "test") -> str:
 def save_state(state: dict, path: str | os.PathLike) -> None:
     """torch.save to a temporary name in the same folder, fsync, then rename: a crash or a full disk
     leaves the previous file intact."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        atomic_write(path, lambda f: torch.save(state, f), fsync=True)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"disk full while writing checkpoint {path}; the previous checkpoint is "
                                         "intact: free space, then resume the sweep with --resume") from exc
         raise
@@ -227,10 +219,6 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     model: Optional[nn.Module] = None
     evaluation: Optional[Evaluation] = None  # on the validation split, after the last epoch
-
-    @property
-    def last(self) -> dict:
-        return self.history[-1] if self.history else {}
 
 
 def build_optimizer(cfg: TrialConfig, params) -> torch.optim.Optimizer:

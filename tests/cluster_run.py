@@ -22,9 +22,9 @@ def sweep_file(workdir: Path, name: str, model: str, resources: dict, **train) -
 
 def main() -> None:
     workdir = Path(sys.argv[1])
+    import ray
     from ray.cluster_utils import Cluster
 
-    import ray
     from cifar_ray.sweep import main as sweep
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})

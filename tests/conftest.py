@@ -41,7 +41,7 @@ def class_pixels(label: int, i: int) -> np.ndarray:
 
 def write_tree(root: Path, classes=("cat", "dog", "frog"), per_class=(6, 2)) -> Path:
     """An image-folder tree train/<class>/*.png, test/<class>/*.png."""
-    for split, n in zip(("train", "test"), per_class):
+    for split, n in zip(("train", "test"), per_class, strict=True):
         for label, cls in enumerate(classes):
             d = root / split / cls
             d.mkdir(parents=True, exist_ok=True)
@@ -240,5 +240,5 @@ def assert_wandb_matches_curves(exp: Path) -> None:
         for col in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "val_class_acc/cat"):
             logged = [last[e][col] for e in curve["epoch"]]
             recorded = list(curve[col])
-            same = all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(logged, recorded))
+            same = all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(logged, recorded, strict=True))
             assert same, f"{trial_id} {col}: W&B {logged} != curves {recorded}"

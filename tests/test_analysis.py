@@ -43,7 +43,7 @@ def test_trials_one_row_per_trial_with_searched_keys(grid_sweep):
     for col in ("train.lr", "train.momentum", "train.seed", "status", "val_acc", "best_val_acc", "epochs", "seconds",
                 "node"):
         assert col in df
-    assert set(zip(df["train.lr"], df["train.momentum"], df["train.seed"])) == {
+    assert set(zip(df["train.lr"], df["train.momentum"], df["train.seed"], strict=True)) == {
         (lr, m, s) for lr in (0.01, 0.05) for m in (0.5, 0.9) for s in (0, 1)}
     assert (df["status"] == "completed").all() and (df["epochs"] == 2).all()
 

@@ -47,7 +47,8 @@ def test_crop_is_a_shifted_window_of_the_padded_image():
     out = random_crop(x, 4, torch.Generator().manual_seed(1))
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(8):
-        hits = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
+        hits = [(dy, dx) for dy in range(9) for dx in range(9)
+                if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
         assert hits, f"sample {i} is not a window of its padded image"
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cifar_ray.cluster import (check_storage, check_sweep_tags, infeasible, main as cluster_main, node_type_offers,
-                               validate_cluster_file)
+from cifar_ray.cluster import check_storage, check_sweep_tags, infeasible, node_type_offers, validate_cluster_file
+from cifar_ray.cluster import main as cluster_main
 from cifar_ray.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

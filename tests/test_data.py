@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cifar_ray.config import DataConfig
-from cifar_ray.data import (DataError, cache_path, load_dataset, make_synthetic, resolve_source, split_dataset)
+from cifar_ray.data import DataError, cache_path, load_dataset, make_synthetic, resolve_source, split_dataset
 from conftest import REAL_DATA, class_pixels, png_bytes, write_batches, write_tar, write_tree
 
 
@@ -147,7 +147,8 @@ def test_archive_without_train_test(tmp_path, isolated_cache):
     tree = tmp_path / "t"
     (tree / "pics" / "cat").mkdir(parents=True)
     (tree / "pics" / "cat" / "1.png").write_bytes(png_bytes(class_pixels(0, 0)))
-    _assert_error(write_tar(tmp_path / "a.tar.gz", tree), "no images under train/ and test/.*found: pics", isolated_cache)
+    _assert_error(write_tar(tmp_path / "a.tar.gz", tree), "no images under train/ and test/.*found: pics",
+                  isolated_cache)
 
 
 def test_class_folders_differ(tmp_path, isolated_cache):
@@ -251,7 +252,10 @@ def test_val_size_too_large_names_the_key():
 def test_data_cli_prepare_and_info(tmp_path):
     root = write_tree(tmp_path / "tree")
     env = {**os.environ, "CIFAR_RAY_CACHE": str(tmp_path / "c")}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "cifar_ray.data", *a], capture_output=True, text=True, env=env)
+
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "cifar_ray.data", *a], capture_output=True, text=True, env=env)
+
     r = run("info", str(root), "--val-size", "3")
     assert r.returncode == 2 and "not cached yet" in r.stderr
     r = run("prepare", str(root), "--val-size", "3")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cifar_ray.models import ModelError, build_model, check_device, list_models, model_spec
-from cifar_ray.models.__main__ import count_parameters
+from cifar_ray.models.stats import count_parameters
 
 CASES = [(name, stem) for name in list_models() for stem in model_spec(name).stems]
 

@@ -13,8 +13,18 @@ import torch
 
 from cifar_ray import analysis
 from cifar_ray.sweep import main
-from conftest import (SLOWER_DATA, TINY, SweepProcess, assert_wandb_matches_curves, result_rows, results_of,
-                      trial_dirs, tune_statuses, wait_for, write_sweep)
+from conftest import (
+    SLOWER_DATA,
+    TINY,
+    SweepProcess,
+    assert_wandb_matches_curves,
+    result_rows,
+    results_of,
+    trial_dirs,
+    tune_statuses,
+    wait_for,
+    write_sweep,
+)
 
 
 def _kill_worker_after(exp: Path, prefix: str, epoch: int, last: int) -> int:
@@ -30,6 +40,7 @@ def _kill_worker_after(exp: Path, prefix: str, epoch: int, last: int) -> int:
     return pid
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_and_matches_an_undisturbed_run(ray_session, tmp_path):
     common = dict(train__epochs=5, data=SLOWER_DATA, model={"name": "netconv", "width": 0.5},
                   failures={"max_retries": 2})
@@ -54,6 +65,7 @@ def test_killed_worker_resumes_and_matches_an_undisturbed_run(ray_session, tmp_p
         assert killed.loc[0, m] == undisturbed.loc[0, m], m
 
 
+@pytest.mark.slow
 def test_killed_worker_without_retries_errors_and_exits_3(ray_session, tmp_path):
     path = write_sweep(tmp_path, "no_retry", train__epochs=4, train__lr={"grid": [0.01, 0.02]}, data=SLOWER_DATA,
                        failures={"max_retries": 0})
@@ -70,6 +82,7 @@ def test_killed_worker_without_retries_errors_and_exits_3(ray_session, tmp_path)
     assert_wandb_matches_curves(exp)  # the errored trial's run holds the epochs it reported
 
 
+@pytest.mark.slow
 def test_driver_killed_twice_then_resume_completes(ray_session, tmp_path):
     path = write_sweep(tmp_path, "twice_killed", train__epochs={"grid": [1, 1, 6, 6]}, data=SLOWER_DATA)
     exp = tmp_path / "results" / "twice_killed"
@@ -106,6 +119,7 @@ def test_driver_killed_twice_then_resume_completes(ray_session, tmp_path):
     assert_wandb_matches_curves(exp)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_state_and_prints_the_resume_command(ray_session, tmp_path):
     path = write_sweep(tmp_path, "ctrl_c", train__epochs=8, train__lr={"grid": [0.01, 0.02]}, data=SLOWER_DATA)
     exp = tmp_path / "results" / "ctrl_c"
@@ -127,8 +141,8 @@ def test_ctrl_c_saves_state_and_prints_the_resume_command(ray_session, tmp_path)
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     from ray import tune
 
-    from cifar_ray.trainable import _checkpoint_state
     from cifar_ray.train import save_state
+    from cifar_ray.trainable import _checkpoint_state
 
     for i, epoch in enumerate((1, 2)):
         d = tmp_path / f"checkpoint_{i:06d}"
@@ -244,6 +258,7 @@ def test_200_short_trials_are_all_accounted_for(ray_session, tmp_path):
     assert len(analysis.load(tmp_path / "results" / "load").trials()) == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gap", [0.2, 0.5, 1.5, 3.0])
 def test_second_ctrl_c_exits_at_once_and_the_sweep_still_resumes(ray_session, tmp_path, gap):
     """The second Ctrl-C lands, depending on the gap, in training, Tune's final save, the summary or

@@ -1,13 +1,22 @@
 """Sweeps on a real local Ray (2 CPUs), synthetic data, W&B offline."""
 import json
 
+import pytest
 import yaml
 
 from cifar_ray.config import read_sweep
 from cifar_ray.space import build_space, grid_points
 from cifar_ray.sweep import main
-from conftest import (SLOWER_DATA, SweepProcess, assert_wandb_matches_curves, result_rows, results_of, tune_statuses,
-                      wait_for, write_sweep)
+from conftest import (
+    SLOWER_DATA,
+    SweepProcess,
+    assert_wandb_matches_curves,
+    result_rows,
+    results_of,
+    tune_statuses,
+    wait_for,
+    write_sweep,
+)
 
 
 def test_grid_of_four_completes_with_results_checkpoints_and_wandb(ray_session, tmp_path, capsys):
@@ -20,7 +29,8 @@ def test_grid_of_four_completes_with_results_checkpoints_and_wandb(ray_session, 
     assert len(df) == 4 and set(df["status"]) == {"completed"}
     # trials start in the file's order, first key outermost: the order the dry run lists
     in_order = df.sort_values("trial_id")
-    assert list(zip(in_order["train.lr"], in_order["train.momentum"])) == [(0.01, 0.5), (0.01, 0.9), (0.05, 0.5), (0.05, 0.9)]
+    assert list(zip(in_order["train.lr"], in_order["train.momentum"], strict=True)) == [(0.01, 0.5), (0.01, 0.9),
+                                                                                        (0.05, 0.5), (0.05, 0.9)]
     assert (df["epochs"] == 3).all() and df["val_acc"].between(0, 1).all()
     assert (df["best_val_acc"] >= df["val_acc"]).all()
     exp = tmp_path / "results" / "grid4"
@@ -42,7 +52,8 @@ def test_asha_stops_a_bad_trial_early(ray_session, tmp_path):
     df = results_of(tmp_path, "asha")
     assert len(df) == 6
     sweep = read_sweep(str(path))  # under ASHA the grid starts in the seeded shuffled order
-    assert list(df.sort_values("trial_id")["train.lr"]) == [p["train.lr"] for p in grid_points(build_space(sweep, "a"), sweep)]
+    assert list(df.sort_values("trial_id")["train.lr"]) == [p["train.lr"] for p in grid_points(build_space(sweep,
+                                                                                                           "a"), sweep)]
     stopped = df[df["status"] == "stopped"]
     assert len(stopped) >= 1 and (stopped["epochs"] < 4).all()
     assert (stopped["train.lr"] == 1e-6).any()
@@ -115,6 +126,7 @@ def test_existing_results_are_not_overwritten(ray_session, tmp_path, capsys):
     assert "search space differs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_driver_is_completed_by_resume(ray_session, tmp_path):
     path = write_sweep(tmp_path, "kill_driver", train__epochs={"grid": [1, 1, 8, 8]}, data=SLOWER_DATA)
     sweep = SweepProcess(path, tmp_path, ray_session)

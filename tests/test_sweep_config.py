@@ -80,7 +80,8 @@ def test_set_and_data_overrides():
 
 
 def test_nested_augment_keys_are_searchable():
-    sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), ["data.augment={hflip: {grid: [0, 0.5]}, crop_padding: 4}"])
+    sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"),
+                       ["data.augment={hflip: {grid: [0, 0.5]}, crop_padding: 4}"])
     space = build_space(sweep, "q")
     assert space.values["data.augment.hflip"] == Domain("grid", (0, 0.5))
     assert trial_count(space, sweep) == 8
@@ -163,5 +164,6 @@ def test_dry_run_lists_trials_in_start_order(capsys):
     sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), ["scheduler={kind: asha}"])
     listed = [line.split(":", 1)[1] for line in out.splitlines() if line.startswith("  trial ")]
     expected = expand_grid(build_space(sweep, "q"), sweep)
-    assert len(listed) == len(expected) and all(f"train.lr={t['train.lr']:g}" in line for line, t in zip(listed, expected))
+    assert len(listed) == len(expected) and all(f"train.lr={t['train.lr']:g}" in line for line, t in zip(listed,
+            expected, strict=True))
     assert "shuffled order" in out

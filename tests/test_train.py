@@ -2,15 +2,24 @@ import math
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 import torch
 
 from cifar_ray import metrics as M
-from cifar_ray.config import TrialConfig
+from cifar_ray.config import Optimizer, TrialConfig
 from cifar_ray.data import load_dataset, make_synthetic
-from cifar_ray.train import (amp_dtype, cpu_has_native_bf16, evaluate_split, fit, format_report, has_diverged,
-                             load_state, save_state)
+from cifar_ray.train import (
+    amp_dtype,
+    cpu_has_native_bf16,
+    evaluate_split,
+    fit,
+    format_report,
+    has_diverged,
+    load_state,
+    save_state,
+)
 from conftest import REAL_DATA
 
 
@@ -70,10 +79,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, synthetic, s
     assert state["epoch"] == 1
     resumed = fit(c, synthetic, resume=state)
     assert [h[M.EPOCH] for h in resumed.history] == [2, 3]
-    for a, b in zip(full.history[1:], resumed.history):
+    for a, b in zip(full.history[1:], resumed.history, strict=True):
         for key in (M.TRAIN_LOSS, M.TRAIN_ACC, M.VAL_LOSS, M.VAL_ACC, M.LR):
             assert a[key] == b[key], key
-    for pa, pb in zip(full.model.parameters(), resumed.model.parameters()):
+    for pa, pb in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(pa, pb)
 
 
@@ -123,7 +132,7 @@ def test_inception_trains_with_aux_losses(synthetic):
     assert math.isfinite(result.history[0][M.TRAIN_LOSS])
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("optimizer", typing.get_args(Optimizer))
 def test_optimizers_and_label_smoothing(synthetic, optimizer):
     result = fit(cfg(optimizer=optimizer, lr=0.003 if optimizer != "sgd" else 0.05, label_smoothing=0.1,
                      schedule="cosine"), synthetic)
@@ -145,8 +154,9 @@ def test_state_file_is_replaced_atomically(tmp_path):
 
 
 def test_report_format():
-    from cifar_ray.train import Evaluation
     import numpy as np
+
+    from cifar_ray.train import Evaluation
 
     cm = np.array([[9, 1], [2, 8]])
     ev = Evaluation(0.85, 0.4, {"plane": 0.9, "car": 0.8}, cm, ("plane", "car"))

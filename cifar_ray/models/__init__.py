@@ -54,7 +54,8 @@ def check_options(name: str, options: dict) -> None:
     spec = model_spec(name)
     for key in options:
         if key not in spec.options() and key != "stem":
-            raise ModelError(f"model {name!r} has no option {key!r}; its options: {', '.join(spec.options()) or 'none'}")
+            raise ModelError(f"model {name!r} has no option {key!r}; its options: "
+                             f"{', '.join(spec.options()) or 'none'}")
     stem = options.get("stem", "cifar")
     if stem not in spec.stems:
         raise ModelError(f"model {name!r} has no {stem!r} stem; its stems: {', '.join(spec.stems)}")
@@ -76,4 +77,6 @@ def build_model(name: str, num_classes: int = 10, **options) -> nn.Module:
 
 
 # Importing the families registers them (order = listing order).
+# isort: off
 from cifar_ray.models import mlp, tutorial, vgg, googlenet, resnet  # noqa: E402,F401
+# isort: on

@@ -3,23 +3,8 @@ from __future__ import annotations
 
 import sys
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from cifar_ray.models import build_model, list_models, model_spec
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def forward_gflops(model: torch.nn.Module) -> float:
-    """FLOPs (multiply and add counted separately) of one eval-mode forward pass of one image."""
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32))
-    return counter.get_total_flops() / 1e9
+from cifar_ray.models.stats import count_parameters, forward_gflops
 
 
 def main() -> int:

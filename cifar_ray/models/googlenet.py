@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from cifar_ray.models import register_model
-from cifar_ray.models.layers import ResizeTo, activation as make_act, scaled
+from cifar_ray.models.layers import ResizeTo, scaled
+from cifar_ray.models.layers import activation as make_act
 
 AUX_WEIGHT = 0.3  # the paper's weight of each auxiliary loss
 
@@ -61,21 +62,27 @@ class GoogLeNet(nn.Module):
         c192 = scaled(192, width)
         if stem == "imagenet":  # 224 -> 28x28 before inception 3a
             self.stem = nn.Sequential(ResizeTo(224), conv_bn(3, scaled(64, width), 7, activation, stride=2, padding=3),
-                                      nn.MaxPool2d(3, 2, ceil_mode=True), conv_bn(scaled(64, width), scaled(64, width), 1, activation),
-                                      conv_bn(scaled(64, width), c192, 3, activation, padding=1), nn.MaxPool2d(3, 2, ceil_mode=True))
+                                      nn.MaxPool2d(3, 2, ceil_mode=True),
+                                      conv_bn(scaled(64, width), scaled(64, width), 1, activation),
+                                      conv_bn(scaled(64, width), c192, 3, activation, padding=1),
+                                      nn.MaxPool2d(3, 2, ceil_mode=True))
         else:  # native 32x32 kept until after 3b, as kuangliu/pytorch-cifar does
             self.stem = conv_bn(3, c192, 3, activation, padding=1)
 
         def block(cin, key):
             return Inception(cin, *[scaled(v, width) for v in BLOCKS[key]], activation)
 
-        self.i3a = block(c192, "3a"); self.i3b = block(self.i3a.out_channels, "3b")
+        self.i3a = block(c192, "3a")
+        self.i3b = block(self.i3a.out_channels, "3b")
         self.pool3 = nn.MaxPool2d(3, 2, padding=1)
-        self.i4a = block(self.i3b.out_channels, "4a"); self.i4b = block(self.i4a.out_channels, "4b")
-        self.i4c = block(self.i4b.out_channels, "4c"); self.i4d = block(self.i4c.out_channels, "4d")
+        self.i4a = block(self.i3b.out_channels, "4a")
+        self.i4b = block(self.i4a.out_channels, "4b")
+        self.i4c = block(self.i4b.out_channels, "4c")
+        self.i4d = block(self.i4c.out_channels, "4d")
         self.i4e = block(self.i4d.out_channels, "4e")
         self.pool4 = nn.MaxPool2d(3, 2, padding=1)
-        self.i5a = block(self.i4e.out_channels, "5a"); self.i5b = block(self.i5a.out_channels, "5b")
+        self.i5a = block(self.i4e.out_channels, "5a")
+        self.i5b = block(self.i5a.out_channels, "5b")
         self.aux1 = AuxHead(self.i4a.out_channels, num_classes, activation)
         self.aux2 = AuxHead(self.i4d.out_channels, num_classes, activation)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),

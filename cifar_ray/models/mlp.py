@@ -17,7 +17,7 @@ def build_mlp(hidden: list[int], acts: list[str], dropout_after: set[int], dropo
     dropout_after, a Dropout(p=dropout) after its activation."""
     layers: list[nn.Module] = [nn.Flatten()]  # (B, 3, 32, 32) -> (B, 3072)
     fan_in = IN_FEATURES
-    for i, (units, act) in enumerate(zip(hidden, acts)):
+    for i, (units, act) in enumerate(zip(hidden, acts, strict=True)):
         units = scaled(units, width)
         layers += [nn.Linear(fan_in, units), activation(override or act)]
         if i in dropout_after and dropout > 0:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from cifar_ray.models import register_model
-from cifar_ray.models.layers import ResizeTo, activation as make_act, scaled
+from cifar_ray.models.layers import ResizeTo, scaled
+from cifar_ray.models.layers import activation as make_act
 
 
 class BasicBlock(nn.Module):
@@ -36,7 +37,7 @@ class ResNet(nn.Module):
             self.stem = nn.Sequential(nn.Conv2d(3, c[0], 3, padding=1, bias=False), nn.BatchNorm2d(c[0]),
                                       make_act(activation))
         layers, cin = [], c[0]
-        for i, (cout, n) in enumerate(zip(c, blocks)):
+        for i, (cout, n) in enumerate(zip(c, blocks, strict=True)):
             for j in range(n):
                 layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1, activation))
                 cin = cout

@@ -7,13 +7,15 @@ from __future__ import annotations
 import torch.nn as nn
 
 from cifar_ray.models import register_model
-from cifar_ray.models.layers import activation as make_act, scaled
+from cifar_ray.models.layers import activation as make_act
+from cifar_ray.models.layers import scaled
 
 
 @register_model("base", summary="PyTorch tutorial CNN: conv5x5 6, pool, conv5x5 16, pool, fc 120, 84, 10")
 def base(num_classes: int = 10, activation: str = "relu", batch_norm: bool = False):
     def conv(cin, cout):
-        return [nn.Conv2d(cin, cout, 5)] + ([nn.BatchNorm2d(cout)] if batch_norm else []) + [make_act(activation), nn.MaxPool2d(2)]
+        norm = [nn.BatchNorm2d(cout)] if batch_norm else []
+        return [nn.Conv2d(cin, cout, 5), *norm, make_act(activation), nn.MaxPool2d(2)]
 
     return nn.Sequential(
         *conv(3, 6),  # (B, 6, 14, 14)

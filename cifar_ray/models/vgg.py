@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from cifar_ray.models import register_model
-from cifar_ray.models.layers import ResizeTo, activation as make_act, scaled
+from cifar_ray.models.layers import ResizeTo, scaled
+from cifar_ray.models.layers import activation as make_act
 
 CFG = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
