@@ -22,11 +22,12 @@ from pipeline import _forever_ours  # bench/ is on sys.path when run as bench/gp
 from pipeline import rate as batches_per_second
 
 from cifar_ray import metrics as M
+from cifar_ray.batches import DeviceImages
 from cifar_ray.config import AUGMENT_PRESETS, AugmentConfig, TrialConfig
 from cifar_ray.data import load_dataset, split_dataset
 from cifar_ray.models import build_model
 from cifar_ray.models.stats import forward_gflops
-from cifar_ray.train import DeviceImages, fit, select_device
+from cifar_ray.train import fit, select_device
 
 SEED_VAL_ACC = 0.858
 

@@ -312,10 +312,9 @@ class Sweep:
         cifar10 or synthetic source, else $CIFAR_RAY_DATA; paths stored in the folder are never used."""
         import torch
 
-        from cifar_ray.config import trial_config
+        from cifar_ray.config import TrialConfig
         from cifar_ray.data import load_dataset
         from cifar_ray.models import build_model
-        from cifar_ray.space import unflatten
         from cifar_ray.train import evaluate_split, load_state, select_device
 
         if trial_id is None:
@@ -327,8 +326,7 @@ class Sweep:
         if ckpt is None:
             raise AnalysisError(f"trial {trial_id} has no checkpoint to evaluate")
         state = load_state(ckpt / STATE_FILE)
-        nested = unflatten(local_data(rec.config, data, trial_id))
-        cfg = trial_config(nested, where=f"trial {trial_id}")
+        cfg = TrialConfig.from_flat(local_data(rec.config, data, trial_id), where=f"trial {trial_id}")
         dev = select_device(device or "auto")
         dataset = load_dataset(cfg.data)
         model = build_model(cfg.model.name, num_classes=len(dataset.classes), **cfg.model.options())

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from cifar_ray.config import ConfigError, ResourcesConfig, SweepConfig, default
+from cifar_ray.config import ConfigError, default
 from cifar_ray.models import model_spec
 from cifar_ray.space import Domain, Space
+from cifar_ray.sweep_config import ResourcesConfig, SweepConfig
 
 ACCELERATOR_PREFIX = "accelerator_type:"
 ACCELERATOR_AMOUNT = 0.001  # Ray's convention: a token amount of the label pins the node type
@@ -123,7 +124,7 @@ SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "fuse.sshfs", "lus
 
 def validate_cluster_file(path: str) -> dict:
     """Validate a cluster YAML against Ray's own schema (offline); returns the prepared config."""
-    from cifar_ray.config import parse_yaml
+    from cifar_ray.sweep_config import parse_yaml
 
     p = Path(path)
     if not p.is_file():
@@ -179,7 +180,7 @@ def tags_used(sweep: SweepConfig) -> set[str]:
 
 def check_sweep_tags(sweep_files: list[Path], cluster_configs: dict[str, dict]) -> list[str]:
     """Problems: a tag a sweep asks for that no node type of any cluster file offers."""
-    from cifar_ray.config import read_sweep
+    from cifar_ray.sweep_config import read_sweep
 
     offered = set()
     for config in cluster_configs.values():

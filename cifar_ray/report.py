@@ -133,10 +133,9 @@ def plot_heatmap(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Path
 def plot_architectures(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Optional[Path]:
     if "model.name" not in trials or trials["model.name"].nunique() < 2:
         return None
-    from cifar_ray.config import ConfigError, trial_config
+    from cifar_ray.config import ConfigError, TrialConfig
     from cifar_ray.models import ModelError, build_model
     from cifar_ray.models.stats import count_parameters
-    from cifar_ray.space import unflatten
 
     plt = _plt()
     best = f"best_{sweep.metric}"
@@ -151,7 +150,7 @@ def plot_architectures(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame,
         row = trials[trials["model.name"] == name].iloc[0]
         options = {f"model.{k}": row[f"model.{k}"] for k in opts if pd.notna(row[f"model.{k}"])}
         try:  # the folder's values go through the schema (known model, bounded width) before anything is built
-            model = trial_config(unflatten({"model.name": name, **options})).model
+            model = TrialConfig.from_flat({"model.name": name, **options}).model
             params[name] = count_parameters(build_model(model.name, **model.options())) / 1e6
         except (ConfigError, ModelError):
             params[name] = math.nan

@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from cifar_ray.config import MAX_TRIALS, ConfigError, SweepConfig, TrialConfig, describe_errors
+from cifar_ray.config import ConfigError, TrialConfig, describe_errors, unflatten
 from cifar_ray.models import ModelError, check_options
+from cifar_ray.sweep_config import MAX_TRIALS, SweepConfig
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 RANDOM_KINDS = ("choice", "uniform", "loguniform", "randint")
@@ -102,17 +103,6 @@ def flatten(tree: dict, prefix: str) -> dict[str, Any]:
         else:
             flat[path] = value
     return flat
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def _is_number(v: Any) -> bool:

@@ -23,7 +23,7 @@ import yaml
 
 from cifar_ray import metrics as M
 from cifar_ray.analysis import SWEEP_FILE
-from cifar_ray.config import ConfigError, SweepConfig, default, read_sweep, trial_config
+from cifar_ray.config import ConfigError, TrialConfig, default
 from cifar_ray.files import LinkError, atomic_write_text, read_text_nofollow
 from cifar_ray.space import (
     Space,
@@ -38,6 +38,7 @@ from cifar_ray.space import (
     shuffles,
     trial_count,
 )
+from cifar_ray.sweep_config import SweepConfig, read_sweep
 
 EXIT_OK, EXIT_INVALID, EXIT_ERRORED, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 SPACE_KEY = "space"  # the search-space fingerprint stored in the results' sweep.yaml
@@ -293,9 +294,8 @@ def _use_recorder(tuner, recorder) -> None:
 def load_sweep_data(space: Space):
     """Decode (or read from the cache) the sweep's one data set, in the driver, once."""
     from cifar_ray.data import load_dataset
-    from cifar_ray.space import unflatten
 
-    return load_dataset(trial_config(unflatten(first_candidate(space))).data)
+    return load_dataset(TrialConfig.from_flat(first_candidate(space)).data)
 
 
 def summarize_remote(plan: Plan, grid) -> int:

@@ -11,10 +11,10 @@ import netrc
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from cifar_ray import metrics as M
-from cifar_ray.config import WandbSettings
+from cifar_ray.sweep_config import WandbSettings
 
 INIT_TIMEOUT_S = 20  # seconds wandb.init may take before we give up on W&B for the trial
 PREFLIGHT_TIMEOUT_S = 10  # seconds the driver spends checking W&B is reachable and the key is good
@@ -104,32 +104,28 @@ class TrialTracker:
             self._warn(f"W&B init failed ({type(exc).__name__}: {exc}); continuing without W&B for this trial")
             self.run = None
 
-    def log(self, metrics: dict) -> None:
+    def _call(self, what: str, call: Callable[[], Any], drop: bool = False) -> None:
+        """Make one W&B call; a failure warns once, and with drop turns W&B off for this trial."""
         if self.run is None:
             return
         try:
-            self.run.log(metrics)
-        except Exception as exc:  # noqa: BLE001
-            self._warn(f"W&B log failed ({type(exc).__name__}: {exc}); continuing without W&B for this trial")
-            self.run = None
+            call()
+        except Exception as exc:  # noqa: BLE001 - W&B must never fail a trial
+            self._warn(f"W&B {what} failed ({type(exc).__name__}: {exc})"
+                       + ("; continuing without W&B for this trial" if drop else ""))
+            if drop:
+                self.run = None
+
+    def log(self, metrics: dict) -> None:
+        self._call("log", lambda: self.run.log(metrics), drop=True)
 
     def update_config(self, config: dict) -> None:
         """PBT changes a trial's hyperparameters as it goes: the run's config follows."""
-        if self.run is None:
-            return
-        try:
-            self.run.config.update(public_config(config), allow_val_change=True)
-        except Exception as exc:  # noqa: BLE001
-            self._warn(f"W&B config update failed ({type(exc).__name__}: {exc})")
+        self._call("config update", lambda: self.run.config.update(public_config(config), allow_val_change=True))
 
     def note(self, summary: dict) -> None:
         """Summary fields that describe the run itself (its outcome, what was replayed)."""
-        if self.run is None:
-            return
-        try:
-            self.run.summary.update(summary)
-        except Exception as exc:  # noqa: BLE001
-            self._warn(f"W&B summary update failed ({type(exc).__name__}: {exc})")
+        self._call("summary update", lambda: self.run.summary.update(summary))
 
     def finish(self, summary: dict, exit_code: int = 0) -> None:
         if self.run is None:

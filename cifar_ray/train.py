@@ -12,10 +12,9 @@ import os
 import resource
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifar_ray import metrics as M
-from cifar_ray.augment import augment, flip_crop
+from cifar_ray.batches import DeviceImages
 from cifar_ray.config import ConfigError, TrialConfig, trial_config
 from cifar_ray.data import DataError, Dataset, Split, load_dataset, split_dataset
 from cifar_ray.files import atomic_write
@@ -45,17 +44,42 @@ class TrainError(RuntimeError):
 
 # ---------------------------------------------------------------- device
 
-def select_device(requested: str) -> torch.device:
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a scheduler gave the run: GPU ids, or a node tag asking for Apple's MPS."""
+
+    gpu: bool = False
+    mps: bool = False
+
+
+def select_device(requested: str, grant: Optional[Grant] = None,
+                  warn: Callable[[str], None] = lambda message: print(f"warning: {message}", file=sys.stderr)
+                  ) -> torch.device:
+    """The one device policy. requested is train.device; an explicit cpu is always honoured.
+    Outside Ray (grant None): auto picks cuda, then mps, then cpu; cuda/mps must exist.
+    Inside a Ray trial the grant decides: GPU ids -> cuda (cpu with a warning where CUDA is missing, as
+    on Ray's fake GPU nodes), an mps tag -> mps where available, else cpu."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if grant is not None:
+        if grant.gpu:
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            warn("Ray granted a GPU but CUDA is not available in this worker; training on cpu")
+            return torch.device("cpu")
+        return torch.device("mps") if grant.mps and _mps_available() else torch.device("cpu")
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"train.device: {requested} requested but no CUDA GPU is visible")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device.type == "mps" and not _mps_available():
         raise TrainError(f"train.device: {requested} requested but MPS is not available")
     return device
 
@@ -93,56 +117,6 @@ def peak_memory_mb(device: torch.device) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# ---------------------------------------------------------------- data on the device
-
-@dataclass
-class DeviceImages:
-    """Images kept on the training device as uint8 (N, 3, 32, 32); batches are gathered by index,
-    converted and normalised there. On the CPU the tensor shares memory with the numpy array."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    mean: torch.Tensor  # (1, 3, 1, 1), [0, 1] scale
-    std: torch.Tensor
-    channels_last: bool = False
-    # (x / 255 - mean) / std == x * scale - shift: one multiply and one subtract per uint8 batch
-    scale: torch.Tensor = field(init=False)
-    shift: torch.Tensor = field(init=False)
-
-    def __post_init__(self):
-        self.scale, self.shift = 1 / (255 * self.std), self.mean / self.std
-
-    @classmethod
-    def create(cls, x: np.ndarray, y: np.ndarray, split: Split, device: torch.device, channels_last: bool):
-        with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we never write
-            warnings.simplefilter("ignore", UserWarning)
-            tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-        mean = torch.tensor(split.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(split.std, device=device).view(1, 3, 1, 1)
-        return cls(tx.to(device), ty.to(device), mean, std, channels_last)
-
-    def batch(self, idx: torch.Tensor, augment_cfg=None, gen: Optional[torch.Generator] = None):
-        x = self.x[idx]  # (B, 3, 32, 32) uint8
-        if augment_cfg is not None and (augment_cfg.hflip or augment_cfg.crop_padding):
-            x = flip_crop(x, augment_cfg.hflip, augment_cfg.crop_padding, gen)  # on uint8: a quarter of the bytes
-        if augment_cfg is not None and augment_cfg.needs_float():
-            x = augment(x.float().div_(255), augment_cfg, gen, flip_crop_done=True)  # on [0, 1]
-            x = x.sub_(self.mean).div_(self.std)
-        else:
-            x = x.float().mul_(self.scale).sub_(self.shift)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, self.y[idx]
-
-    def batches(self, idx: torch.Tensor, batch_size: int, *, gen: Optional[torch.Generator] = None,
-                augment_cfg=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches over idx; shuffled on the device when gen is given."""
-        if gen is not None:
-            idx = idx[torch.randperm(len(idx), generator=gen, device=idx.device)]
-        for i in range(0, len(idx), batch_size):
-            yield self.batch(idx[i:i + batch_size], augment_cfg, gen)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -256,6 +230,152 @@ def _loss(out: Any, y: torch.Tensor, smoothing: float) -> torch.Tensor:
     return F.cross_entropy(out, y, label_smoothing=smoothing)
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds: the model and its optimizer, schedule, scaler and random
+    generator, the images on the device and the split's indices."""
+
+    cfg: TrialConfig
+    device: torch.device
+    classes: tuple[str, ...]
+    images: DeviceImages
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    model: nn.Module
+    forward: Callable
+    opt: torch.optim.Optimizer
+    sched: Any
+    per_step: bool  # the schedule steps per batch (onecycle), not per epoch
+    amp: Optional[torch.dtype]
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator  # shuffling and augmentation
+    loss_limit: float  # a running mean training loss above this has diverged
+    first_step_at: Optional[float] = None  # time.perf_counter() of the first training step
+
+    @classmethod
+    def build(cls, cfg: TrialConfig, dataset: Dataset, device: torch.device) -> "_Run":
+        t = cfg.train
+        split = split_dataset(dataset, cfg.data)
+        channels_last = t.channels_last and device.type in ("cuda", "cpu")  # oneDNN's CPU convolutions prefer it
+        images = DeviceImages.create(dataset.train_x, dataset.train_y, split, device, channels_last)
+        train_idx = torch.from_numpy(split.train_idx).to(device)
+        torch.manual_seed(t.seed)
+        model = build_model(cfg.model.name, num_classes=len(dataset.classes), **cfg.model.options()).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = build_optimizer(cfg, model.parameters())
+        sched, per_step = build_schedule(cfg, opt, math.ceil(len(train_idx) / t.batch_size))
+        amp = amp_dtype(t.amp, device)
+        return cls(cfg, device, dataset.classes, images, train_idx, torch.from_numpy(split.val_idx).to(device),
+                   model, torch.compile(model) if (t.compile and device.type == "cuda") else model, opt, sched,
+                   per_step, amp, torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+                   torch.Generator(device=device).manual_seed(t.seed),
+                   DIVERGENCE_LOSS_FACTOR * math.log(len(dataset.classes)))
+
+    def restore(self, state: dict) -> tuple[int, dict, Optional[dict]]:
+        """Load a saved state; returns its epoch, early-stopping bookkeeping and that epoch's metrics."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and state.get("scheduler"):
+            self.sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.gen.set_state(state["rng"]["generator"].to(self.gen.get_state().device))
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        return int(state["epoch"]), dict(state["best"]), state.get("metrics")
+
+    def state(self, epoch: int, best: dict, metrics: dict) -> dict:
+        """Everything an exact resume needs: weights, optimizer, schedule, scaler, RNG, bookkeeping."""
+        return {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched is not None else {},
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "epoch": epoch, "best": dict(best), "config": self.cfg.model_dump(mode="json"), "metrics": metrics,
+            "rng": {"torch": torch.get_rng_state(), "generator": self.gen.get_state(),
+                    **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})},
+        }
+
+    def train_epoch(self) -> "_Trained":
+        """One pass over the training split; stops early once the running loss has diverged."""
+        t, device = self.cfg.train, self.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen, diverged = 0, False
+        augment_cfg = self.cfg.data.augment if self.cfg.data.augment.enabled() else None
+        autocast = torch.autocast(device.type, dtype=self.amp) if self.amp else nullcontext()
+        batches = self.images.batches(self.train_idx, t.batch_size, gen=self.gen, augment_cfg=augment_cfg)
+        for step, (x, y) in enumerate(batches, 1):
+            if self.first_step_at is None:
+                self.first_step_at = time.perf_counter()
+            with autocast:
+                out = self.forward(x)
+                loss = _loss(out, y, t.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            if self.per_step:
+                self.sched.step()
+            loss_sum += loss.detach().float() * len(y)
+            correct += (logits_of(out).argmax(1) == y).sum()
+            seen += len(y)
+            if step % DIVERGENCE_CHECK_STEPS == 0 and has_diverged(loss_sum.item() / seen, self.loss_limit):
+                diverged = True
+                break
+        mean_loss = loss_sum.item() / max(seen, 1)
+        diverged = diverged or has_diverged(mean_loss, self.loss_limit)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        if self.sched is not None and not self.per_step:
+            self.sched.step()
+        return _Trained(math.nan if diverged else float(mean_loss), float(correct.item() / max(seen, 1)), seen,
+                        t0, seconds, diverged)
+
+    def validate(self) -> Evaluation:
+        t = self.cfg.train
+        return evaluate(self.model, self.images, self.val_idx, self.classes, t.eval_batch_size, self.amp)
+
+
+@dataclass(frozen=True)
+class _Trained:
+    loss: float  # mean training loss; NaN once diverged
+    accuracy: float
+    images: int
+    started: float  # time.perf_counter() at the epoch's start
+    seconds: float  # the training phase
+    diverged: bool
+
+
+def fresh_bookkeeping() -> dict:
+    return {"val_loss": math.inf, "val_acc": -math.inf, "bad_epochs": 0}
+
+
+def epoch_status(best: dict, ev: Evaluation, diverged: bool, epoch: int, t) -> str:
+    """Update the early-stopping bookkeeping with this epoch's validation; the run's status after it."""
+    if diverged:
+        return M.DIVERGED
+    if ev.loss < best["val_loss"]:
+        best["val_loss"], best["bad_epochs"] = ev.loss, 0
+    else:
+        best["bad_epochs"] += 1
+    best["val_acc"] = max(best["val_acc"], ev.accuracy)
+    if t.early_stopping_patience and best["bad_epochs"] >= t.early_stopping_patience:
+        return M.EARLY_STOPPED
+    return M.COMPLETED if epoch == t.epochs else M.RUNNING
+
+
+def ended(state: dict, epochs: int) -> bool:
+    """A state saved at the run's end: at or past the last epoch, or with a final status."""
+    metrics = state.get("metrics") or {}
+    return int(state["epoch"]) >= epochs or metrics.get(M.STATUS, M.RUNNING) != M.RUNNING
+
+
 def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Optional[OnEpoch] = None,
         resume: Optional[dict] = None, device: Optional[torch.device] = None,
         started_at: Optional[float] = None) -> FitResult:
@@ -267,140 +387,54 @@ def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Option
     caller's work began; setup_seconds runs from there to the first training step.
     """
     started_at = time.perf_counter() if started_at is None else started_at
-    setup_seconds: Optional[float] = None
     t = cfg.train
     device = device or select_device(t.device)
     check_device(cfg.model.name, device.type)
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
-    split = split_dataset(dataset, cfg.data)
-    channels_last = t.channels_last and device.type in ("cuda", "cpu")  # oneDNN's CPU convolutions prefer it too
-    images = DeviceImages.create(dataset.train_x, dataset.train_y, split, device, channels_last)
-    train_idx = torch.from_numpy(split.train_idx).to(device)
-    val_idx = torch.from_numpy(split.val_idx).to(device)
+    run = _Run.build(cfg, dataset, device)
+    start_epoch, best, restored = run.restore(resume) if resume is not None else (0, fresh_bookkeeping(), None)
+    result = FitResult(M.COMPLETED, model=run.model)
 
-    torch.manual_seed(t.seed)
-    model = build_model(cfg.model.name, num_classes=len(dataset.classes), **cfg.model.options()).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(cfg, model.parameters())
-    steps_per_epoch = math.ceil(len(train_idx) / t.batch_size)
-    sched, per_step = build_schedule(cfg, opt, steps_per_epoch)
-    amp = amp_dtype(t.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    gen = torch.Generator(device=device).manual_seed(t.seed)  # shuffling and augmentation
-    augment_cfg = cfg.data.augment if cfg.data.augment.enabled() else None
-    forward = torch.compile(model) if (t.compile and device.type == "cuda") else model
-
-    loss_limit = DIVERGENCE_LOSS_FACTOR * math.log(len(dataset.classes))
-    start_epoch, best = 0, {"val_loss": math.inf, "val_acc": -math.inf, "bad_epochs": 0}
-    last_metrics: Optional[dict] = None  # the metrics of the epoch a restored state was saved at
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        if sched is not None and resume.get("scheduler"):
-            sched.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        gen.set_state(resume["rng"]["generator"].to(gen.get_state().device))
-        if device.type == "cuda" and "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
-        start_epoch = int(resume["epoch"])
-        best = dict(resume["best"])
-        last_metrics = resume.get("metrics")
-
-    def make_state(epoch: int, metrics: dict) -> dict:
-        return {
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else {},
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "epoch": epoch, "best": dict(best), "config": cfg.model_dump(mode="json"), "metrics": metrics,
-            "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state(),
-                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
-        }
-
-    result = FitResult(M.COMPLETED, model=model)
-    if resume is not None and (start_epoch >= t.epochs or (last_metrics or {}).get(M.STATUS, M.RUNNING) != M.RUNNING):
+    if resume is not None and ended(resume, t.epochs):
         # A state saved at the run's end (a PBT clone of a finished trial, a retry after the last
         # report): report its final epoch again so the caller's record ends with the true outcome.
-        final = last_metrics or _metrics_of_restored(model, images, val_idx, dataset.classes, t, amp, start_epoch)
+        final = restored or _metrics_of_restored(run, start_epoch)
         if final[M.STATUS] == M.RUNNING:
             final = {**final, M.STATUS: M.COMPLETED}
         result.status = final[M.STATUS]
         result.history.append(final)
         if on_epoch is not None:
-            on_epoch(final, lambda: make_state(start_epoch, final))
+            on_epoch(final, lambda: run.state(start_epoch, best, final))
         return result
-    model.train()
+
+    run.model.train()
     for epoch in range(start_epoch + 1, t.epochs + 1):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lr = opt.param_groups[0]["lr"]
-        _sync(device)
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen, diverged = 0, False
-        autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
-        for step, (x, y) in enumerate(images.batches(train_idx, t.batch_size, gen=gen, augment_cfg=augment_cfg), 1):
-            if setup_seconds is None:
-                setup_seconds = time.perf_counter() - started_at
-            with autocast:
-                out = forward(x)
-                loss = _loss(out, y, t.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if per_step:
-                sched.step()
-            loss_sum += loss.detach().float() * len(y)
-            correct += (logits_of(out).argmax(1) == y).sum()
-            seen += len(y)
-            if step % DIVERGENCE_CHECK_STEPS == 0 and has_diverged(loss_sum.item() / seen, loss_limit):
-                diverged = True
-                break
-        if not diverged and has_diverged(loss_sum.item() / max(seen, 1), loss_limit):
-            diverged = True
-        _sync(device)
-        train_seconds = time.perf_counter() - t0
-        if sched is not None and not per_step:
-            sched.step()
-        ev = evaluate(model, images, val_idx, dataset.classes, t.eval_batch_size, amp)
-        epoch_seconds = time.perf_counter() - t0
-        status = M.DIVERGED if diverged else M.RUNNING
-        if not diverged:
-            if ev.loss < best["val_loss"]:
-                best["val_loss"], best["bad_epochs"] = ev.loss, 0
-            else:
-                best["bad_epochs"] += 1
-            best["val_acc"] = max(best["val_acc"], ev.accuracy)
-            if t.early_stopping_patience and best["bad_epochs"] >= t.early_stopping_patience:
-                status = M.EARLY_STOPPED
-            elif epoch == t.epochs:
-                status = M.COMPLETED
+        lr = run.opt.param_groups[0]["lr"]
+        trained = run.train_epoch()
+        ev = run.validate()
+        status = epoch_status(best, ev, trained.diverged, epoch, t)
         metrics = {
-            M.EPOCH: epoch, M.TRAIN_LOSS: float(loss_sum.item() / max(seen, 1)) if not diverged else math.nan,
-            M.TRAIN_ACC: float(correct.item() / max(seen, 1)), M.VAL_LOSS: ev.loss, M.VAL_ACC: ev.accuracy,
-            M.VAL_CLASS_ACC: ev.class_accuracy, M.LR: lr, M.EPOCH_SECONDS: epoch_seconds,
-            M.IMAGES_PER_SECOND: seen / train_seconds, M.PEAK_MEMORY_MB: peak_memory_mb(device),
-            M.SETUP_SECONDS: setup_seconds, M.STATUS: status,
+            M.EPOCH: epoch, M.TRAIN_LOSS: trained.loss, M.TRAIN_ACC: trained.accuracy, M.VAL_LOSS: ev.loss,
+            M.VAL_ACC: ev.accuracy, M.VAL_CLASS_ACC: ev.class_accuracy, M.LR: lr,
+            M.EPOCH_SECONDS: time.perf_counter() - trained.started,
+            M.IMAGES_PER_SECOND: trained.images / trained.seconds, M.PEAK_MEMORY_MB: peak_memory_mb(device),
+            M.SETUP_SECONDS: run.first_step_at - started_at if run.first_step_at is not None else math.nan,
+            M.STATUS: status,
         }
         result.history.append(metrics)
         result.evaluation = ev
         if on_epoch is not None:
-            on_epoch(metrics, lambda e=epoch, m=metrics: make_state(e, m))
+            on_epoch(metrics, lambda e=epoch, m=metrics: run.state(e, best, m))
         if status != M.RUNNING:
             result.status = status
             break
     return result
 
 
-def _metrics_of_restored(model: nn.Module, images: DeviceImages, val_idx: torch.Tensor, classes: tuple[str, ...],
-                         t, amp: Optional[torch.dtype], epoch: int) -> dict:
+def _metrics_of_restored(run: _Run, epoch: int) -> dict:
     """Metrics of a state saved without them (older checkpoints): validation measured again, the
     training-phase figures unknown."""
-    ev = evaluate(model, images, val_idx, classes, t.eval_batch_size, amp)
+    ev = run.validate()
     return {M.EPOCH: epoch, M.TRAIN_LOSS: math.nan, M.TRAIN_ACC: math.nan, M.VAL_LOSS: ev.loss, M.VAL_ACC: ev.accuracy,
             M.VAL_CLASS_ACC: ev.class_accuracy, M.LR: math.nan, M.EPOCH_SECONDS: 0.0, M.IMAGES_PER_SECOND: math.nan,
             M.PEAK_MEMORY_MB: math.nan, M.SETUP_SECONDS: math.nan, M.STATUS: M.COMPLETED}

@@ -18,12 +18,11 @@ from typing import Callable, Optional
 import torch
 
 from cifar_ray import metrics as M
-from cifar_ray.config import trial_config
+from cifar_ray.analysis import STATE_FILE
+from cifar_ray.config import TrialConfig
 from cifar_ray.data import Dataset
-from cifar_ray.space import unflatten
-from cifar_ray.train import fit, load_state, save_state
+from cifar_ray.train import Grant, fit, load_state, save_state, select_device
 
-STATE_FILE = "state.pt"
 MPS_TAG = "mps"  # custom resource a node advertises when its trials should use Apple's MPS
 
 
@@ -38,22 +37,12 @@ def _stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def granted_device(requested: str, warn: Callable[[str], None] = _stderr) -> torch.device:
-    """cuda when Ray granted GPU ids (Ray sets CUDA_VISIBLE_DEVICES), mps for an `mps` tag, else cpu.
-    An explicit train.device of cpu is honoured."""
+def ray_grant() -> Grant:
+    """What Ray gave this trial: GPU ids (Ray sets CUDA_VISIBLE_DEVICES) or an `mps` tag."""
     import ray
 
-    if requested == "cpu":
-        return torch.device("cpu")
-    if ray.get_gpu_ids():
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        warn("Ray granted a GPU but CUDA is not available in this worker; training on cpu")
-        return torch.device("cpu")
     assigned = ray.get_runtime_context().get_assigned_resources()
-    if assigned.get(MPS_TAG) and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return Grant(gpu=bool(ray.get_gpu_ids()), mps=bool(assigned.get(MPS_TAG)))
 
 
 def _checkpoint_state(checkpoint, warn: Callable[[str], None] = _stderr) -> Optional[dict]:
@@ -105,10 +94,10 @@ def run_trial(config: dict, dataset: Dataset = None, checkpoint_every: int = 1, 
         pending.append(message)
 
     ctx = tune.get_context()
-    cfg = trial_config(unflatten(config), where=f"trial {ctx.get_trial_id()}")
+    cfg = TrialConfig.from_flat(config, where=f"trial {ctx.get_trial_id()}")
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(math.floor(cpus or 1))))
-    device = granted_device(cfg.train.device, warn)
+    device = select_device(cfg.train.device, ray_grant(), warn)
     resume = _checkpoint_state(tune.get_checkpoint(), warn)
     where = {"node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
              "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}

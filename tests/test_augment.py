@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from cifar_ray.augment import augment, flip_crop, hflip, random_crop, warp
+from cifar_ray.batches import DeviceImages
 from cifar_ray.config import AUGMENT_PRESETS, AugmentConfig
 from cifar_ray.data import Split
-from cifar_ray.train import DeviceImages
 
 SETS = {name: AugmentConfig(**values) for name, values in AUGMENT_PRESETS.items() if values}
 

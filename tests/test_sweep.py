@@ -4,9 +4,9 @@ import json
 import pytest
 import yaml
 
-from cifar_ray.config import read_sweep
 from cifar_ray.space import build_space, grid_points
 from cifar_ray.sweep import main
+from cifar_ray.sweep_config import read_sweep
 from conftest import (
     SLOWER_DATA,
     SweepProcess,

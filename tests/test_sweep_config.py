@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from cifar_ray.config import ConfigError, apply_overrides, read_sweep
+from cifar_ray.config import ConfigError
 from cifar_ray.space import Domain, build_space, expand_grid, grid_points, trial_count
 from cifar_ray.sweep import main
+from cifar_ray.sweep_config import apply_overrides, read_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
