@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -369,6 +370,21 @@ def keep_secrets_out(plan: Plan) -> None:
           "logs them in plain text; prefer an instance role or AWS_PROFILE (README: security notes)", file=sys.stderr)
 
 
+RAY_TMPDIR = "RAY_TMPDIR"  # where Ray keeps its session folders (sockets, logs)
+
+
+def private_folder(path: Path) -> Path:
+    """`path` as a folder only this user can enter: made 0700, or an existing one of ours closed to
+    others. Someone else's folder, or a link, there is refused."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if path.is_symlink() or not path.is_dir() or info.st_uid != os.getuid():
+        raise ConfigError(f"{path}: not a folder of this user's (a link or someone else's); remove it or set "
+                          f"{RAY_TMPDIR} to another folder")
+    path.chmod(0o700)
+    return path
+
+
 def start_ray(address: Optional[str], verbose: bool) -> None:
     import ray
 
@@ -384,8 +400,11 @@ def start_ray(address: Optional[str], verbose: bool) -> None:
     if address:
         ray.init(address=address, **options)
         return
-    # A Ray started here keeps its session folder, logs and auth token to this user (umask 077: files
-    # 0600, folders 0700); the processes it starts keep that umask.
+    # A Ray started here keeps its session folder, logs and auth token to this user. Ray makes its
+    # folders 0777 for sharing (and makes them so again as it runs), so its temporary root goes inside
+    # a folder of this user's alone; files are made under umask 077 (the processes it starts keep it).
+    os.environ[RAY_TMPDIR] = str(private_folder(Path(os.environ.get(RAY_TMPDIR) or tempfile.gettempdir())
+                                                / f"cifar_ray-{os.getuid()}"))
     old = os.umask(0o077)
     try:
         ray.init(**options)

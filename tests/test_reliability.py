@@ -16,6 +16,7 @@ from cifar_ray.sweep import main
 from conftest import (
     SLOWER_DATA,
     TINY,
+    WAIT_S,
     SweepProcess,
     assert_wandb_matches_curves,
     result_rows,
@@ -278,3 +279,32 @@ def test_second_ctrl_c_exits_at_once_and_the_sweep_still_resumes(ray_session, tm
     assert code == 0, out
     assert results_of(tmp_path, "ctrl_c_twice").loc[0, "epochs"] == 6
     assert_wandb_matches_curves(exp)
+
+
+@pytest.mark.slow
+def test_a_ray_the_sweep_starts_is_private_to_the_user(tmp_path):
+    """Without --address the sweep starts its own Ray: its session folder, logs and auth token are the
+    user's only (a 0777 session folder and a 0644 token let other users read logs or join the cluster)."""
+    import stat
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rp", dir="/tmp"))  # short: Ray's socket paths are limited
+    home = tmp_path / "home"
+    home.mkdir()
+    path = write_sweep(tmp_path, "private", train__epochs=1, wandb={"mode": "disabled"})
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "cifar_ray.sweep", str(path), "--storage-path", str(tmp_path / "results")]
+    r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=WAIT_S)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    root = ray_tmp / f"cifar_ray-{os.getuid()}"  # Ray's temporary root, inside a folder of the user's alone
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700, oct(root.stat().st_mode)
+    sessions = [p for p in (root / "ray").glob("session_2*") if p.is_dir() and not p.is_symlink()]
+    assert sessions
+    for log in (f for folder in sessions for f in (folder / "logs").iterdir() if f.is_file()):
+        assert stat.S_IMODE(log.stat().st_mode) & 0o077 == 0, (log, oct(log.stat().st_mode))
+    token = home / ".ray" / "auth_token"
+    assert token.is_file()
+    assert stat.S_IMODE(token.stat().st_mode) & 0o077 == 0, oct(token.stat().st_mode)
