@@ -419,7 +419,8 @@ class QuietTune(logging.Filter):
     """Without --verbose: no worker tracebacks repeated by Tune (the summary names each error and
     error.txt keeps it whole), and no lines that point at Tune's own resume API instead of --resume."""
 
-    HIDDEN = ("Trials did not complete", "Experiment has been interrupted")
+    # Ray's own advice on token authentication (which stays on) is an invitation to turn it off
+    HIDDEN = ("Trials did not complete", "Experiment has been interrupted", "Token authentication is enabled")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -475,8 +476,10 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     check_results_folder(plan, args.resume)
     dataset = load_sweep_data(plan.space)
     keep_secrets_out(plan)
-    start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
+    import ray  # noqa: F401 - configures Ray's log handlers, which quiet_logs filters
+
     quiet_logs(args.verbose)
+    start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
     check_storage(plan.storage, cluster_nodes())
     if not args.allow_pending:
         check_feasible(requests_by_model(plan.sweep, plan.space), autoscaler_node_types(args.cluster_config))
