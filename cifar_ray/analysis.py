@@ -1,5 +1,5 @@
-"""Sweep results as DataFrames and Parquet: read a Tune experiment folder (finished, running or
-interrupted) without the trainable or a running cluster.
+"""Sweep results as DataFrames and Parquet: read a results folder (finished, running or interrupted)
+as data only (JSON, YAML, Parquet, weights-only checkpoints), without Ray, the trainable or a cluster.
 
     from cifar_ray import analysis
     sweep = analysis.load("results/quickstart")
@@ -69,7 +69,7 @@ def _read_json(path: Path) -> Optional[Any]:
         return None  # half-written by a running sweep, or damaged: treated as absent
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     """result.json: one JSON object a line. A last line cut short by a running sweep is skipped."""
     rows = []
     for line in (_read_text(path) or "").splitlines():
@@ -103,12 +103,19 @@ def _tune_states(folder: Path) -> dict[str, dict]:
     return out
 
 
+def ended_status(last_result: Optional[dict]) -> str:
+    """The outcome of a trial Tune terminated without an error: what the engine reported last, or
+    `stopped` when the scheduler ended it while it was still running."""
+    reported = (last_result or {}).get(M.STATUS)
+    if reported in (M.COMPLETED, M.DIVERGED, M.EARLY_STOPPED):
+        return reported
+    return M.STOPPED if reported == M.RUNNING else M.COMPLETED
+
+
 def tune_outcome(tune_status: str, last: Optional[dict], has_error: bool) -> str:
     """The user's outcome of a trial from Tune's status, for trials without an outcome file (a
     running or interrupted sweep). Tune's state snapshot can lag behind a final error, so an error
     file beside a trial that did not terminate also means errored."""
-    from cifar_ray.callbacks import ended_status
-
     if tune_status == "ERROR" or (has_error and tune_status != "TERMINATED"):
         return M.ERRORED
     if tune_status == "TERMINATED":
@@ -158,7 +165,7 @@ def _rows_of(trial_folder: Path) -> list[dict]:
     """The trial's reports: the driver's history where it kept one, else Tune's result.json (folders
     written before the history existed, or by plain Ray Tune)."""
     history = trial_folder / HISTORY_FILE
-    return _read_rows(history if history.exists() or history.is_symlink() else trial_folder / RESULT_FILE)
+    return read_rows(history if history.exists() or history.is_symlink() else trial_folder / RESULT_FILE)
 
 
 def read_trials(folder: Path) -> list[TrialRecord]:

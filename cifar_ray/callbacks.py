@@ -1,13 +1,14 @@
-"""The sweep's record, kept by the driver: each trial's W&B run and its outcome file.
+"""The sweep's record, kept by the driver: each trial's history.jsonl, W&B run and outcome.json.
 
 Tune stops, pauses, restores and reuses trial workers without waiting for what they run (an ASHA stop
 ends the worker's thread with SystemExit and does not join it), so a W&B run kept in a worker loses
-its history when the worker goes first. The driver sees every result Tune records (the rows of the
-trial's result.json) whatever happens to the worker: the W&B run is written from those rows here.
+its history when the worker goes first. The driver sees every result Tune records whatever happens to
+the worker: the history file and the W&B run are written from those results here, side by side.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Optional
 from ray import tune
 
 from cifar_ray import metrics as M
+from cifar_ray.analysis import HISTORY_FILE, OUTCOME_FILE, ended_status, read_rows
 from cifar_ray.files import atomic_write_text, read_text_nofollow
 from cifar_ray.tracking import TrialTracker, run_id
 
@@ -29,15 +31,6 @@ def epoch_row(result: dict) -> dict:
     return {k: v for k, v in result.items()
             if (k in keep or k.startswith(M.VAL_CLASS_ACC + "/")) and isinstance(v, (int, float))
             and not isinstance(v, bool)}
-
-
-def ended_status(last_result: Optional[dict]) -> str:
-    """The outcome of a trial Tune terminated without an error: what the engine reported last, or
-    `stopped` when the scheduler ended it while it was still running."""
-    reported = (last_result or {}).get(M.STATUS)
-    if reported in (M.COMPLETED, M.DIVERGED, M.EARLY_STOPPED):
-        return reported
-    return M.STOPPED if reported == M.RUNNING else M.COMPLETED
 
 
 def last_error_line(error_file: Optional[str]) -> Optional[str]:
@@ -55,10 +48,6 @@ def append_history(trial_dir: str | Path, result: dict) -> None:
     from storage when a trial restarts (PBT, retries) and can lose its newest rows there; this file is
     only ever appended to, so it keeps every report. A line cut short by a killed driver is skipped
     by readers."""
-    import json
-
-    from cifar_ray.analysis import HISTORY_FILE
-
     line = json.dumps({**result, RECORDED_AT: time.time()}, default=str, allow_nan=True) + "\n"
     fd = os.open(Path(trial_dir) / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w") as f:
@@ -66,10 +55,6 @@ def append_history(trial_dir: str | Path, result: dict) -> None:
 
 
 def write_outcome(trial_dir: str | Path, trial_id: str, status: str, epochs: int, error: Optional[str]) -> None:
-    import json
-
-    from cifar_ray.analysis import OUTCOME_FILE
-
     doc = {"trial_id": trial_id, "status": status, "epochs": epochs, "error": error}
     atomic_write_text(Path(trial_dir) / OUTCOME_FILE, json.dumps(doc) + "\n")
 
@@ -119,10 +104,8 @@ class TrialRecorder(tune.Callback):
         """A trial this driver did not start (a resumed sweep): its earlier reports are logged again
         first. W&B's service buffers the run file (x_transaction_log_flush_interval, 15 s) and a killed
         driver loses what it held, so the reopened run is made whole from result.json."""
-        from cifar_ray.analysis import HISTORY_FILE, _read_rows
-
         current = (result.get("training_iteration"), result.get("time_total_s"))
-        earlier = [row for row in _read_rows(Path(trial.local_path) / HISTORY_FILE)
+        earlier = [row for row in read_rows(Path(trial.local_path) / HISTORY_FILE)
                    if (row.get("training_iteration"), row.get("time_total_s")) != current]
         for row in earlier:
             tracker.log(epoch_row(row))

@@ -5,6 +5,8 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from cifar_ray import analysis
 from cifar_ray.analysis import AnalysisError
 from cifar_ray.report import main as report_main
 from cifar_ray.sweep import main as sweep_main
-from conftest import write_sweep
+from conftest import WAIT_S, write_sweep
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +312,16 @@ def test_evaluate_takes_no_data_path_from_the_folder(grid_sweep, tmp_path, monke
     with pytest.raises(AnalysisError, match="--data"):
         sweep.evaluate(split="val")
     assert sweep.evaluate(split="val", data="synthetic").count == 200
+
+
+def test_reading_a_folder_needs_no_ray(grid_sweep, tmp_path):
+    """Analysis and the report read files only: in a fresh process they never import Ray (whose
+    readers unpickle the experiment state)."""
+    code = ("import sys\nfrom cifar_ray import analysis, report\n"
+            "sweep = analysis.load(sys.argv[1]); sweep.trials(); sweep.curves(); sweep.best()\n"
+            "assert report.main([sys.argv[1], '--out', sys.argv[2]]) == 0\n"
+            "print('ray imported:', 'ray' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(grid_sweep), str(tmp_path / "report")],
+                       capture_output=True, text=True, timeout=WAIT_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ray imported: False" in r.stdout
