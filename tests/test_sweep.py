@@ -45,13 +45,17 @@ def test_grid_of_four_completes_with_results_checkpoints_and_wandb(ray_session, 
 
 
 def test_asha_stops_a_bad_trial_early(ray_session, tmp_path):
+    # The four bad trials are identical (same seed, lr 1e-6: the same chance accuracy), and ASHA lets a
+    # trial that ties the cutoff through: started before the good ones, they could all pass. So the
+    # good trials start first (order: given); every bad trial then meets a rung they have raised.
     path = write_sweep(tmp_path, "asha", train__epochs=4, train__lr={"grid": [0.05, 0.04, 1e-6, 1e-6, 1e-6, 1e-6]},
                        data__synthetic_size=2400,  # enough steps that the good trials beat chance by epoch 2
-                       scheduler={"kind": "asha", "grace_period": 2, "reduction_factor": 2})
+                       scheduler={"kind": "asha", "grace_period": 2, "reduction_factor": 2},
+                       search={"order": "given"})
     assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
     df = results_of(tmp_path, "asha")
     assert len(df) == 6
-    sweep = read_sweep(str(path))  # under ASHA the grid starts in the seeded shuffled order
+    sweep = read_sweep(str(path))  # trials start in the order grid_points gives (the file's, here)
     assert list(df.sort_values("trial_id")["train.lr"]) == [p["train.lr"] for p in grid_points(build_space(sweep,
                                                                                                            "a"), sweep)]
     stopped = df[df["status"] == "stopped"]
@@ -66,7 +70,8 @@ def test_a_sweep_console_is_quiet(ray_session, tmp_path):
     """As a user runs it: the live table shows `stopped` for trials ASHA ended, and the console has no
     traceback, no per-checkpoint line and no state-snapshot warning."""
     path = write_sweep(tmp_path, "quiet", train__epochs=3, train__lr={"grid": [0.05, 1e-6, 1e-6, 1e-6]},
-                       data__synthetic_size=2400, scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2})
+                       data__synthetic_size=2400, scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+                       search={"order": "given"})  # the good trial first: see test_asha_stops_a_bad_trial_early
     code, out = SweepProcess(path, tmp_path, ray_session).finish()
     assert code == 0, out
     for noise in ("Traceback", "Checkpoint successfully created", "snapshotting", "Exception ignored"):
