@@ -144,8 +144,8 @@ def _last_line(text: Optional[str]) -> Optional[str]:
     return lines[-1][:500] if lines else None
 
 
-def _trial_folders(folder: Path, states: dict[str, dict]) -> dict[str, Path]:
-    """trial id -> folder, for each sub-folder that Tune made for a trial (it holds params.json)."""
+def _trial_folders(folder: Path, states: dict[str, dict]) -> dict[str, tuple[Path, list[dict]]]:
+    """trial id -> (folder, its reports), for each sub-folder Tune made for a trial (it holds params.json)."""
     by_name = {state["dir"]: trial_id for trial_id, state in states.items() if isinstance(state.get("dir"), str)}
     out = {}
     for sub in sorted(folder.iterdir()):
@@ -157,7 +157,7 @@ def _trial_folders(folder: Path, states: dict[str, dict]) -> dict[str, Path]:
         rows = _rows_of(sub)
         trial_id = next((r["trial_id"] for r in rows if isinstance(r.get("trial_id"), str)), None)
         # <model>_<experiment>_<index>, Tune's trial id being the last two parts
-        out[trial_id or by_name.get(sub.name) or "_".join(sub.name.split("_")[-2:])] = sub
+        out[trial_id or by_name.get(sub.name) or "_".join(sub.name.split("_")[-2:])] = (sub, rows)
     return out
 
 
@@ -173,8 +173,8 @@ def read_trials(folder: Path) -> list[TrialRecord]:
     folders = _trial_folders(folder, states)
     records = []
     for trial_id in sorted(set(folders) | set(states)):
-        sub, state = folders.get(trial_id), states.get(trial_id, {})
-        rows = _rows_of(sub) if sub else []
+        sub, rows = folders.get(trial_id, (None, []))
+        state = states.get(trial_id, {})
         last_state = state.get("last") or {}
         # Tune's state can hold a final report that result.json lost when a trial was restarted
         if M.EPOCH in last_state and (not rows or last_state[M.EPOCH] > max(r.get(M.EPOCH, 0) for r in rows)):
