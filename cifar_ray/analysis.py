@@ -27,6 +27,7 @@ HISTORY_FILE = "history.jsonl"  # every report, appended by the driver as it arr
 RESULT_FILE = "result.json"  # Tune's rows, the same form; can lose rows when a trial restarts
 PARAMS_FILE = "params.json"  # the trial's starting config, as JSON
 ERROR_FILE = "error.txt"
+JOURNAL_FILE = "optuna.journal"  # the sweep mirrored for optuna-dashboard (cifar_ray.journal)
 STATE_FILE = "state.pt"  # in each checkpoint_* folder
 STATE_GLOB = "experiment_state-*.json"
 TUNE_ROW_KEYS = ("trial_id", "done", "training_iteration", "timestamp", "date", "time_this_iter_s", "time_total_s",
@@ -107,7 +108,7 @@ def ended_status(last_result: Optional[dict]) -> str:
     """The outcome of a trial Tune terminated without an error: what the engine reported last, or
     `stopped` when the scheduler ended it while it was still running."""
     reported = (last_result or {}).get(M.STATUS)
-    if reported in (M.COMPLETED, M.DIVERGED, M.EARLY_STOPPED):
+    if reported in (M.COMPLETED, M.DIVERGED, M.EARLY_STOPPED, M.STOPPED):
         return reported
     return M.STOPPED if reported == M.RUNNING else M.COMPLETED
 
@@ -223,6 +224,8 @@ class Sweep:
         for rec in self.records():
             last = rec.last
             curve = pd.DataFrame(list(rec.rows))
+            if M.EPOCH in curve:  # an epoch reported again (a retry repeats the epoch in flight): the later stands
+                curve = curve.drop_duplicates(M.EPOCH, keep="last")
             row: dict[str, Any] = {"trial_id": rec.trial_id, "status": rec.status}
             row.update(rec.config)
             for m in M.EPOCH_METRICS:

@@ -152,3 +152,42 @@ class TrialRecorder(tune.Callback):
         tracker = self._trackers.pop(trial.trial_id, None)
         if tracker is not None:  # a trial that never reported has no run
             tracker.finish({"outcome": status, "epochs": epochs}, exit_code=1 if status == M.ERRORED else 0)
+
+
+class JournalCallback(tune.Callback):
+    """Mirrors the sweep into results/NAME/optuna.journal (cifar_ray.journal) for optuna-dashboard.
+    An error warns once and stops the mirror; the sweep and its other records go on."""
+
+    def __init__(self, mirror):
+        self.mirror = mirror
+        self._broken = False
+
+    def __getstate__(self) -> dict:  # Tune pickles the run config: no open storage in it
+        return {"settings": self.mirror.settings()}
+
+    def __setstate__(self, state: dict) -> None:
+        from cifar_ray.journal import JournalMirror
+
+        self.__init__(JournalMirror(**state["settings"]))
+
+    def _guard(self, write, *args) -> None:
+        if self._broken:
+            return
+        try:
+            write(*args)
+        except Exception as exc:  # noqa: BLE001
+            self._broken = True
+            print(f"warning: the Optuna journal mirror stopped ({type(exc).__name__}: {exc}); the sweep and its "
+                  "other records go on", file=sys.stderr)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._guard(self.mirror.trial, trial.trial_id, dict(trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._guard(self.mirror.result, trial.trial_id, dict(trial.config), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._guard(self.mirror.end, trial.trial_id, dict(trial.config), ended_status(trial.last_result))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._guard(self.mirror.end, trial.trial_id, dict(trial.config), M.ERRORED)

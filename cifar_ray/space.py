@@ -284,3 +284,58 @@ def mutations(sweep: SweepConfig, space: Space, where: str) -> dict[str, Any]:
         if out[key] is None:
             raise ConfigError(f"{where}: scheduler.mutations.{key}: empty list")
     return out
+
+
+def stored_domains(doc: dict) -> dict[str, Domain]:
+    """The searched keys' domains of a stored sweep copy (results/NAME/sweep.yaml), seeds included as a
+    grid, read without building trials: what an analysis of a finished folder needs to know of them.
+    Entries that do not parse are left out."""
+    out: dict[str, Domain] = {}
+    for section in SECTIONS:
+        tree = doc.get(section) if isinstance(doc, dict) else None
+        for key, value in flatten(tree, section).items() if isinstance(tree, dict) else ():
+            if is_domain(value):
+                try:
+                    out[key] = parse_domain(key, value, "sweep.yaml")
+                except ConfigError:
+                    continue
+    seeds = doc.get("seeds") if isinstance(doc, dict) else None
+    if isinstance(seeds, list) and seeds and "train.seed" not in out:
+        out["train.seed"] = Domain("grid", tuple(seeds))
+    return out
+
+
+def searched_domains(space: Space) -> dict[str, Domain]:
+    """Every searched key's domain, the seeds as a grid of their own."""
+    out = dict(space.domains())
+    if space.seeds and "train.seed" not in out:
+        out["train.seed"] = Domain("grid", space.seeds)
+    return out
+
+
+def choice_value(value: Any) -> Any:
+    """A listed value as Optuna can hold it in a categorical distribution (scalars only): dicts, such
+    as an augment policy, become their JSON text."""
+    import json
+
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value, sort_keys=True)
+
+
+def optuna_distribution(dom: Domain):
+    """The Optuna distribution of a domain: uniform/loguniform -> float (log for loguniform), randint
+    -> int (inclusive both ends, like the sweep file); a grid/choice of numbers -> int or float over
+    their range (log when they are positive and span a factor of 10 or more, as lr grids do), so
+    slice, contour and importance plots order them; any other grid/choice -> categorical."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if dom.kind in ("grid", "choice"):
+        values = list(dom.values)
+        if all(_is_number(v) for v in values):
+            lo, hi = min(values), max(values)
+            if all(isinstance(v, int) for v in values):
+                return IntDistribution(int(lo), int(hi))
+            return FloatDistribution(float(lo), float(hi), log=lo > 0 and hi >= 10 * lo)
+        return CategoricalDistribution(list(dict.fromkeys(choice_value(v) for v in values)))
+    if dom.kind == "randint":
+        return IntDistribution(int(dom.values[0]), int(dom.values[1]))
+    return FloatDistribution(float(dom.values[0]), float(dom.values[1]), log=dom.kind == "loguniform")

@@ -2,7 +2,7 @@
 
     python -m cifar_ray.sweep sweeps/quickstart.yaml [--dry-run] [--resume] [--name NAME]
         [--storage-path DIR] [--address ADDR] [--data SOURCE] [--set KEY=VALUE ...] [--allow-pending]
-        [--verbose]
+        [--verbose] [--watch [--watch-port PORT] [--watch-host HOST]]
 
 Exit codes: 0 every trial finished (completed, stopped early, diverged); 2 invalid sweep file or
 option; 3 trials errored after their retries; 4 a resource request no node can ever satisfy;
@@ -88,7 +88,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--cluster-config", help="the cluster file whose node types may still start "
                                             "(default: ~/ray_bootstrap_config.yaml on a `ray up` head)")
     p.add_argument("--verbose", action="store_true", help="show Ray's and W&B's own log output (for debugging)")
-    return p.parse_args(argv)
+    p.add_argument("--watch", action="store_true",
+                   help="serve the sweep live in optuna-dashboard beside it (see python -m cifar_ray.watch)")
+    p.add_argument("--watch-port", type=int, default=8080, help="--watch: port (default 8080; 0 picks a free one)")
+    p.add_argument("--watch-host", default="127.0.0.1",
+                   help="--watch: address to bind (default 127.0.0.1: this machine only)")
+    args = p.parse_args(argv)
+    if not 0 <= args.watch_port <= 65535:
+        p.error(f"--watch-port {args.watch_port}: must be 0-65535")
+    return args
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
@@ -103,12 +111,6 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     from cifar_ray.cluster import check_placement
 
     check_placement(sweep, space, args.file)
-    if sweep.search.kind == "optuna":
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"{args.file}: search.kind: optuna needs the optional extra: pip install -e "
-                              "'.[optuna]'") from None
     storage = args.storage_path
     local = "results" if "://" in storage else storage
     results = Path(local).expanduser().resolve() / sweep.name
@@ -210,11 +212,11 @@ def check_results_folder(plan: Plan, resume: bool) -> None:
                               "resume with the original file, or start a new sweep with another --name")
 
 
-def build_tuner(plan: Plan, dataset, resume: bool, verbose: bool = False):
+def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-    from cifar_ray.callbacks import TrialRecorder
+    from cifar_ray.callbacks import JournalCallback, TrialRecorder
     from cifar_ray.cluster import requests_by_model
     from cifar_ray.tracking import preflight, trial_settings
     from cifar_ray.trainable import run_trial
@@ -228,10 +230,12 @@ def build_tuner(plan: Plan, dataset, resume: bool, verbose: bool = False):
         trainable, lambda config: requests.get(config.get("model.name"), requests[default_model]))
     wandb_dir = str(plan.results / "wandb")  # local even with cloud storage: W&B writes files as it runs
     recorder = TrialRecorder(preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir, verbose)), sweep.name)
+    # the journal mirror goes first: the recorder marks stopped trials in the result they share
+    callbacks = [JournalCallback(mirror), recorder]
     if resume:
         tuner = tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, param_space=param_space(space))
-        _use_recorder(tuner, recorder)
+        _use_callbacks(tuner, callbacks)
         return tuner
 
     s = sweep.scheduler
@@ -277,19 +281,20 @@ def build_tuner(plan: Plan, dataset, resume: bool, verbose: bool = False):
                                                     checkpoint_score_attribute=sweep.metric,
                                                     checkpoint_score_order=sweep.mode),
             failure_config=tune.FailureConfig(max_failures=sweep.failures.max_retries),
-            progress_reporter=reporter, verbose=1, callbacks=[recorder]),
+            progress_reporter=reporter, verbose=1, callbacks=callbacks),
     )
 
 
-def _use_recorder(tuner, recorder) -> None:
-    """A restored Tuner brings back the callbacks pickled at the start; use this run's recorder (with
-    this run's W&B preflight and --verbose) instead. Tuner.restore takes no run config: this reaches
-    into its one attribute for it."""
+def _use_callbacks(tuner, callbacks: list) -> None:
+    """A restored Tuner brings back the callbacks pickled at the start; use this run's (with this run's
+    W&B preflight, --verbose and results folder) instead. Tuner.restore takes no run config: this
+    reaches into its one attribute for it."""
     run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
-    if run_config is None:  # a Ray without that attribute: the pickled recorder (same sweep) carries on
+    if run_config is None:  # a Ray without that attribute: the pickled callbacks (same sweep) carry on
         return
-    others = [c for c in (run_config.callbacks or []) if not isinstance(c, type(recorder))]
-    run_config.callbacks = [*others, recorder]
+    kinds = tuple(type(c) for c in callbacks)
+    others = [c for c in (run_config.callbacks or []) if not isinstance(c, kinds)]
+    run_config.callbacks = [*callbacks, *others]
 
 
 def load_sweep_data(space: Space):
@@ -464,12 +469,62 @@ def exit_at_once_on_ctrl_c(plan: Plan) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def open_mirror(plan: Plan):
+    """The sweep's Optuna journal (cifar_ray.journal), created or reopened before the first trial so
+    a dashboard has the study to show at once. A journal that cannot be opened warns; the sweep runs."""
+    import optuna
+
+    from cifar_ray.analysis import JOURNAL_FILE
+    from cifar_ray.journal import JournalMirror
+    from cifar_ray.space import optuna_distribution, searched_domains
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" line is not news here
+    distributions = {k: optuna_distribution(d) for k, d in searched_domains(plan.space).items()}
+    mirror = JournalMirror(plan.results / JOURNAL_FILE, plan.sweep.name, plan.sweep.metric, plan.sweep.mode,
+                           distributions)
+    try:
+        mirror.open()
+    except Exception as exc:  # noqa: BLE001 - the journal is a view of the record, never a reason to stop
+        print(f"warning: could not open {mirror.path} ({type(exc).__name__}: {exc}); the sweep runs without "
+              "its Optuna journal", file=sys.stderr)
+    return mirror
+
+
+def bind_watch(args: argparse.Namespace):
+    """--watch: take the port before anything is written, so a port in use costs nothing."""
+    from cifar_ray.watch import WatchError, bind
+
+    try:
+        return bind(args.watch_host, args.watch_port)
+    except WatchError as err:
+        raise ConfigError(f"--watch: {err} (--watch-port)") from None
+
+
+def watch_beside(plan: Plan, server, url: str, host: str) -> None:
+    """--watch: the dashboard in a thread of this driver, serving until the sweep ends."""
+    from cifar_ray.watch import WatchError, exposure_warning, journal_of, serve_in_background, serve_journal
+
+    try:
+        serve_journal(server, journal_of(plan.results))
+    except (WatchError, OSError) as err:
+        print(f"warning: --watch: {err}; the sweep runs without the dashboard", file=sys.stderr)
+        server.server_close()
+        return
+    warning = exposure_warning(host)
+    if warning:
+        print(warning, file=sys.stderr)
+    serve_in_background(server)
+    print(f"dashboard: {url}  (serves while the sweep runs; afterwards: python -m cifar_ray.watch {plan.results})",
+          flush=True)
+
+
 def run(plan: Plan, args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live table, with our columns
     from cifar_ray.analysis import TRIALS_FILE, load, write_parquet
     from cifar_ray.cluster import autoscaler_node_types, check_feasible, check_storage, cluster_nodes, requests_by_model
 
     exit_at_once_on_ctrl_c(plan)
+    watch = bind_watch(args) if args.watch else None
     # This driver's W&B runs use a W&B service of its own: one inherited from a parent process outlives
     # a killed driver and holds its runs open, and the resumed sweep's run of the same id then hangs.
     os.environ.pop("WANDB_SERVICE", None)
@@ -484,7 +539,10 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     if not args.allow_pending:
         check_feasible(requests_by_model(plan.sweep, plan.space), autoscaler_node_types(args.cluster_config))
     write_sweep_copy(plan)
-    tuner = build_tuner(plan, dataset, args.resume, args.verbose)
+    mirror = open_mirror(plan)
+    if watch is not None:
+        watch_beside(plan, *watch, args.watch_host)
+    tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose)
     grid = tuner.fit()
     if plan.remote:
         return summarize_remote(plan, grid)

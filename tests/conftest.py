@@ -218,9 +218,11 @@ def wandb_rows(exp: Path, trial_id: str, sweep_name: Optional[str] = None) -> li
     return [row for f in files for row in history(f)]
 
 
-def assert_wandb_matches_curves(exp: Path) -> None:
+def assert_records_agree(exp: Path) -> None:
     """Each trial's W&B run holds exactly the epochs analysis.curves() holds, with the same values
-    (where an epoch was reported twice, the later report stands in both), and no W&B file is empty."""
+    (where an epoch was reported twice, the later report stands in both), and no W&B file is empty;
+    the Optuna journal agrees with trials() and curves() (assert_journal_matches)."""
+    assert_journal_matches(exp)
     import math
 
     from cifar_ray import analysis
@@ -242,3 +244,45 @@ def assert_wandb_matches_curves(exp: Path) -> None:
             recorded = list(curve[col])
             same = all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(logged, recorded, strict=True))
             assert same, f"{trial_id} {col}: W&B {logged} != curves {recorded}"
+
+
+JOURNAL_STATES = {"completed": "COMPLETE", "early_stopped": "COMPLETE", "stopped": "PRUNED", "diverged": "PRUNED",
+                  "errored": "FAIL", "unfinished": "RUNNING"}
+
+
+def journal_trials(exp: Path, study: Optional[str] = None) -> dict:
+    """Tune trial id -> Optuna FrozenTrial, from the sweep's optuna.journal (a read-only open); the
+    study is named after the folder unless `study` says otherwise."""
+    import optuna
+
+    from cifar_ray.journal import TUNE_TRIAL_ID, open_journal
+
+    study = optuna.load_study(study_name=study or exp.name, storage=open_journal(exp / "optuna.journal", read_only=True))
+    return {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.get_trials(deepcopy=False)}
+
+
+def assert_journal_matches(exp: Path) -> None:
+    """The journal holds one Optuna trial per started Tune trial, once each; its intermediate values are
+    curves()' metric per epoch (finite values), its state follows the outcome and its value is the
+    trial's best metric in trials()."""
+    import math
+
+    from cifar_ray import analysis
+
+    sweep = analysis.load(exp)
+    trials, curves = sweep.trials(), sweep.curves()
+    journal = journal_trials(exp)
+    started = set(curves["trial_id"]) | set(trials.loc[trials["status"] == "errored", "trial_id"])
+    assert set(journal) == started, f"journal {sorted(journal)} != started trials {sorted(started)}"
+    for trial_id, frozen in journal.items():
+        curve = curves[curves["trial_id"] == trial_id]
+        expected = {int(e): float(v) for e, v in zip(curve["epoch"], curve[sweep.metric], strict=True)
+                    if math.isfinite(v)}
+        assert frozen.intermediate_values == expected, f"{trial_id}: {frozen.intermediate_values} != {expected}"
+        row = trials.set_index("trial_id").loc[trial_id]
+        state = JOURNAL_STATES[row["status"]]
+        if state == "COMPLETE" and not expected:
+            state = "FAIL"
+        assert frozen.state.name == state, f"{trial_id}: {frozen.state.name} for outcome {row['status']}"
+        if state in ("COMPLETE", "PRUNED") and expected:
+            assert frozen.value == row[f"best_{sweep.metric}"], f"{trial_id}: {frozen.value} != trials()"

@@ -18,7 +18,7 @@ from conftest import (
     TINY,
     WAIT_S,
     SweepProcess,
-    assert_wandb_matches_curves,
+    assert_records_agree,
     result_rows,
     results_of,
     trial_dirs,
@@ -57,7 +57,7 @@ def test_killed_worker_resumes_and_matches_an_undisturbed_run(ray_session, tmp_p
     epochs = [r["epoch"] for r in result_rows(trial_dirs(exp, "netconv")[0])]
     assert epochs.count(1) == 1, f"restarted from scratch: {epochs}"
     assert sorted(set(epochs)) == [1, 2, 3, 4, 5]
-    assert_wandb_matches_curves(exp)  # the retried trial continued its one W&B run
+    assert_records_agree(exp)  # the retried trial continued its one W&B run
 
     calm = write_sweep(tmp_path, "calm", **common)
     assert main([str(calm), "--storage-path", str(tmp_path / "results")]) == 0
@@ -80,7 +80,7 @@ def test_killed_worker_without_retries_errors_and_exits_3(ray_session, tmp_path)
     assert sorted(df["status"]) == ["completed", "errored"]
     errored = df[df["status"] == "errored"].iloc[0]
     assert f"errored: {errored['trial_id']}" in out
-    assert_wandb_matches_curves(exp)  # the errored trial's run holds the epochs it reported
+    assert_records_agree(exp)  # the errored trial's run holds the epochs it reported
 
 
 @pytest.mark.slow
@@ -117,7 +117,7 @@ def test_driver_killed_twice_then_resume_completes(ray_session, tmp_path):
         # at most the epoch in flight at each kill is trained again
         assert len(epochs) - len(set(epochs)) <= 2, epochs
         assert max(epochs) in (1, 6)
-    assert_wandb_matches_curves(exp)
+    assert_records_agree(exp)
 
 
 @pytest.mark.slow
@@ -136,7 +136,7 @@ def test_ctrl_c_saves_state_and_prints_the_resume_command(ray_session, tmp_path)
     assert code == 0, out
     df = results_of(tmp_path, "ctrl_c")
     assert set(df["status"]) == {"completed"} and (df["epochs"] == 8).all()
-    assert_wandb_matches_curves(exp)
+    assert_records_agree(exp)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
@@ -278,7 +278,7 @@ def test_second_ctrl_c_exits_at_once_and_the_sweep_still_resumes(ray_session, tm
     code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
     assert code == 0, out
     assert results_of(tmp_path, "ctrl_c_twice").loc[0, "epochs"] == 6
-    assert_wandb_matches_curves(exp)
+    assert_records_agree(exp)
 
 
 @pytest.mark.slow

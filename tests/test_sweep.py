@@ -10,7 +10,7 @@ from cifar_ray.sweep_config import read_sweep
 from conftest import (
     SLOWER_DATA,
     SweepProcess,
-    assert_wandb_matches_curves,
+    assert_records_agree,
     result_rows,
     results_of,
     tune_statuses,
@@ -40,7 +40,7 @@ def test_grid_of_four_completes_with_results_checkpoints_and_wandb(ray_session, 
         assert 1 <= len(ckpts) <= 2, ckpts  # keep=1 best by val_acc, plus the latest when it is not the best
         assert (ckpts[-1] / "state.pt").exists()
     assert len(list(exp.glob("wandb/wandb/offline-run-*/run-*.wandb"))) == 4
-    assert_wandb_matches_curves(exp)
+    assert_records_agree(exp)
     assert "Traceback" not in out
 
 
@@ -63,7 +63,7 @@ def test_asha_stops_a_bad_trial_early(ray_session, tmp_path):
     assert (stopped["train.lr"] == 1e-6).any()
     assert df["epochs"].sum() < 6 * 4
     # every trial's W&B run is whole, the stopped ones and those that ran after them in a reused actor
-    assert_wandb_matches_curves(tmp_path / "results" / "asha")
+    assert_records_agree(tmp_path / "results" / "asha")
 
 
 def test_a_sweep_console_is_quiet(ray_session, tmp_path):
@@ -92,7 +92,7 @@ def test_diverging_trial_is_diverged_while_others_finish(ray_session, tmp_path):
     df = results_of(tmp_path, "diverge").set_index("train.lr")
     assert df.loc[10.0, "status"] == "diverged"
     assert df.loc[0.05, "status"] == "completed" and df.loc[0.05, "epochs"] == 3
-    assert_wandb_matches_curves(tmp_path / "results" / "diverge")
+    assert_records_agree(tmp_path / "results" / "diverge")
 
 
 def test_early_stopped_trial_keeps_its_outcome_and_whole_wandb_run(ray_session, tmp_path):
@@ -106,7 +106,7 @@ def test_early_stopped_trial_keeps_its_outcome_and_whole_wandb_run(ray_session, 
     exp = tmp_path / "results" / "early"
     outcome = json.loads(next(exp.glob("netconv_*/outcome.json")).read_text())
     assert outcome["status"] == "early_stopped" and outcome["epochs"] == df.loc[0, "epochs"]
-    assert_wandb_matches_curves(exp)
+    assert_records_agree(exp)
 
 
 def test_impossible_request_exits_4_before_anything_starts(ray_session, tmp_path, capsys):
@@ -158,7 +158,7 @@ def test_killed_driver_is_completed_by_resume(ray_session, tmp_path):
     assert sorted(df["epochs"]) == [1, 1, 8, 8]
     for name, n in rows_before.items():
         assert len(result_rows(exp / name)) == n, f"{name} was trained again"
-    assert_wandb_matches_curves(exp)  # the interrupted trial's run continued after the resume
+    assert_records_agree(exp)  # the interrupted trial's run continued after the resume
 
 
 def test_pbt_runs_and_mutates_hyperparameters(ray_session, tmp_path):
@@ -178,4 +178,4 @@ def test_pbt_runs_and_mutates_hyperparameters(ray_session, tmp_path):
     from cifar_ray import analysis
 
     assert (analysis.load(exp).curves().groupby("trial_id")["epoch"].max() == 4).all()
-    assert_wandb_matches_curves(exp)
+    assert_records_agree(exp)

@@ -129,18 +129,6 @@ def test_missing_file_and_bad_option(tmp_path, capsys):
     assert "train.lr" in capsys.readouterr().err
 
 
-def test_optuna_missing_says_how_to_install(capsys):
-    try:
-        import optuna  # noqa: F401
-        pytest.skip("optuna is installed")
-    except ImportError:
-        pass
-    rc = main([str(ROOT / "sweeps/resnet_pbt.yaml"), "--set", "search.kind=optuna", "--set", "scheduler.kind=fifo",
-               "--dry-run"])
-    assert rc == 2
-    assert "pip install -e '.[optuna]'" in capsys.readouterr().err
-
-
 def test_grid_order_is_shuffled_under_asha_and_given_otherwise():
     doc = ["train.lr={grid: [0.1, 0.05, 0.01, 0.001]}", "train.momentum={grid: [0, 0.5, 0.9, 0.99]}"]
     given = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), doc)

@@ -1,0 +1,202 @@
+"""The sweep mirrored into an Optuna journal (results/NAME/optuna.journal), for optuna-dashboard.
+
+The driver writes it, from the results Tune records (the same stream as history.jsonl): one Optuna
+study named after the sweep; one Optuna trial per Tune trial with the searched keys as params, the
+Tune trial id, node and device as user attributes, the sweep's metric at each epoch as intermediate
+values and, when the trial ends, its best metric as value with state COMPLETE (completed, stopped
+early by the engine), PRUNED (stopped by ASHA/PBT, diverged) or FAIL (errored). Each write is one
+appended, flushed line: a killed driver loses at most the epoch in flight, and --resume continues the
+same study, matching trials by their Tune id.
+
+Readers (cifar_ray.watch) open the journal read-only: a dashboard button cannot rewrite the record.
+"""
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from cifar_ray import metrics as M
+from cifar_ray.analysis import JOURNAL_FILE  # noqa: F401 - the file's name, kept with the others
+
+TUNE_TRIAL_ID = "tune_trial_id"  # user attribute naming the Tune trial
+USER_ATTRS = ("node", "device", "accelerator", "node_type")  # copied from a trial's reports when present
+STATES = {M.COMPLETED: "COMPLETE", M.EARLY_STOPPED: "COMPLETE", M.STOPPED: "PRUNED", M.DIVERGED: "PRUNED",
+          M.ERRORED: "FAIL"}
+
+
+def _backend_lock():
+    from optuna.storages.journal._file import BaseJournalFileLock  # the base of its public locks
+
+    class FlockLock(BaseJournalFileLock):
+        """An advisory lock on the journal file itself: released by the kernel when the holder dies,
+        so a killed driver leaves no lock file behind (Optuna's own locks are files or links that a
+        kill leaves in the results folder)."""
+
+        def __init__(self, path: str):
+            self._path = path
+            self._fd: Optional[int] = None
+
+        def acquire(self) -> bool:
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            return True
+
+        def release(self) -> None:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
+
+    return FlockLock
+
+
+def open_journal(path: str | os.PathLike, read_only: bool = False):
+    """An Optuna JournalStorage on `path` (a plain file; a link there is refused)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    p = Path(path)
+    if p.is_symlink():
+        raise OSError(f"{p} is a symbolic link; a results folder holds plain files only (refusing to follow it)")
+    if read_only and not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    backend = JournalFileBackend(str(p), lock_obj=_backend_lock()(str(p)))
+    if not read_only:
+        return JournalStorage(backend)
+    return _read_only(JournalStorage)(backend)
+
+
+def _read_only(base):
+    """`base` with every write refused: the dashboard's delete/note/tell buttons answer with an error
+    and the journal file stays as the sweep wrote it."""
+    writes = ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "create_new_trial",
+              "set_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+              "set_trial_system_attr")
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise NotImplementedError(f"{name}: this view of the sweep's journal is read-only")
+        return method
+
+    return type("ReadOnlyJournalStorage", (base,), {name: refuse(name) for name in writes})
+
+
+def finite(value: Any) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def best_of(values: dict[int, float], mode: str) -> Optional[float]:
+    kept = [v for v in values.values() if finite(v) is not None]
+    return (max if mode == "max" else min)(kept) if kept else None
+
+
+def params_of(config: dict, distributions: dict) -> dict[str, tuple[Any, Any]]:
+    """key -> (internal value, distribution) for the searched keys the config holds a value of inside
+    its distribution (a PBT-mutated value outside it is left out)."""
+    from cifar_ray.space import choice_value
+
+    out = {}
+    for key, dist in distributions.items():
+        if key not in config:
+            continue
+        try:
+            internal = dist.to_internal_repr(choice_value(config[key]))
+        except (ValueError, TypeError):
+            continue
+        if dist._contains(internal):
+            out[key] = (internal, dist)
+    return out
+
+
+class JournalMirror:
+    """Writes trials into the journal as Tune reports them (driven by callbacks.JournalCallback)."""
+
+    def __init__(self, path: str | os.PathLike, study_name: str, metric: str, mode: str, distributions: dict):
+        self.path = str(path)
+        self.study_name = study_name
+        self.metric = metric
+        self.mode = mode
+        self.distributions = distributions  # flat key -> optuna distribution
+        self._storage = None
+        self._study_id: Optional[int] = None
+        self._ids: dict[str, int] = {}  # Tune trial id -> Optuna trial id
+        self._done: set[str] = set()  # Tune trials whose Optuna trial has ended
+        self._attrs: dict[str, dict] = {}
+
+    def settings(self) -> dict:
+        return {k: getattr(self, k) for k in ("path", "study_name", "metric", "mode", "distributions")}
+
+    def open(self) -> "JournalMirror":
+        """Create or reopen the study; trials already in it are matched by their Tune id."""
+        from optuna.study import StudyDirection
+        from optuna.trial import TrialState
+
+        if self._storage is not None:
+            return self
+        storage = open_journal(self.path)
+        direction = StudyDirection.MAXIMIZE if self.mode == "max" else StudyDirection.MINIMIZE
+        try:
+            study_id = storage.get_study_id_from_name(self.study_name)
+        except KeyError:
+            study_id = storage.create_new_study([direction], self.study_name)
+            storage.set_study_user_attr(study_id, "metric", self.metric)
+        for trial in storage.get_all_trials(study_id, deepcopy=False):
+            tune_id = trial.user_attrs.get(TUNE_TRIAL_ID)
+            if isinstance(tune_id, str):
+                self._ids[tune_id] = trial._trial_id
+                self._attrs[tune_id] = dict(trial.user_attrs)
+                if trial.state != TrialState.RUNNING:
+                    self._done.add(tune_id)
+        self._storage, self._study_id = storage, study_id
+        return self
+
+    def trial(self, tune_id: str, config: dict) -> Optional[int]:
+        """The Optuna trial of a Tune trial, created with its params on first sight; None once ended."""
+        self.open()
+        if tune_id in self._done:
+            return None
+        if tune_id not in self._ids:
+            storage = self._storage
+            number = storage.create_new_trial(self._study_id)
+            for key, (internal, dist) in params_of(config, self.distributions).items():
+                storage.set_trial_param(number, key, internal, dist)
+            storage.set_trial_user_attr(number, TUNE_TRIAL_ID, tune_id)
+            self._ids[tune_id] = number
+            self._attrs[tune_id] = {TUNE_TRIAL_ID: tune_id}
+        return self._ids[tune_id]
+
+    def result(self, tune_id: str, config: dict, result: dict) -> None:
+        number = self.trial(tune_id, config)
+        if number is None:
+            return
+        attrs = self._attrs[tune_id]
+        for key in USER_ATTRS:
+            value = result.get(key)
+            if isinstance(value, str) and attrs.get(key) != value:
+                self._storage.set_trial_user_attr(number, key, value)
+                attrs[key] = value
+        epoch, value = result.get(M.EPOCH), finite(result.get(self.metric))
+        if isinstance(epoch, int) and value is not None:
+            self._storage.set_trial_intermediate_value(number, epoch, value)
+
+    def end(self, tune_id: str, config: dict, status: str) -> None:
+        """The trial's final state (STATES) and value: its best intermediate value (none for FAIL)."""
+        from optuna.trial import TrialState
+
+        number = self.trial(tune_id, config)
+        if number is None:
+            return
+        state = TrialState[STATES.get(status, "COMPLETE")]
+        value = None
+        if state != TrialState.FAIL:
+            value = best_of(self._storage.get_trial(number).intermediate_values, self.mode)
+        if state == TrialState.COMPLETE and value is None:
+            state = TrialState.FAIL  # Optuna's COMPLETE needs a value: nothing finite was ever reported
+        self._storage.set_trial_user_attr(number, "outcome", status)
+        self._storage.set_trial_state_values(number, state, [value] if value is not None else None)
+        self._done.add(tune_id)

@@ -1,0 +1,201 @@
+"""The sweep's Optuna journal (cifar_ray.journal) and the dashboard serving it (cifar_ray.watch)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cifar_ray import metrics as M
+from cifar_ray.journal import JournalMirror, open_journal
+from cifar_ray.space import Domain, optuna_distribution
+from cifar_ray.watch import main as watch_main
+from conftest import SLOWER_DATA, SweepProcess, assert_records_agree, journal_trials, wait_for, write_sweep
+
+DISTRIBUTIONS = {"train.lr": optuna_distribution(Domain("loguniform", (1e-4, 1e-1))),
+                 "train.optimizer": optuna_distribution(Domain("choice", ("sgd", "adam")))}
+
+
+def mirror_at(tmp_path: Path, name: str = "demo") -> JournalMirror:
+    return JournalMirror(tmp_path / "optuna.journal", name, M.VAL_ACC, "max", DISTRIBUTIONS).open()
+
+
+def report(mirror: JournalMirror, trial: str, config: dict, values: list[float]) -> None:
+    for epoch, v in enumerate(values, 1):
+        mirror.result(trial, config, {M.EPOCH: epoch, M.VAL_ACC: v, "node": "node-a", "device": "cpu"})
+
+
+def test_mirror_maps_outcomes_to_optuna_states_with_params_and_values(tmp_path):
+    m = mirror_at(tmp_path)
+    cfg = {"train.lr": 0.01, "train.optimizer": "sgd", "train.epochs": 3}
+    report(m, "t0", cfg, [0.2, 0.5, 0.4])
+    m.end("t0", cfg, M.COMPLETED)
+    report(m, "t1", cfg, [0.1])
+    m.end("t1", cfg, M.STOPPED)
+    report(m, "t2", cfg, [0.3])
+    m.end("t2", cfg, M.ERRORED)
+    report(m, "t3", cfg, [float("nan")])
+    m.end("t3", cfg, M.DIVERGED)
+    report(m, "t4", {"train.lr": 0.5, "train.optimizer": "sgd"}, [0.2])  # 0.5: outside the domain (a PBT mutation)
+
+    trials = journal_trials(tmp_path, "demo")
+    t0 = trials["t0"]
+    assert (t0.state.name, t0.value, t0.intermediate_values) == ("COMPLETE", 0.5, {1: 0.2, 2: 0.5, 3: 0.4})
+    assert t0.params == {"train.lr": 0.01, "train.optimizer": "sgd"}  # searched keys only
+    assert t0.distributions["train.lr"].log and t0.user_attrs["node"] == "node-a"
+    assert (trials["t1"].state.name, trials["t1"].value) == ("PRUNED", 0.1)
+    assert (trials["t2"].state.name, trials["t2"].value) == ("FAIL", None)
+    assert (trials["t3"].state.name, trials["t3"].value, trials["t3"].intermediate_values) == ("PRUNED", None, {})
+    assert trials["t4"].state.name == "RUNNING" and "train.lr" not in trials["t4"].params
+
+
+def test_a_resumed_mirror_continues_the_same_trials_without_duplicates(tmp_path):
+    cfg = {"train.lr": 0.001, "train.optimizer": "adam"}
+    first = mirror_at(tmp_path)
+    report(first, "a", cfg, [0.1, 0.2])
+    report(first, "b", cfg, [0.3])
+    first.end("b", cfg, M.COMPLETED)
+    # the driver was killed; the resumed sweep reports a's epoch 2 again (the epoch in flight), then 3
+    again = mirror_at(tmp_path)
+    again.result("a", cfg, {M.EPOCH: 2, M.VAL_ACC: 0.25})
+    again.result("a", cfg, {M.EPOCH: 3, M.VAL_ACC: 0.35})
+    again.end("a", cfg, M.COMPLETED)
+    again.result("b", cfg, {M.EPOCH: 2, M.VAL_ACC: 0.9})  # an ended trial is never reopened
+    trials = journal_trials(tmp_path, "demo")
+    assert sorted(trials) == ["a", "b"]
+    assert trials["a"].intermediate_values == {1: 0.1, 2: 0.25, 3: 0.35} and trials["a"].value == 0.35
+    assert trials["b"].intermediate_values == {1: 0.3} and trials["b"].value == 0.3
+
+
+def test_the_read_only_journal_refuses_writes(tmp_path):
+    mirror_at(tmp_path)
+    before = (tmp_path / "optuna.journal").read_bytes()
+    storage = open_journal(tmp_path / "optuna.journal", read_only=True)
+    with pytest.raises(NotImplementedError, match="read-only"):
+        storage.delete_study(0)
+    with pytest.raises(NotImplementedError, match="read-only"):
+        storage.create_new_trial(0)
+    assert (tmp_path / "optuna.journal").read_bytes() == before
+    assert not list(tmp_path.glob("*.lock"))  # the file lock leaves nothing behind
+
+
+def test_distributions_follow_the_sweep_domains():
+    assert optuna_distribution(Domain("grid", (0.001, 0.01, 0.1))).log  # an lr grid spans decades
+    assert not optuna_distribution(Domain("grid", (0.5, 0.9))).log
+    assert optuna_distribution(Domain("randint", (1, 5))).high == 5  # inclusive, like the sweep file
+    assert optuna_distribution(Domain("grid", (16, 64))).__class__.__name__ == "IntDistribution"
+    augment = optuna_distribution(Domain("grid", ({"hflip": 0.5}, None)))
+    assert augment.choices == ('{"hflip": 0.5}', None)
+
+
+def test_watch_refuses_a_missing_folder_a_folder_without_journal_and_a_busy_port(tmp_path, capsys):
+    assert watch_main([str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert watch_main([str(tmp_path)]) == 2
+    assert "no optuna.journal" in capsys.readouterr().err
+    mirror_at(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert watch_main([str(tmp_path), "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen" in capsys.readouterr().err
+    assert watch_main([str(tmp_path), "--port", "70000"]) == 2
+
+
+def get(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def dashboard_url(log: Path) -> str:
+    match = re.search(r"dashboard: (http://\S+)", log.read_text() if log.exists() else "")
+    return match.group(1) if match else ""
+
+
+def test_watch_serves_read_only_and_stops_on_ctrl_c(tmp_path):
+    m = mirror_at(tmp_path)
+    report(m, "t0", {"train.lr": 0.01, "train.optimizer": "sgd"}, [0.2, 0.4])
+    journal = tmp_path / "optuna.journal"
+    digest = hashlib.sha256(journal.read_bytes()).hexdigest()
+    log = tmp_path / "watch.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cifar_ray.watch", str(tmp_path), "--port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = wait_for(lambda: dashboard_url(log), "the dashboard's URL")
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/dashboard/")
+        base = url.removesuffix("/dashboard/")
+        status, body = get(f"{base}/api/studies")
+        assert status == 200 and [s["study_name"] for s in json.loads(body)["study_summaries"]] == ["demo"]
+        status, body = get(f"{base}/api/studies/0")
+        trial = json.loads(body)["trials"][0]
+        assert [(v["step"], v["value"]) for v in trial["intermediate_values"]] == [(1, 0.2), (2, 0.4)]
+        delete = urllib.request.Request(f"{base}/api/studies/0", method="DELETE")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(delete, timeout=30)
+        assert refused.value.code == 403
+        assert hashlib.sha256(journal.read_bytes()).hexdigest() == digest
+    finally:
+        proc.send_signal(signal.SIGINT)  # the process this test started
+        assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in log.read_text()
+
+
+def chromium() -> str:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or ""
+
+
+def page_text(url: str, screenshot: Path | None = None) -> str:
+    """The page as headless Chromium renders it (scripts run, up to 20 s of virtual time): its text."""
+    args = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+            "--virtual-time-budget=20000"]
+    if screenshot is not None:
+        subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=180, check=True)
+    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True).stdout
+    dom = re.sub(r"<(style|script|svg)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not chromium(), reason="Chromium is not installed (apt-get install chromium; .ci/run does)")
+def test_watch_a_running_sweep_in_a_real_browser(ray_session, tmp_path):
+    # 100 epochs a trial: the sweep is still running when the browser has looked, whatever the machine's
+    # speed; the test then stops it with Ctrl-C
+    path = write_sweep(tmp_path, "live", data=SLOWER_DATA, train__epochs=100, train__lr={"grid": [0.01, 0.05]},
+                       train__momentum={"grid": [0.5, 0.9]})
+    sweep = SweepProcess(path, tmp_path, ray_session, "--watch", "--watch-port", "0")
+    url = wait_for(lambda: dashboard_url(sweep.log), "the dashboard's URL")
+    assert "dashboard:" in sweep.output().split("== Status ==")[0]  # printed before the first trial starts
+    base = url.removesuffix("/dashboard/")
+
+    def reported(n: int):
+        status, body = get(f"{base}/api/studies/0")
+        trials = json.loads(body)["trials"] if status == 200 else []
+        return [t for t in trials if len(t["intermediate_values"]) >= n]
+
+    wait_for(lambda: reported(2), "a trial's second epoch in the dashboard's API")
+    listing = page_text(url)
+    assert "live" in listing and "MAXIMIZE" in listing
+    trials_page = page_text(f"{url}studies/0/trials", screenshot=tmp_path / "trials.png")
+    assert re.search(r"\d+ Trials", trials_page) and "Trial 0" in trials_page and "tune_trial_id" in trials_page
+    assert "Running" in trials_page and "Intermediate Values" in trials_page
+    assert (tmp_path / "trials.png").stat().st_size > 10_000
+    assert sweep.proc.poll() is None
+    grown = len(reported(1)[0]["intermediate_values"])
+    wait_for(lambda: any(len(t["intermediate_values"]) > grown for t in reported(1)), "the curves to grow")
+    sweep.proc.send_signal(signal.SIGINT)  # the process this test started
+    code, out = sweep.finish()
+    assert code == 130, out
+    assert_records_agree(tmp_path / "results" / "live")  # running trials stay RUNNING in the journal
