@@ -362,6 +362,51 @@ class Sweep:
             return pd.DataFrame(columns=["trial_id", M.EPOCH])
         return pd.concat(frames, ignore_index=True).sort_values(["trial_id", M.EPOCH], ignore_index=True)
 
+    def stored(self) -> dict:
+        """The sweep file as the sweep stored it (sweep.yaml, read with safe_load); {} when absent."""
+        import yaml
+
+        try:
+            doc = yaml.safe_load(_read_text(self.path / SWEEP_FILE) or "")
+        except yaml.YAMLError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def domains(self) -> dict:
+        """The searched keys' domains (cifar_ray.space.Domain) from the stored sweep file, seeds as a grid."""
+        from cifar_ray.space import stored_domains
+
+        return stored_domains(self.stored())
+
+    def importance(self, method: str = "ped_anova") -> pd.DataFrame:
+        """key, importance (sums to 1, highest first), method: how much each searched key explains the
+        trials' best metric. PED-ANOVA by default; "fanova" needs scikit-learn. ValueError when the
+        sweep has fewer than 4 finished trials or fewer than two keys with two values or more."""
+        from cifar_ray.insight import importance
+
+        return importance(self.trials(), self.domains(), self.metric, self.mode, method)
+
+    def compare(self) -> pd.DataFrame:
+        """A row per configuration (searched keys without train.seed): mean, std, n, ci_low, ci_high
+        (95%) of the trials' best metric and p_vs_best (Welch's t-test against the best by mean)."""
+        from cifar_ray.insight import compare
+
+        return compare(self.trials(), self.domains(), self.metric, self.mode)
+
+    def early_vs_final(self) -> pd.DataFrame:
+        """A row per epoch: epoch, spearman (rank correlation of the metric then with the final one,
+        over trials that reached the last epoch), n. See stopped_early() for ASHA/PBT sweeps."""
+        from cifar_ray.insight import early_vs_final
+
+        return early_vs_final(self.curves(), self.metric)
+
+    def stopped_early(self) -> pd.DataFrame:
+        """ASHA/PBT: each trial the scheduler stopped beside the eventual best at the same epoch;
+        `contender` marks one that was at least as good then (it may have been cut too soon)."""
+        from cifar_ray.insight import stopped_early
+
+        return stopped_early(self.trials(), self.curves(), self.metric, self.mode)
+
     def to_parquet(self, out: str | os.PathLike) -> tuple[Path, Path]:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from cifar_ray.files import atomic_write, atomic_write_text
 TOP_CURVES = 5  # trials drawn in the learning-curve figure
 REPORT_FILE = "report.md"
 TEST_REPORT_FILE = "test_report.txt"
-FIGURES = ("curves.png", "heatmap.png", "architectures.png", "per_class.png", "confusion.png")
+FIGURES = ("curves.png", "heatmap.png", "architectures.png", "per_class.png", "confusion.png", "importance.png",
+           "seeds.png", "parallel.png", "early_vs_final.png")
 WRITTEN = (REPORT_FILE, TEST_REPORT_FILE, TRIALS_FILE, CURVES_FILE, *FIGURES)  # every name the report writes
 MD_ESCAPES = {"\\": "\\\\", "&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "`": "\\`", "[": "\\[",
               "]": "\\]", "*": "\\*", "\r": " ", "\n": " "}
@@ -202,6 +203,17 @@ def plot_evaluation(ev, out: Path) -> tuple[Path, Path]:
     return per_class, save_figure(fig, out / "confusion.png")
 
 
+def decision_sections(sweep: Sweep, trials: pd.DataFrame, out: Path) -> list[str]:
+    """What mattered, is the winner real, all trials at once, when the ranking settled."""
+    from cifar_ray import report_sections as R
+
+    plt = _plt()
+    return [*R.importance_section(sweep, out, plt, save_figure, md),
+            *R.seeds_section(sweep, trials, out, plt, save_figure, md),
+            *R.parallel_section(sweep, trials, out, plt, save_figure, md),
+            *R.settled_section(sweep, trials, out, plt, save_figure, md)]
+
+
 class ReportError(ValueError):
     """A report that cannot be written safely where it was asked for."""
 
@@ -259,6 +271,7 @@ def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = 
     for title, path in figures:
         if path is not None:
             md_lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
+    md_lines += decision_sections(sweep, trials, out_dir)
     md_lines += [f"Tables: `{TRIALS_FILE}`, `{CURVES_FILE}` (read with `pandas.read_parquet`)."]
     return atomic_write_text(out_dir / REPORT_FILE, "\n".join(md_lines) + "\n")
 

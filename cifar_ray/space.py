@@ -321,6 +321,21 @@ def choice_value(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value, sort_keys=True)
 
 
+def is_numeric(dom: Domain) -> bool:
+    return dom.kind in ("uniform", "loguniform", "randint") or all(_is_number(v) for v in dom.values)
+
+
+def is_log(dom: Domain) -> bool:
+    """A domain read on a log scale: loguniform, or listed positive numbers spanning a factor of 10 or
+    more (an lr grid such as [0.001, 0.01, 0.1])."""
+    if dom.kind == "loguniform":
+        return True
+    if dom.kind not in ("grid", "choice") or not all(_is_number(v) for v in dom.values):
+        return False
+    lo, hi = min(dom.values), max(dom.values)
+    return lo > 0 and hi >= 10 * lo
+
+
 def optuna_distribution(dom: Domain):
     """The Optuna distribution of a domain: uniform/loguniform -> float (log for loguniform), randint
     -> int (inclusive both ends, like the sweep file); a grid/choice of numbers -> int or float over
@@ -334,7 +349,7 @@ def optuna_distribution(dom: Domain):
             lo, hi = min(values), max(values)
             if all(isinstance(v, int) for v in values):
                 return IntDistribution(int(lo), int(hi))
-            return FloatDistribution(float(lo), float(hi), log=lo > 0 and hi >= 10 * lo)
+            return FloatDistribution(float(lo), float(hi), log=is_log(dom))
         return CategoricalDistribution(list(dict.fromkeys(choice_value(v) for v in values)))
     if dom.kind == "randint":
         return IntDistribution(int(dom.values[0]), int(dom.values[1]))

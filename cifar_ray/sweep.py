@@ -73,6 +73,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cifar_ray.sweep", description="Run a CIFAR-10 sweep on Ray Tune.")
     p.add_argument("file", help="the sweep YAML file")
     p.add_argument("--dry-run", action="store_true", help="validate and list the trials; start nothing")
+    p.add_argument("--estimate", action="store_true",
+                   help="with --dry-run: time a few training steps of each model here and estimate the wall time")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep in its results folder; Ray reads the folder's pickled state, "
                         "so resume only folders written by you or your own cluster (open anyone else's with "
@@ -96,6 +98,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.watch_port <= 65535:
         p.error(f"--watch-port {args.watch_port}: must be 0-65535")
+    if args.estimate and not args.dry_run:
+        p.error("--estimate goes with --dry-run: python -m cifar_ray.sweep FILE --dry-run --estimate")
     return args
 
 
@@ -172,6 +176,22 @@ def describe(plan: Plan) -> str:
     lines.append(f"total epochs at most: {total}")
     lines.append(f"results: {plan.experiment}")
     return "\n".join(lines)
+
+
+def estimate_lines(plan: Plan, args: argparse.Namespace) -> list[str]:
+    """--estimate: the resources of the connected cluster where an address is given, else this machine's."""
+    from cifar_ray.estimate import estimate, machine
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    available, where = machine(), "this machine"
+    if address:
+        import ray
+
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        available, where = dict(ray.cluster_resources()), f"the cluster at {address}"
+    space = plan.space
+    return estimate(plan.sweep, space, expand_grid(space, plan.sweep), trial_count(space, plan.sweep), available,
+                    where)
 
 
 # ---------------------------------------------------------------- running
@@ -574,7 +594,9 @@ def command(argv: Optional[list[str]] = None) -> int:
     try:
         plan = plan_from_args(args)
         if args.dry_run:
-            print(describe(plan))
+            print(describe(plan), flush=True)
+            if args.estimate:
+                print("\n".join(estimate_lines(plan, args)))
             return EXIT_OK
         return run(plan, args)
     except KeyboardInterrupt:  # a Ctrl-C before the handler was installed

@@ -257,7 +257,8 @@ def journal_trials(exp: Path, study: Optional[str] = None) -> dict:
 
     from cifar_ray.journal import TUNE_TRIAL_ID, open_journal
 
-    study = optuna.load_study(study_name=study or exp.name, storage=open_journal(exp / "optuna.journal", read_only=True))
+    storage = open_journal(exp / "optuna.journal", read_only=True)
+    study = optuna.load_study(study_name=study or exp.name, storage=storage)
     return {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.get_trials(deepcopy=False)}
 
 

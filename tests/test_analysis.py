@@ -156,10 +156,14 @@ def test_report_writes_markdown_figures_and_tables(grid_sweep, tmp_path):
     assert report_main([str(grid_sweep), "--out", str(out), "--evaluate-best"]) == 0
     md = out / "report.md"
     images = _report_images(md)
-    assert set(images) == {"curves.png", "heatmap.png", "per_class.png", "confusion.png"}
+    assert set(images) == {"curves.png", "heatmap.png", "per_class.png", "confusion.png", "importance.png",
+                           "seeds.png", "parallel.png", "early_vs_final.png"}
     for name in images:
         assert (out / name).stat().st_size > 5000
     text = md.read_text()
+    for section in ("What mattered", "Is the winner real", "All trials at once", "When the ranking settled"):
+        assert f"## {section}" in text
+    assert "(95% interval, 2 seeds)" in text and "Welch's t-test p = " in text  # the grid ran two seeds
     assert "Accuracy of the network on the 200 test images:" in text
     assert "| trial_id | status |" in text
     assert (out / "trials.parquet").exists() and (out / "curves.parquet").exists()

@@ -1,0 +1,219 @@
+"""The next sweep: a sweep file narrowed around the best trials of a finished one.
+
+    python -m cifar_ray.refine results/quickstart [--top 3] [--out FILE]
+
+Numeric keys get a domain spanning the top K trials' values with a margin of half that span on each
+side (log domains stay log: the margin is then a factor), kept inside what the configuration allows;
+a grid stays a grid with as many points, a random domain stays random. Categorical keys keep the
+values the top K used. Unsearched keys, seeds, search, scheduler and resources are unchanged. The file
+gets a new name (`<name>_refined`) and a header saying where it came from and which trials it kept.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from cifar_ray.analysis import AnalysisError, load
+from cifar_ray.config import ConfigError
+from cifar_ray.files import atomic_write_text
+from cifar_ray.space import Domain, first_candidate, format_value, is_log, stored_domains
+
+DEFAULT_TOP = 3
+MARGIN = 0.5  # of the top trials' span, on each side (in log space for log domains)
+MIN_FACTOR = 2.0  # log domains whose top values coincide: [v / 2, v * 2]
+MIN_LINEAR = 0.25  # linear domains whose top values coincide: v +- 25% of |v| (0.1 around 0)
+STORED_ONLY = ("space", "source_file")  # keys the sweep adds to its stored copy
+
+
+class RefineError(ValueError):
+    """A results folder with nothing to refine from, or an output that would overwrite a file."""
+
+
+def _round(v: float) -> float:
+    return float(f"{v:.3g}")
+
+
+def _valid(key: str, value: Any, base: dict) -> bool:
+    """Whether the trial configuration accepts `value` for `key` (bounds of the schema and the model)."""
+    from cifar_ray.space import _trial_from
+
+    try:
+        _trial_from(base | {key: value}, "refine")
+        return True
+    except ConfigError:
+        return False
+
+
+def _inside(key: str, bound: float, anchor: float, base: dict, integer: bool) -> float:
+    """`bound`, or the nearest value toward `anchor` (a top trial's value) that the schema accepts."""
+    for _ in range(30):
+        value = int(round(bound)) if integer else bound
+        if _valid(key, value, base):
+            return value
+        bound = (bound + anchor) / 2
+    return anchor
+
+
+def _numeric_bounds(dom: Domain, values: list[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    if is_log(dom) and lo > 0:
+        factor = max(MIN_FACTOR, (hi / lo) ** MARGIN) if hi > lo else MIN_FACTOR
+        return lo / factor, hi * factor
+    margin = MARGIN * (hi - lo) if hi > lo else (MIN_LINEAR * abs(lo) or 0.1)
+    lower = lo - margin
+    if dom.kind != "randint" and min(dom.values) >= 0:
+        lower = max(lower, 0.0)  # a domain of non-negative values stays non-negative
+    return lower, hi + margin
+
+
+def _points(lo: float, hi: float, n: int, log: bool) -> list[float]:
+    raw = np.geomspace(lo, hi, n) if log else np.linspace(lo, hi, n)
+    return list(dict.fromkeys(_round(float(v)) for v in raw))
+
+
+def refine_domain(key: str, dom: Domain, values: list[Any], base: dict) -> Any:
+    """The new domain (as the sweep file writes it) or constant for one searched key."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and values
+    int_listing = dom.kind in ("grid", "choice") and all(isinstance(v, int) for v in dom.values)
+    if dom.kind in ("grid", "choice") and (not numbers or int_listing or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in dom.values)):
+        kept = [v for v in dom.values if any(v == u for u in values)] or list(dict.fromkeys(values))
+        return kept[0] if len(kept) == 1 else {dom.kind: kept}
+    if not numbers:
+        return {dom.kind: list(dom.values)}
+    integer = dom.kind == "randint"
+    lo, hi = _numeric_bounds(dom, [float(v) for v in values])
+    lo = _inside(key, lo, min(values), base, integer)
+    hi = _inside(key, hi, max(values), base, integer)
+    if integer:
+        lo, hi = int(lo), int(hi)
+        return lo if lo == hi else {"randint": [lo, hi]}
+    if hi <= lo:
+        return _round(lo)
+    if dom.kind in ("grid", "choice"):
+        points = _points(lo, hi, max(len(dom.values), 3), is_log(dom))
+        return points[0] if len(points) == 1 else {dom.kind: points}
+    return {dom.kind: [_round(lo), _round(hi)]}
+
+
+def _set(doc: dict, key: str, value: Any) -> None:
+    node = doc
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def refined_name(name: str) -> str:
+    match = re.search(r"_refined(\d*)$", name)
+    if not match:
+        return f"{name}_refined"[:100]
+    return f"{name[:match.start()]}_refined{int(match.group(1) or 1) + 1}"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict) and len(value) == 1:
+        kind, spec = next(iter(value.items()))
+        return f"{kind}[{', '.join(format_value(v) for v in spec)}]"
+    return format_value(value)
+
+
+def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
+    """(file text, new name) of the refined sweep file."""
+    from cifar_ray.space import Space
+
+    if top < 1:
+        raise RefineError(f"--top {top}: must be 1 or more")
+    sweep = load(results)
+    stored = sweep.stored()
+    if not stored.get("name"):
+        raise RefineError(f"{sweep.path}: no sweep.yaml with the sweep's file; refine needs a sweep run by "
+                          "cifar_ray")
+    trials = sweep.trials()
+    best = f"best_{sweep.metric}"
+    finished = trials[np.isfinite(pd.to_numeric(trials.get(best), errors="coerce"))] if best in trials else trials
+    if finished.empty:
+        raise RefineError(f"{sweep.path}: no trial has reported a finite {sweep.metric}; nothing to refine around")
+    kept = finished.sort_values(best, ascending=sweep.mode == "min").head(top)
+    domains = {k: d for k, d in stored_domains(stored).items() if k != "train.seed"}
+    doc = {k: v for k, v in stored.items() if k not in STORED_ONLY}
+    base = first_candidate(Space(_flat_constants(doc) | domains, None))
+    changes = []
+    for key, dom in domains.items():
+        values = [v for v in kept[key].tolist() if not (isinstance(v, float) and math.isnan(v))] if key in kept else []
+        if not values:
+            continue
+        new = refine_domain(key, dom, values, base)
+        _set(doc, key, new)
+        changes.append(f"#   {key}: {dom.describe()} -> {_describe(new)}")
+    name = refined_name(str(stored["name"]))
+    doc["name"] = name
+    shown_keys = list(domains)
+    kept_lines = [f"#   {row['trial_id']}: {sweep.metric} {row[best]:.4f}"
+                  + (f" ({', '.join(f'{k}={format_value(row[k])}' for k in shown_keys if k in row)})"
+                     if shown_keys else "") for _, row in kept.iterrows()]
+    header = [f"# {name}: refined from {sweep.path} (sweep {stored['name']}, {sweep.metric} {sweep.mode}) on "
+              f"{dt.date.today().isoformat()} by python -m cifar_ray.refine --top {top}.",
+              f"# Kept the top {len(kept)} of {len(finished)} finished trials:", *kept_lines,
+              "# Narrowed:" if changes else "# No searched key to narrow.", *changes]
+    return "\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False), name
+
+
+def _flat_constants(doc: dict) -> dict:
+    from cifar_ray.space import SECTIONS, flatten, is_domain
+
+    out = {}
+    for section in SECTIONS:
+        tree = doc.get(section)
+        for key, value in (flatten(tree, section).items() if isinstance(tree, dict) else ()):
+            if not is_domain(value):
+                out[key] = value
+    return out
+
+
+def check(path: Path) -> None:
+    """The refined file passes what `python -m cifar_ray.sweep FILE --dry-run` checks."""
+    from cifar_ray.space import build_space
+    from cifar_ray.sweep_config import read_sweep
+
+    build_space(read_sweep(str(path)), str(path))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cifar_ray.refine",
+                                description="Write a sweep file narrowed around the best trials of a sweep.")
+    p.add_argument("results", help="the sweep's results folder, e.g. results/quickstart")
+    p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"trials to refine around (default {DEFAULT_TOP})")
+    p.add_argument("--out", help="the new sweep file (default ./<name>_refined.yaml); never overwritten")
+    args = p.parse_args(argv)
+    try:
+        text, name = refine(args.results, args.top)
+        out = Path(args.out or f"{name}.yaml")
+        if out.exists() or out.is_symlink():
+            raise RefineError(f"{out} exists; choose another --out (an existing file is never overwritten)")
+        atomic_write_text(out, text)
+        try:
+            check(out)
+        except ConfigError as err:
+            out.unlink()
+            raise RefineError(f"the refined file does not validate ({err}); nothing written") from None
+    except (AnalysisError, RefineError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    print("\n".join(line for line in text.splitlines() if line.startswith("#")))
+    print(f"check it: python -m cifar_ray.sweep {out} --dry-run")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""importance, compare, early_vs_final, stopped_early on small results folders with known answers."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cifar_ray import analysis
+from cifar_ray.insight import settled_epoch
+
+
+def fake_sweep(tmp_path: Path, name: str, sections: dict, trials: list[tuple[dict, list[float], str]],
+               mode: str = "max") -> Path:
+    """A results folder as the sweep writes it (sweep.yaml, a folder per trial with params.json,
+    history.jsonl, outcome.json), from (config, val_acc per epoch, outcome) per trial."""
+    exp = tmp_path / name
+    exp.mkdir(parents=True)
+    doc = {"name": name, "metric": "val_acc", "mode": mode, "model": {"name": "base"}, **sections}
+    (exp / "sweep.yaml").write_text(yaml.safe_dump(doc))
+    for i, (config, curve, status) in enumerate(trials):
+        trial_id = f"abcde_{i:05d}"
+        folder = exp / f"base_{trial_id}"
+        folder.mkdir()
+        (folder / "params.json").write_text(json.dumps({"model.name": "base", **config}))
+        rows = [{"trial_id": trial_id, "training_iteration": e, "epoch": e, "val_acc": v, "status": "running",
+                 "time_total_s": float(e)} for e, v in enumerate(curve, 1)]
+        (folder / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "outcome.json").write_text(json.dumps({"trial_id": trial_id, "status": status,
+                                                         "epochs": len(curve), "error": None}))
+    return exp
+
+
+LR_GRID = [0.001, 0.01, 0.1]
+MOMENTUM_GRID = [0.0, 0.5, 0.9]
+
+
+def lr_only(lr: float, noise: float = 0.0) -> float:
+    """Accuracy that depends on lr only (best at 0.01)."""
+    return 0.6 - 0.15 * abs(math.log10(lr) + 2) + noise
+
+
+def test_a_key_that_does_nothing_gets_low_importance(tmp_path):
+    rng = np.random.default_rng(0)
+    trials = [({"train.lr": lr, "train.momentum": m, "train.optimizer": opt}, [lr_only(lr, 0.002 * rng.normal())],
+               "completed")
+              for lr, m, opt in itertools.product(LR_GRID, MOMENTUM_GRID, ["sgd", "adam"])]
+    sections = {"train": {"lr": {"grid": LR_GRID}, "momentum": {"grid": MOMENTUM_GRID},
+                          "optimizer": {"grid": ["sgd", "adam"]}}}
+    imp = analysis.load(fake_sweep(tmp_path, "imp", sections, trials)).importance()
+    assert list(imp.columns) == ["key", "importance", "method"]
+    assert set(imp["key"]) == {"train.lr", "train.momentum", "train.optimizer"}
+    assert imp["importance"].sum() == pytest.approx(1.0)
+    assert imp["importance"].is_monotonic_decreasing and (imp["method"] == "ped_anova").all()
+    assert imp.iloc[0]["key"] == "train.lr" and imp.iloc[0]["importance"] > 0.8
+    assert imp.set_index("key").loc[["train.momentum", "train.optimizer"], "importance"].max() < 0.15
+
+
+def test_importance_of_a_small_grid_and_its_limits(tmp_path):
+    trials = [({"train.lr": lr, "train.momentum": m}, [lr_only(lr)], "completed")
+              for lr, m in itertools.product([0.01, 0.1], [0.5, 0.9])]
+    sections = {"train": {"lr": {"grid": [0.01, 0.1]}, "momentum": {"grid": [0.5, 0.9]}}}
+    imp = analysis.load(fake_sweep(tmp_path, "four", sections, trials)).importance()
+    assert imp.iloc[0]["key"] == "train.lr" and imp.iloc[0]["importance"] > 0.9  # 4 trials: the minimum
+    with pytest.raises(ValueError, match="at least 4 trials"):
+        analysis.load(fake_sweep(tmp_path, "three", sections, trials[:3])).importance()
+    one_key = [({"train.lr": lr, "train.momentum": 0.9}, [lr_only(lr)], "completed") for lr in LR_GRID * 2]
+    with pytest.raises(ValueError, match="two searched keys"):
+        analysis.load(fake_sweep(tmp_path, "onekey", {"train": {"lr": {"grid": LR_GRID}}}, one_key)).importance()
+    with pytest.raises(ValueError, match="ped_anova"):
+        analysis.load(tmp_path / "four").importance(method="nope")
+
+
+def test_compare_with_seeds_separates_noise_from_a_real_gap(tmp_path):
+    trials = []
+    for seed in (0, 1, 2):
+        trials.append(({"train.lr": 0.01, "train.seed": seed}, [0.70], "completed"))  # A: identical curves
+        trials.append(({"train.lr": 0.02, "train.seed": seed}, [0.70], "completed"))  # B: the same as A
+        trials.append(({"train.lr": 0.05, "train.seed": seed}, [0.50 + 0.01 * seed], "completed"))  # C: worse
+    trials.append(({"train.lr": 0.1, "train.seed": 0}, [0.40], "completed"))  # D: one trial only
+    sections = {"train": {"lr": {"grid": [0.01, 0.02, 0.05, 0.1]}}, "seeds": [0, 1, 2]}
+    cmp = analysis.load(fake_sweep(tmp_path, "seeds", sections, trials)).compare()
+    assert list(cmp.columns) == ["train.lr", "mean", "std", "n", "ci_low", "ci_high", "p_vs_best"]
+    assert list(cmp["n"]) == [3, 3, 3, 1] and list(cmp["train.lr"])[2:] == [0.05, 0.1]
+    assert math.isnan(cmp.loc[0, "p_vs_best"])  # the best itself
+    assert cmp.loc[1, "p_vs_best"] == 1.0  # identical to the best: not distinguishable
+    assert cmp.loc[2, "p_vs_best"] < 0.01  # clearly worse, beyond seed noise
+    assert math.isnan(cmp.loc[3, "p_vs_best"]) and math.isnan(cmp.loc[3, "ci_low"])  # n < 2
+    c = cmp.loc[2]
+    assert c["mean"] == pytest.approx(0.51) and c["ci_low"] < 0.51 < c["ci_high"]
+    # 95% Student-t interval of (0.50, 0.51, 0.52): 0.51 +- 4.303 * 0.01 / sqrt(3)
+    assert c["ci_high"] - c["mean"] == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-4)
+
+
+def test_compare_ranks_by_mean_for_a_min_metric(tmp_path):
+    trials = [({"train.lr": lr, "train.seed": s}, [v + 0.01 * s], "completed")
+              for lr, v in ((0.01, 0.9), (0.1, 0.3)) for s in (0, 1)]
+    exp = fake_sweep(tmp_path, "minimize", {"train": {"lr": {"grid": [0.01, 0.1]}}, "seeds": [0, 1]}, trials,
+                     mode="min")
+    cmp = analysis.load(exp).compare()
+    assert list(cmp["train.lr"]) == [0.1, 0.01]
+
+
+def test_early_vs_final_finds_when_the_ranking_settled(tmp_path):
+    # five trials; at epoch 1 their order is reversed, from epoch 3 it is the final one
+    curves = [[0.5 - 0.05 * i, 0.3 + 0.01 * ((i * 3) % 5), 0.4 + 0.05 * i, 0.5 + 0.05 * i] for i in range(5)]
+    trials = [({"train.lr": 0.01 * (i + 1)}, c, "completed") for i, c in enumerate(curves)]
+    trials.append(({"train.lr": 0.5}, [0.2], "stopped"))  # did not reach the last epoch: left out
+    exp = fake_sweep(tmp_path, "settle", {"train": {"lr": {"grid": [0.01 * (i + 1) for i in range(5)] + [0.5]}}},
+                     trials)
+    table = analysis.load(exp).early_vs_final()
+    assert list(table.columns) == ["epoch", "spearman", "n"]
+    assert list(table["epoch"]) == [1, 2, 3, 4] and list(table["n"]) == [5, 5, 5, 5]
+    assert table.loc[0, "spearman"] == pytest.approx(-1.0) and table.loc[3, "spearman"] == pytest.approx(1.0)
+    assert settled_epoch(table) == 3
+
+
+def test_stopped_early_names_a_trial_cut_while_it_ranked_like_the_winner(tmp_path):
+    trials = [({"train.lr": 0.01}, [0.30, 0.50, 0.80], "completed"),  # the eventual best, a slow starter
+              ({"train.lr": 0.02}, [0.35], "stopped"),  # better than the winner at epoch 1: a contender
+              ({"train.lr": 0.03}, [0.10], "stopped"),  # rightly stopped
+              ({"train.lr": 0.04}, [0.20, 0.40, 0.60], "completed")]
+    exp = fake_sweep(tmp_path, "asha", {"train": {"lr": {"grid": [0.01, 0.02, 0.03, 0.04]}},
+                                        "scheduler": {"kind": "asha"}}, trials)
+    stopped = analysis.load(exp).stopped_early().set_index("trial_id")
+    assert list(stopped.index) == ["abcde_00001", "abcde_00002"]
+    assert stopped.loc["abcde_00001", "contender"] and not stopped.loc["abcde_00002", "contender"]
+    assert stopped.loc["abcde_00001", "best_trial"] == "abcde_00000"
+    assert (stopped.loc["abcde_00001", "rank"], stopped.loc["abcde_00001", "of"]) == (1, 4)
+    assert stopped.loc["abcde_00002", "best_value"] == 0.30
+
+
+# ---------------------------------------------------------------- refine
+
+def refinable(tmp_path: Path) -> Path:
+    """A random search over a log lr, a bounded momentum and the optimizer, plus a grid of widths."""
+    rng = np.random.default_rng(1)
+    trials = []
+    for i in range(10):
+        lr = float(10 ** rng.uniform(-4, -1))
+        momentum = float(rng.uniform(0.5, 0.99))
+        opt = ["sgd", "adam"][i % 2]
+        width = [1, 2, 4][i % 3]
+        trials.append(({"train.lr": lr, "train.momentum": momentum, "train.optimizer": opt, "model.width": width,
+                        "train.epochs": 2, "train.seed": 0}, [lr_only(lr)], "completed"))
+    sections = {"model": {"name": "netconv", "width": {"grid": [1, 2, 4]}},
+                "data": {"source": "synthetic", "synthetic_size": 1200, "val_size": 200},
+                "train": {"epochs": 2, "lr": {"loguniform": [1e-4, 0.1]}, "momentum": {"uniform": [0.5, 0.99]},
+                          "optimizer": {"choice": ["sgd", "adam"]}},
+                "seeds": [0, 1], "search": {"kind": "random", "samples": 5, "seed": 3}}
+    return fake_sweep(tmp_path, "wide", sections, trials)
+
+
+def test_refine_writes_a_narrower_sweep_that_passes_the_dry_run(tmp_path, capsys):
+    from cifar_ray.refine import main as refine_main
+    from cifar_ray.sweep import main as sweep_main
+
+    exp = refinable(tmp_path)
+    out = tmp_path / "next.yaml"
+    assert refine_main([str(exp), "--top", "3", "--out", str(out)]) == 0
+    assert f"check it: python -m cifar_ray.sweep {out} --dry-run" in capsys.readouterr().out
+    text = out.read_text()
+    doc = yaml.safe_load(text)
+    assert doc["name"] == "wide_refined" and "space" not in doc and "source_file" not in doc
+    assert text.startswith(f"# wide_refined: refined from {exp.resolve()}")
+    top = analysis.load(exp).trials().sort_values("best_val_acc", ascending=False).head(3)
+    for trial_id in top["trial_id"]:
+        assert f"#   {trial_id}: val_acc" in text
+    lo, hi = doc["train"]["lr"]["loguniform"]  # log stays log, spans the top 3 with a margin
+    assert lo < top["train.lr"].min() and hi > top["train.lr"].max() and hi / lo < 1e3 / 3
+    m_lo, m_hi = doc["train"]["momentum"]["uniform"]
+    assert m_lo <= top["train.momentum"].min() and top["train.momentum"].max() <= m_hi < 1  # inside the schema
+    assert set(doc["train"]["optimizer"]["choice"] if isinstance(doc["train"]["optimizer"], dict)
+               else [doc["train"]["optimizer"]]) == set(top["train.optimizer"])
+    widths = doc["model"]["width"]
+    assert set(widths["grid"] if isinstance(widths, dict) else [widths]) == set(top["model.width"])
+    assert doc["seeds"] == [0, 1] and doc["search"]["kind"] == "random" and doc["train"]["epochs"] == 2
+    assert sweep_main([str(out), "--dry-run"]) == 0
+
+
+def test_refine_keeps_a_grid_a_grid_and_refuses_what_it_cannot_do(tmp_path, capsys):
+    from cifar_ray.refine import main as refine_main
+
+    trials = [({"train.lr": lr, "train.momentum": m}, [lr_only(lr)], "completed")
+              for lr, m in itertools.product(LR_GRID, MOMENTUM_GRID)]
+    sections = {"data": {"source": "synthetic"},
+                "train": {"lr": {"grid": LR_GRID}, "momentum": {"grid": MOMENTUM_GRID}}}
+    exp = fake_sweep(tmp_path, "grid", sections, trials)
+    out = tmp_path / "g.yaml"
+    assert refine_main([str(exp), "--top", "3", "--out", str(out)]) == 0
+    lrs = yaml.safe_load(out.read_text())["train"]["lr"]["grid"]
+    assert len(lrs) == 3 and lrs[0] < 0.01 < lrs[-1]  # the top 3 all have lr 0.01: a factor 2 either side
+    assert lrs[1] / lrs[0] == pytest.approx(lrs[2] / lrs[1], rel=0.02)  # log-spaced
+    before = out.read_text()
+    assert refine_main([str(exp), "--out", str(out)]) == 2  # never overwritten
+    assert "exists" in capsys.readouterr().err and out.read_text() == before
+    assert refine_main([str(exp), "--top", "0", "--out", str(tmp_path / "x.yaml")]) == 2
+    nothing = fake_sweep(tmp_path, "nothing", sections, [({"train.lr": 0.01, "train.momentum": 0.5}, [], "errored")])
+    assert refine_main([str(nothing), "--out", str(tmp_path / "y.yaml")]) == 2
+    assert "no trial has reported" in capsys.readouterr().err
+    assert refine_main([str(tmp_path / "missing")]) == 2
+
+
+# ---------------------------------------------------------------- --dry-run --estimate
+
+def test_estimate_names_what_it_measured_and_ends_with_the_wall_time(tmp_path, capsys):
+    from cifar_ray.sweep import main as sweep_main
+    from conftest import write_sweep
+
+    path = write_sweep(tmp_path, "est", train__lr={"grid": [0.01, 0.05]}, train__batch_size={"grid": [32, 64]},
+                       train__epochs=3)
+    assert sweep_main([str(path), "--dry-run", "--estimate"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    measured = [line for line in out if " img/s training" in line]
+    assert len(measured) == 2  # one per batch size; the lr does not change the time
+    assert re.match(r"\s+base stem=cifar bs 32 \w+ on cpu: [\d,]+ img/s training, [\d,]+ img/s evaluation", measured[0])
+    assert any(re.match(r"\s+trial\s+4: 3 epochs x [\d.]+ s = ", line) for line in out)
+    assert re.match(r"4 trials, \d at a time \(this machine: \d+ CPUs", next(ln for ln in out if "at a time" in ln))
+    assert re.fullmatch(r"estimated wall time: (\d+ min )?\d+ s .*", out[-1])
+    asha = write_sweep(tmp_path, "esta", train__lr={"grid": [0.01, 0.02, 0.03, 0.05]}, train__epochs=4,
+                       scheduler={"kind": "asha", "grace_period": 1})
+    assert sweep_main([str(asha), "--dry-run", "--estimate"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert last[0].startswith("ASHA: worst case (every trial to 4 epochs)") and "(expected; worst case" in last[1]
+    with pytest.raises(SystemExit) as refused:  # only with --dry-run
+        sweep_main([str(path), "--estimate"])
+    assert refused.value.code == 2
+
+
+def test_asha_expectation_and_the_schedule():
+    from cifar_ray.estimate import asha_epochs, duration, schedule
+
+    assert asha_epochs(8, 8, 1, 2) == [8, 4, 2, 2, 1, 1, 1, 1]  # half continue at each rung
+    assert asha_epochs(4, 2, 2, 2) == [2, 2, 2, 2]  # the grace period is max_t: nobody is stopped
+    assert schedule([10, 10, 10, 10], 2) == 20 and schedule([30, 10, 10, 10], 2) == 30
+    assert (duration(72), duration(3), duration(3 * 3600 + 120)) == ("1 min 12 s", "3 s", "3 h 2 min")
