@@ -329,3 +329,38 @@ def test_reading_a_folder_needs_no_ray(grid_sweep, tmp_path):
                        capture_output=True, text=True, timeout=WAIT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ray imported: False" in r.stdout
+
+
+def _epoch_of(checkpoint: Path) -> int:
+    from cifar_ray.train import load_state
+
+    return int(load_state(Path(checkpoint) / "state.pt")["epoch"])
+
+
+def test_ray_tunes_own_readers_agree_with_analysis(grid_sweep):
+    """tune.ExperimentAnalysis and Tuner.restore(...).get_results() open a cifar_ray results folder and
+    pick the same best trial and checkpoint as analysis (ties compared by their score)."""
+    from ray import tune
+
+    from cifar_ray.trainable import run_trial
+
+    sweep = analysis.load(grid_sweep)
+    best = sweep.best()
+    curves = sweep.curves().set_index(["trial_id", "epoch"])["val_acc"]
+
+    def same_pick(trial_id: str, checkpoint_path: str) -> None:
+        if trial_id != best.trial_id:  # another trial with the same best score
+            assert curves.loc[trial_id].max() == best.score
+        assert curves.loc[(trial_id, _epoch_of(checkpoint_path))] == curves.loc[(best.trial_id, _epoch_of(
+            best.checkpoint))]
+
+    ea = tune.ExperimentAnalysis(str(grid_sweep))
+    trial = ea.get_best_trial("val_acc", "max", scope="all")
+    same_pick(trial.trial_id, ea.get_best_checkpoint(trial, "val_acc", "max").path)
+    if trial.trial_id == best.trial_id:
+        assert Path(ea.get_best_checkpoint(trial, "val_acc", "max").path) == best.checkpoint
+
+    results = tune.Tuner.restore(str(grid_sweep), run_trial).get_results()
+    assert len(results) == 8 and not results.errors
+    result = results.get_best_result("val_acc", "max", scope="all")
+    same_pick(result.metrics["trial_id"], result.get_best_checkpoint("val_acc", "max").path)

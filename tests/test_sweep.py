@@ -179,3 +179,32 @@ def test_pbt_runs_and_mutates_hyperparameters(ray_session, tmp_path):
 
     assert (analysis.load(exp).curves().groupby("trial_id")["epoch"].max() == 4).all()
     assert_records_agree(exp)
+
+
+@pytest.mark.slow
+def test_optuna_search_with_asha_resumes_without_trying_a_configuration_twice(ray_session, tmp_path):
+    path = write_sweep(tmp_path, "tpe", data=SLOWER_DATA, train__epochs=6, train__lr={"loguniform": [0.001, 0.1]},
+                       train__momentum={"uniform": [0.5, 0.95]}, search={"kind": "optuna", "samples": 6, "seed": 0},
+                       scheduler={"kind": "asha", "grace_period": 1})
+    sweep = SweepProcess(path, tmp_path, ray_session)
+    exp = tmp_path / "results" / "tpe"
+
+    def two_recorded_and_one_running():
+        states = tune_statuses(exp)
+        done = [d for d in exp.glob("base_*") if states.get(d.name) == "TERMINATED"]
+        running = [d for d in exp.glob("base_*") if states.get(d.name) == "RUNNING" and result_rows(d)]
+        return (done, running) if len(done) >= 2 and running else None
+
+    done, _ = wait_for(two_recorded_and_one_running, "two finished trials in Tune's state, one running")
+    rows_before = {d.name: len(result_rows(d)) for d in done}
+    sweep.kill()
+    code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
+    assert code == 0, out
+    df = results_of(tmp_path, "tpe")
+    assert len(df) == 6 and set(df["status"]) <= {"completed", "stopped"}  # the searcher drew 6, not more
+    configs = list(zip(df["train.lr"], df["train.momentum"], strict=True))
+    assert len(set(configs)) == 6  # no configuration tried twice
+    assert df["train.lr"].between(0.001, 0.1).all() and df["train.momentum"].between(0.5, 0.95).all()
+    for name, n in rows_before.items():
+        assert len(result_rows(exp / name)) == n, f"{name} was trained again"
+    assert_records_agree(exp)
