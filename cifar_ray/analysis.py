@@ -233,8 +233,8 @@ class Sweep:
             row[f"best_{self.metric}"] = _best(curve[self.metric], self.mode) if self.metric in curve else math.nan
             row["epochs"] = int(last.get(M.EPOCH, 0) or 0)
             row["seconds"] = float(last.get("time_total_s", math.nan))
-            for k in ("node", "node_id", "device", "accelerator"):
-                row[k] = last.get(k)
+            for k in ("node", "node_id", "node_type", "device", "accelerator"):
+                row[k] = last.get(k)  # node_type: the autoscaler node type; None on a plain Ray
             row["error"] = rec.error
             rows.append(row)
         return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True) if rows else pd.DataFrame(rows)

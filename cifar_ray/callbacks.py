@@ -22,6 +22,7 @@ from cifar_ray.analysis import HISTORY_FILE, OUTCOME_FILE, ended_status, read_ro
 from cifar_ray.files import atomic_write_text, read_text_nofollow
 from cifar_ray.tracking import TrialTracker, run_id
 
+NODE_TYPE = "node_type"  # history.jsonl and trials(): the autoscaler node type of the trial's node
 RECORDED_AT = "recorded_at"  # history.jsonl: when the driver received the report, Unix seconds (float)
 
 
@@ -77,18 +78,22 @@ class TrialRecorder(tune.Callback):
     """One W&B run per trial, fed every result in the order Tune records it, and an outcome file
     (outcome.json) in each trial's folder when the trial ends. Never fails the sweep."""
 
-    def __init__(self, wandb_settings: dict, sweep_name: str):
+    def __init__(self, wandb_settings: dict, sweep_name: str, node_types: Optional[dict] = None):
+        from cifar_ray.cluster import NodeTypes
+
         self.wandb_settings = wandb_settings
         self.sweep_name = sweep_name
+        self.node_types = node_types or {}  # autoscaler node type -> its resources (cluster.node_type_offers)
+        self._nodes = NodeTypes(self.node_types)
         self._trackers: dict[str, TrialTracker] = {}
         self._configs: dict[str, dict] = {}
         self._warned = False
 
     def __getstate__(self) -> dict:  # Tune pickles the run config: no live W&B runs in it
-        return {"wandb_settings": self.wandb_settings, "sweep_name": self.sweep_name}
+        return {"wandb_settings": self.wandb_settings, "sweep_name": self.sweep_name, "node_types": self.node_types}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["wandb_settings"], state["sweep_name"])
+        self.__init__(state["wandb_settings"], state["sweep_name"], state.get("node_types"))
 
     def _tracker(self, trial, result: dict) -> TrialTracker:
         tracker = self._trackers.get(trial.trial_id)
@@ -114,6 +119,8 @@ class TrialRecorder(tune.Callback):
 
     @never_fails
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.node_types and NODE_TYPE not in result:  # the autoscaler node type the trial ran on
+            result[NODE_TYPE] = self._nodes.of(result.get("node_id"))
         append_history(trial.local_path, result)
         if result.get(M.WARNINGS):  # the worker's own console is not forwarded (see sweep.start_ray)
             print(f"warning: trial {trial.trial_id}: {result[M.WARNINGS]}", file=sys.stderr)

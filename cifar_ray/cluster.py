@@ -94,6 +94,39 @@ def cluster_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
+def _signature(offers: dict[str, float]) -> dict[str, float]:
+    """What tells node types apart: every resource but CPUs, memory and Ray's own node/accelerator labels."""
+    return {k: float(v) for k, v in _node_offers(offers).items()
+            if v and k != "cpu" and not k.startswith(("node:", "memory", "object_store_memory", ACCELERATOR_PREFIX))}
+
+
+def match_node_type(node_resources: dict[str, float], types: dict[str, dict[str, float]]) -> Optional[str]:
+    """The autoscaler node type whose resources a node has (GPUs and tags; CPUs decide a tie)."""
+    sig = _signature(node_resources)
+    same = [name for name, offers in types.items() if _signature(offers) == sig]
+    if len(same) > 1:
+        cpus = _node_offers(node_resources).get("cpu", 0)
+        same = [name for name in same if types[name].get("cpu", 0) == cpus] or same[:0]
+    return same[0] if len(same) == 1 else None
+
+
+class NodeTypes:
+    """node id -> autoscaler node type, for a cluster with node types (--cluster-config or a `ray up`
+    head); always None on a plain Ray. Ray's node list is read again when an unknown node appears."""
+
+    def __init__(self, types: dict[str, dict[str, float]]):
+        self.types = types
+        self._known: dict[str, Optional[str]] = {}
+
+    def of(self, node_id: Optional[str]) -> Optional[str]:
+        if not self.types or not node_id:
+            return None
+        if node_id not in self._known:
+            for node in cluster_nodes():
+                self._known[node["NodeID"]] = match_node_type(node.get("Resources") or {}, self.types)
+        return self._known.get(node_id)
+
+
 def _short(resources: dict[str, float]) -> str:
     keep = {k: v for k, v in resources.items() if not k.startswith(("node:", "memory", "object_store_memory"))}
     return ", ".join(f"{k}={v:g}" for k, v in sorted(keep.items()))
@@ -117,6 +150,8 @@ def check_feasible(requests: dict[str, dict[str, float]],
 
 # ---------------------------------------------------------------- cluster files
 
+FAKE_PROVIDER = "fake_multinode"  # Ray's provider that starts node types as raylets on this machine
+TWIN_OF = "cluster.yaml"  # a fake-multinode file in clusters/ mirrors the repository's cluster.yaml
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster file on the head
 SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "fuse.sshfs", "lustre", "gpfs", "ceph", "glusterfs",
                       "fuse.glusterfs", "beegfs", "fuse.s3fs", "fuse.gcsfuse", "9p", "virtiofs")
@@ -136,12 +171,18 @@ def validate_cluster_file(path: str) -> dict:
         # Ray's validator is private API: this is the one place that calls it.
         from ray.autoscaler._private.util import prepare_config, validate_config
 
-        config = prepare_config(copy.deepcopy(raw))
+        if (raw.get("provider") or {}).get("type") == FAKE_PROVIDER:
+            # prepare_config merges a defaults file the wheel lacks for this provider; such a file is
+            # complete on its own (clusters/local.yaml), so the schema is checked as it stands
+            config = copy.deepcopy(raw)
+        else:
+            config = prepare_config(copy.deepcopy(raw))
         validate_config(config)
     except Exception as exc:  # jsonschema.ValidationError, ValueError, KeyError from Ray
         detail = " ".join(str(exc).split())[:400]
         raise ConfigError(f"{path}: not a valid Ray cluster file: {detail}") from None
-    config["_host_tags"] = host_tags(p)
+    # hosts/<hostname>.json describe the machines of an on-prem (provider: local) file beside them
+    config["_host_tags"] = host_tags(p) if (raw.get("provider") or {}).get("type") == "local" else {}
     return config
 
 
@@ -169,6 +210,27 @@ def node_type_offers(config: dict) -> dict[str, dict[str, float]]:
     for host, tags in (config.get("_host_tags") or {}).items():
         offers[f"host {host}"] = {"cpu": 1e9, "gpu": tags.get("cuda", 0), **tags}  # CPU count unknown offline
     return offers
+
+
+def twin_problems(local_path: str, local: dict, cloud_path: str, cloud: dict) -> list[str]:
+    """A fake-multinode twin must offer the same node type names, GPU counts and tags as the cloud
+    file (CPUs are scaled to the machine), so a sweep placed correctly on it is placed correctly there."""
+    mine, theirs = node_type_offers(local), node_type_offers(cloud)
+    problems = []
+    if set(mine) != set(theirs):
+        problems.append(f"{local_path}: node types {', '.join(sorted(mine))} differ from {cloud_path}'s "
+                        f"{', '.join(sorted(theirs))}")
+    for name in sorted(set(mine) & set(theirs)):
+        if _signature(mine[name]) != _signature(theirs[name]):
+            problems.append(f"{local_path}: node type {name} offers {_short(_signature(mine[name]))}; {cloud_path} "
+                            f"offers {_short(_signature(theirs[name]))} (GPUs and tags must match; CPUs may differ)")
+    return problems
+
+
+def twin_of(path: str) -> Optional[Path]:
+    """The cloud file a fake-multinode cluster file in clusters/ mirrors: the repository's cluster.yaml."""
+    twin = Path(path).resolve().parent.parent / TWIN_OF
+    return twin if twin.is_file() and twin != Path(path).resolve() else None
 
 
 def tags_used(sweep: SweepConfig) -> set[str]:
@@ -246,6 +308,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             for name, offers in node_type_offers(config).items():
                 print(f"{f}: {name}: {_short({k: v for k, v in offers.items() if v < 1e9})}")
         problems = check_sweep_tags(sorted(Path(args.sweeps).glob("*.yaml")), configs)
+        for f, config in configs.items():
+            twin = twin_of(f) if (config.get("provider") or {}).get("type") == FAKE_PROVIDER else None
+            if twin is not None:
+                found = twin_problems(f, config, str(twin), validate_cluster_file(str(twin)))
+                problems += found
+                if not found:
+                    print(f"{f}: the twin of {twin.name}: the same node types, GPU counts and tags")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

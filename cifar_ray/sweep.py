@@ -232,7 +232,8 @@ def check_results_folder(plan: Plan, resume: bool) -> None:
                               "resume with the original file, or start a new sweep with another --name")
 
 
-def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False):
+def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False,
+                node_types: Optional[dict] = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
@@ -249,9 +250,10 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     trainable = tune.with_resources(
         trainable, lambda config: requests.get(config.get("model.name"), requests[default_model]))
     wandb_dir = str(plan.results / "wandb")  # local even with cloud storage: W&B writes files as it runs
-    recorder = TrialRecorder(preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir, verbose)), sweep.name)
-    # the journal mirror goes first: the recorder marks stopped trials in the result they share
-    callbacks = [JournalCallback(mirror), recorder]
+    recorder = TrialRecorder(preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir, verbose)), sweep.name,
+                             node_types)
+    # the recorder goes first: it adds the node type to the result the journal mirror records too
+    callbacks = [recorder, JournalCallback(mirror)]
     if resume:
         tuner = tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, param_space=param_space(space))
@@ -556,13 +558,14 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     quiet_logs(args.verbose)
     start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
     check_storage(plan.storage, cluster_nodes())
+    node_types = autoscaler_node_types(args.cluster_config)
     if not args.allow_pending:
-        check_feasible(requests_by_model(plan.sweep, plan.space), autoscaler_node_types(args.cluster_config))
+        check_feasible(requests_by_model(plan.sweep, plan.space), node_types)
     write_sweep_copy(plan)
     mirror = open_mirror(plan)
     if watch is not None:
         watch_beside(plan, *watch, args.watch_host)
-    tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose)
+    tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types)
     grid = tuner.fit()
     if plan.remote:
         return summarize_remote(plan, grid)

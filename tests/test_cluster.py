@@ -12,7 +12,7 @@ from cifar_ray.cluster import main as cluster_main
 from cifar_ray.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "clusters" / "onprem.yaml"]
+CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "clusters" / "onprem.yaml", ROOT / "clusters" / "local.yaml"]
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
@@ -94,3 +94,97 @@ def test_placement_on_a_real_multi_node_cluster(tmp_path):
     mps = pd.read_parquet(tmp_path / "results" / "on_mps" / "trials.parquet")
     mps_node = [nid for nid, res in out["nodes"].items() if res.get("mps")][0]
     assert (mps["node_id"] == mps_node).all()
+
+
+def test_the_local_twin_mirrors_cluster_yaml_and_a_drift_is_named(tmp_path, capsys):
+    from cifar_ray.cluster import twin_problems
+
+    assert cluster_main(["validate", str(ROOT / "cluster.yaml"), str(ROOT / "clusters" / "local.yaml")]) == 0
+    assert "the twin of cluster.yaml" in capsys.readouterr().out
+    local = validate_cluster_file(str(ROOT / "clusters" / "local.yaml"))
+    cloud = validate_cluster_file(str(ROOT / "cluster.yaml"))
+    assert local["provider"]["type"] == "fake_multinode"
+    assert all(t["resources"].get("CPU", 0) <= 1 for t in local["available_node_types"].values())
+    local["available_node_types"]["a10g"]["resources"]["a10g"] = 2
+    del local["available_node_types"]["a100x8"]
+    problems = twin_problems("local.yaml", local, "cluster.yaml", cloud)
+    assert any("node types" in p for p in problems) and any("node type a10g" in p for p in problems)
+
+
+def test_a_node_is_matched_to_its_node_type():
+    from cifar_ray.cluster import match_node_type
+
+    types = node_type_offers(validate_cluster_file(str(ROOT / "cluster.yaml")))
+    node = {"CPU": 4.0, "GPU": 1.0, "cuda": 1.0, "t4": 1.0, "gpu_mem_16g": 1.0, "memory": 1e9,
+            "node:10.0.0.5": 1.0, "accelerator_type:T4": 1.0}
+    assert match_node_type(node, types) == "t4_spot"
+    assert match_node_type({"CPU": 0.0, "memory": 1e9}, types) == "head"
+    assert match_node_type({"CPU": 8.0, "GPU": 2.0}, types) is None  # no such type
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _alive_node_types(env: dict, address: str) -> list[dict]:
+    """Alive nodes' resources, asked from a separate process (this one may hold the session's Ray)."""
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % address)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp_path):
+    import os
+    import tempfile
+
+    from cifar_ray.cluster import match_node_type
+    from conftest import wait_for, write_sweep
+
+    if not _port_free(6379):
+        pytest.skip("port 6379 is in use; the local cluster's head needs it (Ray's fake provider connects there)")
+    ray_tmp = tempfile.mkdtemp(prefix="crl", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    env |= {"PY": sys.executable, "CIFAR_RAY_LOCAL_TMPDIR": ray_tmp}
+    script = [str(ROOT / "scripts" / "local-cluster.sh")]
+    address = "auto"  # found through RAY_TMPDIR: the head advertises a fake node address
+    sweep_env = env | {"RAY_TMPDIR": ray_tmp}
+    types = node_type_offers(validate_cluster_file(str(ROOT / "clusters" / "local.yaml")))
+
+    def running_types() -> list:
+        return sorted(str(match_node_type(r, types)) for r in _alive_node_types(sweep_env, address))
+
+    up = subprocess.run([*script, "up"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert f"RAY_TMPDIR={ray_tmp} python -m cifar_ray.sweep" in up.stdout
+        assert "--address auto --cluster-config clusters/local.yaml" in up.stdout
+        assert running_types() == ["head"]  # the worker types start from zero
+        path = write_sweep(tmp_path, "twin", model={"name": {"grid": ["base", "net3"]}},
+                           resources={"cpu": 1, "gpu": 1, "tags": {"t4": 1}},
+                           resources_by_model={"net3": {"cpu": 1, "gpu": 1, "tags": {"a100": 1}}})
+        cmd = [sys.executable, "-m", "cifar_ray.sweep", str(path), "--storage-path", str(tmp_path / "results"),
+               "--address", address, "--cluster-config", str(ROOT / "clusters" / "local.yaml")]
+        run = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        df = pd.read_parquet(tmp_path / "results" / "twin" / "trials.parquet").set_index("model.name")
+        assert df.loc["base", "node_type"] == "t4_spot" and df.loc["net3", "node_type"] == "a100x8"
+        assert set(df["status"]) == {"completed"}
+        # a tag no node type offers is still refused before anything starts, naming the node types
+        bad = write_sweep(tmp_path, "h100", resources={"cpu": 1, "gpu": 1, "tags": {"h100": 1}})
+        refused = subprocess.run([*cmd[:3], str(bad), *cmd[4:]], env=sweep_env, capture_output=True, text=True,
+                                 timeout=300, cwd=ROOT)
+        assert refused.returncode == 4, refused.stderr[-2000:]
+        assert "t4_spot" in refused.stderr and "h100" in refused.stderr
+        # after the idle timeout (15 s) the autoscaler removes the workers again
+        wait_for(lambda: running_types() == ["head"], "the idle worker nodes to go away")
+    finally:
+        down = subprocess.run([*script, "down"], env=env, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+        left = subprocess.run(["pgrep", "-f", "--", ray_tmp + "/"], capture_output=True, text=True)
+        assert not left.stdout.strip(), f"processes of the local cluster left: {left.stdout}"

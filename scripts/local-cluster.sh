@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# A local autoscaling Ray cluster, the twin of cluster.yaml on this one machine (clusters/local.yaml,
+# Ray's fake multi-node provider: worker types start as real raylets here when a trial asks for their
+# tags, and stop when idle).
+#   scripts/local-cluster.sh up       start the head; prints the line to run a sweep on it
+#   scripts/local-cluster.sh status   ray status of this cluster
+#   scripts/local-cluster.sh down     stop it: every process of this cluster, and only those
+# Settings: PY (default .venv/bin/python), CIFAR_RAY_LOCAL_TMPDIR (Ray's temporary root for this
+# cluster, default /tmp/cifar_ray-local-<uid>). The head listens on Ray's default port 6379: Ray's fake
+# provider starts the worker raylets with --address <this machine>:6379.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-.venv/bin/python}"
+RAY="$(dirname "$PY")/ray"
+PORT=6379
+export RAY_TMPDIR="${CIFAR_RAY_LOCAL_TMPDIR:-/tmp/cifar_ray-local-$(id -u)}"
+CONFIG=clusters/local.yaml
+
+cluster_pids() {  # every process of this cluster names its temporary root on its command line
+  pgrep -u "$(id -u)" -f -- "$RAY_TMPDIR/" || true
+}
+
+case "${1:-}" in
+  up)
+    if [ -n "$(cluster_pids)" ]; then
+      echo "error: a local cluster is already running under $RAY_TMPDIR; scripts/local-cluster.sh down first" >&2
+      exit 2
+    fi
+    if "$PY" -c "import socket, sys; s = socket.socket(); sys.exit(s.connect_ex(('127.0.0.1', $PORT)) != 0)"; then
+      echo "error: port $PORT is in use (another Ray head?); the local cluster needs it" >&2
+      exit 2
+    fi
+    "$PY" -m cifar_ray.cluster validate "$CONFIG" >/dev/null
+    mkdir -p -m 700 "$RAY_TMPDIR"
+    # `ray up` needs the wheel's fake_multi_node/example.yaml to merge defaults; Ray 2.60's wheel lacks it,
+    # so the head is started directly with the same autoscaling config (what `ray up` would run).
+    if "$PY" -c 'import os, ray.autoscaler as a; raise SystemExit(not os.path.exists(os.path.join(
+        os.path.dirname(a.__file__), "_private", "fake_multi_node", "example.yaml")))' 2>/dev/null; then
+      RAY_FAKE_CLUSTER=1 "$RAY" up -y "$CONFIG" >/dev/null
+    else
+      RAY_FAKE_CLUSTER=1 "$RAY" start --head --port="$PORT" --num-cpus=0 --include-dashboard=false \
+        --autoscaling-config="$CONFIG" >/dev/null
+    fi
+    echo "local cluster up (head on port $PORT; worker types start on demand, stop after 15 s idle)"
+    echo "run a sweep on it:"
+    echo "  RAY_TMPDIR=$RAY_TMPDIR python -m cifar_ray.sweep sweeps/quickstart.yaml --address auto --cluster-config $CONFIG"
+    ;;
+  status)
+    "$RAY" status --address auto
+    ;;
+  down)
+    pids="$(cluster_pids)"
+    if [ -z "$pids" ]; then
+      echo "no local cluster running under $RAY_TMPDIR"
+      exit 0
+    fi
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 1 100); do  # up to 20 s for a clean exit, then SIGKILL what is left
+      [ -z "$(cluster_pids)" ] && break
+      sleep 0.2
+    done
+    left="$(cluster_pids)"
+    [ -n "$left" ] && kill -KILL $left 2>/dev/null || true
+    echo "local cluster down"
+    ;;
+  *)
+    echo "usage: scripts/local-cluster.sh up|status|down" >&2
+    exit 2
+    ;;
+esac
