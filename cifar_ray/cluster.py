@@ -169,8 +169,12 @@ def validate_cluster_file(path: str) -> dict:
         raise ConfigError(f"{path}: must be a mapping (a Ray cluster file)")
     try:
         # Ray's validator is private API: this is the one place that calls it.
+        import logging
+
         from ray.autoscaler._private.util import prepare_config, validate_config
 
+        # its "setting max workers for head node type to 0" is not news to someone validating a file
+        logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)
         if (raw.get("provider") or {}).get("type") == FAKE_PROVIDER:
             # prepare_config merges a defaults file the wheel lacks for this provider; such a file is
             # complete on its own (clusters/local.yaml), so the schema is checked as it stands

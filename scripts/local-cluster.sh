@@ -36,17 +36,21 @@ case "${1:-}" in
     # so the head is started directly with the same autoscaling config (what `ray up` would run).
     if "$PY" -c 'import os, ray.autoscaler as a; raise SystemExit(not os.path.exists(os.path.join(
         os.path.dirname(a.__file__), "_private", "fake_multi_node", "example.yaml")))' 2>/dev/null; then
-      RAY_FAKE_CLUSTER=1 "$RAY" up -y "$CONFIG" >/dev/null
+      RAY_FAKE_CLUSTER=1 "$RAY" up -y "$CONFIG" >"$RAY_TMPDIR/start.log" 2>&1 || { cat "$RAY_TMPDIR/start.log" >&2; exit 1; }
     else
-      RAY_FAKE_CLUSTER=1 "$RAY" start --head --port="$PORT" --num-cpus=0 --include-dashboard=false \
-        --autoscaling-config="$CONFIG" >/dev/null
+      if ! RAY_FAKE_CLUSTER=1 "$RAY" start --head --port="$PORT" --num-cpus=0 --include-dashboard=false \
+          --autoscaling-config="$CONFIG" >"$RAY_TMPDIR/start.log" 2>&1; then
+        cat "$RAY_TMPDIR/start.log" >&2
+        exit 1
+      fi
     fi
     echo "local cluster up (head on port $PORT; worker types start on demand, stop after 15 s idle)"
     echo "run a sweep on it:"
     echo "  RAY_TMPDIR=$RAY_TMPDIR python -m cifar_ray.sweep sweeps/quickstart.yaml --address auto --cluster-config $CONFIG"
     ;;
   status)
-    "$RAY" status --address auto
+    # the CLI does not find the token mode of a cluster it did not start itself; it is on (Ray 2.60's default)
+    RAY_AUTH_MODE=token "$RAY" status --address auto
     ;;
   down)
     pids="$(cluster_pids)"
