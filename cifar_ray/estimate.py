@@ -48,7 +48,7 @@ def _timing_keys(space: Space) -> list[str]:
     return [k for k in space.values if k.startswith(TIME_KEYS)]
 
 
-def _variants(space: Space, sweep: SweepConfig, trials: Optional[list[dict]]) -> list[dict]:
+def _variants(space: Space, trials: Optional[list[dict]]) -> list[dict]:
     """The flat configs of the trials (a random space: each time-relevant candidate once)."""
     if trials is not None:
         return trials
@@ -197,7 +197,7 @@ def estimate(sweep: SweepConfig, space: Space, trials: Optional[list[dict]], n_t
     default_model = next(iter(requests))
     lines = []
     rates: dict[tuple, Rate] = {}
-    variants = _variants(space, sweep, trials)
+    variants = _variants(space, trials)
     for flat in variants:
         key = _signature(flat)
         if key not in rates:

@@ -82,13 +82,16 @@ def _points(lo: float, hi: float, n: int, log: bool) -> list[float]:
 
 def refine_domain(key: str, dom: Domain, values: list[Any], base: dict) -> Any:
     """The new domain (as the sweep file writes it) or constant for one searched key."""
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and values
-    int_listing = dom.kind in ("grid", "choice") and all(isinstance(v, int) for v in dom.values)
-    if dom.kind in ("grid", "choice") and (not numbers or int_listing or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in dom.values)):
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    listed = dom.kind in ("grid", "choice")
+    # a listing of anything but floats (names, flags, policies, batch sizes) keeps the values the top K used
+    if listed and not (all(number(v) for v in (*dom.values, *values)) and not all(isinstance(v, int)
+                                                                               for v in dom.values)):
         kept = [v for v in dom.values if any(v == u for u in values)] or list(dict.fromkeys(values))
         return kept[0] if len(kept) == 1 else {dom.kind: kept}
-    if not numbers:
+    if not all(number(v) for v in values):
         return {dom.kind: list(dom.values)}
     integer = dom.kind == "randint"
     lo, hi = _numeric_bounds(dom, [float(v) for v in values])
