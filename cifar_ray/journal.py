@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cifar_ray import metrics as M
-from cifar_ray.analysis import JOURNAL_FILE  # noqa: F401 - the file's name, kept with the others
 
 TUNE_TRIAL_ID = "tune_trial_id"  # user attribute naming the Tune trial
 USER_ATTRS = ("node", "device", "accelerator", "node_type")  # copied from a trial's reports when present
