@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "sigmoid"]
 Optimizer = Literal["sgd", "adam", "adamw"]
-Schedule = Literal["none", "step", "cosine", "onecycle"]
+Schedule = Literal["none", "step", "cosine", "onecycle", "triangle"]
+Tta = Literal["none", "flip", "flip_translate"]
 Stem = Literal["cifar", "imagenet"]
 Amp = Literal["auto", "bf16", "fp16", "off"]
 
@@ -119,6 +120,31 @@ class TrainConfig(Strict):
     schedule: Schedule = "none"
     step_size: int = Field(10, ge=1, description="epochs between lr drops for schedule=step")
     gamma: float = Field(0.1, gt=0, le=1, description="lr factor at each step for schedule=step")
+    # schedule=triangle, stepped per batch: lr * start_factor rising linearly to lr over the first
+    # warmup_fraction of the run's steps, then falling linearly to lr * end_factor at its last step.
+    # The defaults are airbench's (Jordan 2024): a short ramp, then a long straight decay.
+    warmup_fraction: float = Field(0.23, ge=0, lt=1, description="schedule=triangle: fraction of steps rising to lr")
+    start_factor: float = Field(0.2, ge=0, le=1, description="schedule=triangle: lr factor at the first step")
+    end_factor: float = Field(0.07, ge=0, le=1, description="schedule=triangle: lr factor at the last step")
+    # Biases and normalisation parameters (1-D tensors) as their own parameter group. Their gradients
+    # are small next to their scale, so a fast run raises their lr (airbench: 64x) and lowers their
+    # decay by the same factor, keeping the decay per step (lr x weight_decay) that of the weights.
+    bias_lr_factor: float = Field(1.0, gt=0, le=1000, description="lr multiplier for biases and norm parameters")
+    bias_decay_factor: float = Field(1.0, ge=0, le=1000,
+                                     description="weight_decay multiplier for biases and norm parameters; 0: none")
+    # Lookahead (Zhang et al. 2019) as airbench runs it: every lookahead_every steps the running average
+    # of the weights (and BN statistics) moves towards them and is copied back into the model. Its decay
+    # per step ramps up as (progress)^3, so the run moves freely early and averages strongly at the end.
+    lookahead_decay: float = Field(0.0, ge=0, lt=1, description="per-step decay of the weights' average; 0: off")
+    lookahead_every: int = Field(5, ge=1, description="steps between lookahead updates")
+    lookahead_start: float = Field(0.3, ge=0, lt=1, description="fraction of the run's steps before lookahead starts")
+    data_init_images: int = Field(5000, ge=0, description="training images a model's data-dependent initialisation "
+                                  "(a whitening layer) sees before the first step; 0 skips it")
+    # Test-time views cost a forward pass each (flip_translate: 6), so the per-epoch validation stays
+    # plain, comparable across epochs and cheap, as airbench does; the evaluation after training uses them.
+    tta: Tta = Field("none", description="test-time augmentation of the evaluation after training (test report, "
+                     "Sweep.evaluate): flip averages the logits of the image and its mirror; flip_translate adds "
+                     "both shifted one pixel up-left and down-right (6 views)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     early_stopping_patience: Optional[int] = Field(None, ge=1,
                                                    description="stop after this many epochs without a lower val_loss")
@@ -131,6 +157,12 @@ class TrainConfig(Strict):
     # 256: on the CPU, netconv evaluates at 6,600 img/s in batches of 256 and 3,200 in batches of 1,000
     # (bf16, one thread; the larger batch falls out of cache); on a GPU 256 is already past launch cost.
     eval_batch_size: int = Field(256, ge=1)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_off(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare `off` as false: `amp: off` and `--set train.amp=off` mean "off"
+        return "off" if value is False else value
 
     @field_validator("device")
     @classmethod
@@ -240,6 +272,6 @@ def trial_config(data: dict, where: str = "config") -> TrialConfig:
 
 __all__ = [
     "Activation", "Amp", "AugmentConfig", "AUGMENT_PRESETS", "ConfigError", "DataConfig", "ModelConfig", "Optimizer",
-    "Schedule", "Stem", "Strict", "TrainConfig", "TrialConfig", "default", "describe_errors", "did_you_mean",
+    "Schedule", "Stem", "Strict", "Tta", "TrainConfig", "TrialConfig", "default", "describe_errors", "did_you_mean",
     "trial_config", "unflatten",
 ]

@@ -2,6 +2,8 @@
 
 Run one trial without Ray:
     python -m cifar_ray.train --model netconv --data synthetic --epochs 2
+    python -m cifar_ray.train --from sweeps/fast.yaml            # a sweep file's one configuration
+    python -m cifar_ray.train --from results/quickstart --trial 00003   # a finished sweep's trial, again
 """
 from __future__ import annotations
 
@@ -138,10 +140,35 @@ def logits_of(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x moved by (dy, dx) px, the border filled by reflection: (B, C, H, W) -> (B, C, H, W)."""
+    h, w = x.shape[-2:]
+    p = max(abs(dy), abs(dx))
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    return padded[..., p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's logits averaged over test-time views of x (B, C, H, W) -> (B, classes).
+    flip: the image and its mirror, equal weights. flip_translate: that pair at half weight, plus the
+    pair shifted one pixel up-left and the pair shifted down-right at a quarter each (airbench's views)."""
+    def pair(v):
+        return 0.5 * (logits_of(model(v)).float() + logits_of(model(v.flip(-1))).float())
+
+    if tta == "none":
+        return logits_of(model(x)).float()
+    if tta == "flip":
+        return pair(x)
+    if tta == "flip_translate":
+        return 0.5 * pair(x) + 0.25 * (pair(shifted(x, -1, -1)) + pair(shifted(x, 1, 1)))
+    raise ValueError(f"tta: {tta!r} is not one of none, flip, flip_translate")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, images: DeviceImages, idx: torch.Tensor, classes: tuple[str, ...],
-             batch_size: int = 256, amp: Optional[torch.dtype] = None) -> Evaluation:
-    """Accuracy, mean loss, per-class accuracy and confusion matrix of model on images[idx]."""
+             batch_size: int = 256, amp: Optional[torch.dtype] = None, tta: str = "none") -> Evaluation:
+    """Accuracy, mean loss, per-class accuracy and confusion matrix of model on images[idx]
+    (logits averaged over the test-time views `tta` names)."""
     was_training = model.training
     model.eval()
     n_cls = len(classes)
@@ -150,7 +177,7 @@ def evaluate(model: nn.Module, images: DeviceImages, idx: torch.Tensor, classes:
     autocast = torch.autocast(idx.device.type, dtype=amp) if amp else nullcontext()
     for x, y in images.batches(idx, batch_size):
         with autocast:
-            logits = logits_of(model(x))
+            logits = tta_logits(model, x, tta)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         confusion += torch.bincount(y * n_cls + logits.argmax(1), minlength=n_cls * n_cls)
     model.train(was_training)
@@ -195,14 +222,44 @@ class FitResult:
     evaluation: Optional[Evaluation] = None  # on the validation split, after the last epoch
 
 
-def build_optimizer(cfg: TrialConfig, params) -> torch.optim.Optimizer:
-    t = cfg.train
+def param_groups(cfg: TrialConfig, model: nn.Module) -> list[dict]:
+    """The trained parameters as optimizer groups: the weights first (their lr is the one reported),
+    then, when train.bias_lr_factor or bias_decay_factor is set, the biases and normalisation
+    parameters (every 1-D tensor) with their own lr and weight decay. Frozen parameters are left out."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    settings = group_settings(cfg.train)
+    if len(settings) == 1:
+        return [{"params": trained, **settings[0]}]
+    weights, vectors = [p for p in trained if p.ndim > 1], [p for p in trained if p.ndim <= 1]
+    return [{"params": weights, **settings[0]}, {"params": vectors, **settings[1]}]
+
+
+def group_settings(t) -> list[dict]:
+    """lr and weight_decay of each parameter group param_groups makes (t: a TrainConfig)."""
     lr = t.effective_lr()
+    if t.bias_lr_factor == 1 and t.bias_decay_factor == 1:
+        return [{"lr": lr, "weight_decay": t.weight_decay}]
+    return [{"lr": lr, "weight_decay": t.weight_decay},
+            {"lr": lr * t.bias_lr_factor, "weight_decay": t.weight_decay * t.bias_decay_factor}]
+
+
+def build_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = param_groups(cfg, model)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, momentum=t.momentum, nesterov=t.nesterov)
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(groups)
+    return torch.optim.AdamW(groups)
+
+
+def triangle(step: int, total: int, warmup_fraction: float, start: float, end: float) -> float:
+    """The lr factor at `step` of `total`: start -> 1 linearly until warmup_fraction of the steps,
+    then 1 -> end linearly at the last step."""
+    peak = warmup_fraction * total
+    if step < peak:
+        return start + (1 - start) * step / peak
+    return 1 + (end - 1) * (step - peak) / max(total - peak, 1)
 
 
 def build_schedule(cfg: TrialConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
@@ -212,9 +269,13 @@ def build_schedule(cfg: TrialConfig, opt: torch.optim.Optimizer, steps_per_epoch
         return torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_size, gamma=t.gamma), False
     if t.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs), False
-    if t.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.effective_lr(), epochs=t.epochs,
-                                                   steps_per_epoch=steps_per_epoch), True
+    if t.schedule == "onecycle":  # each group peaks at its own lr (the biases' may be scaled)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   epochs=t.epochs, steps_per_epoch=steps_per_epoch), True
+    if t.schedule == "triangle":
+        total = t.epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: triangle(step, total, t.warmup_fraction, t.start_factor, t.end_factor)), True
     return None, False
 
 
@@ -250,7 +311,10 @@ class _Run:
     scaler: torch.amp.GradScaler
     gen: torch.Generator  # shuffling and augmentation
     loss_limit: float  # a running mean training loss above this has diverged
+    steps_per_epoch: int
+    lookahead: Optional["Lookahead"]
     first_step_at: Optional[float] = None  # time.perf_counter() of the first training step
+    step: int = 0  # optimizer steps taken in the run, across resumes
 
     @classmethod
     def build(cls, cfg: TrialConfig, dataset: Dataset, device: torch.device) -> "_Run":
@@ -263,14 +327,17 @@ class _Run:
         model = build_model(cfg.model.name, num_classes=len(dataset.classes), **cfg.model.options()).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        opt = build_optimizer(cfg, model.parameters())
-        sched, per_step = build_schedule(cfg, opt, math.ceil(len(train_idx) / t.batch_size))
+        data_init(model, images, train_idx, t.data_init_images, t.seed)
+        opt = build_optimizer(cfg, model)
+        steps_per_epoch = math.ceil(len(train_idx) / t.batch_size)
+        sched, per_step = build_schedule(cfg, opt, steps_per_epoch)
         amp = amp_dtype(t.amp, device)
+        lookahead = Lookahead.of(t, steps_per_epoch) if t.lookahead_decay > 0 else None
         return cls(cfg, device, dataset.classes, images, train_idx, torch.from_numpy(split.val_idx).to(device),
                    model, torch.compile(model) if (t.compile and device.type == "cuda") else model, opt, sched,
                    per_step, amp, torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
                    torch.Generator(device=device).manual_seed(t.seed),
-                   DIVERGENCE_LOSS_FACTOR * math.log(len(dataset.classes)))
+                   DIVERGENCE_LOSS_FACTOR * math.log(len(dataset.classes)), steps_per_epoch, lookahead)
 
     def restore(self, state: dict) -> tuple[int, dict, Optional[dict]]:
         """Load a saved state; returns its epoch, early-stopping bookkeeping and that epoch's metrics."""
@@ -284,6 +351,9 @@ class _Run:
         self.gen.set_state(state["rng"]["generator"].to(self.gen.get_state().device))
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = int(state["epoch"]) * self.steps_per_epoch
+        if self.lookahead is not None:
+            self.lookahead.resume(self.model, self.step)
         return int(state["epoch"]), dict(state["best"]), state.get("metrics")
 
     def state(self, epoch: int, best: dict, metrics: dict) -> dict:
@@ -322,12 +392,17 @@ class _Run:
             self.scaler.update()
             if self.per_step:
                 self.sched.step()
+            self.step += 1
+            if self.lookahead is not None:
+                self.lookahead.after_step(self.model, self.step)
             loss_sum += loss.detach().float() * len(y)
             correct += (logits_of(out).argmax(1) == y).sum()
             seen += len(y)
             if step % DIVERGENCE_CHECK_STEPS == 0 and has_diverged(loss_sum.item() / seen, self.loss_limit):
                 diverged = True
                 break
+        if self.lookahead is not None:
+            self.lookahead.end_epoch(self.model)
         mean_loss = loss_sum.item() / max(seen, 1)
         diverged = diverged or has_diverged(mean_loss, self.loss_limit)
         _sync(device)
@@ -340,6 +415,67 @@ class _Run:
     def validate(self) -> Evaluation:
         t = self.cfg.train
         return evaluate(self.model, self.images, self.val_idx, self.classes, t.eval_batch_size, self.amp)
+
+
+def data_init(model: nn.Module, images: DeviceImages, train_idx: torch.Tensor, count: int, seed: int) -> None:
+    """Run every `data_init(x)` hook of the model's layers (a whitening layer sets its filters from
+    training patches) on `count` training images drawn with `seed`, normalised as training sees them
+    but not augmented. Its own generator: the run's shuffling and augmentation draws are unchanged."""
+    hooks = [m.data_init for m in model.modules() if callable(getattr(m, "data_init", None))]
+    if not hooks or count == 0:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(train_idx), generator=gen)[:count].to(train_idx.device)
+    x, _ = images.batch(train_idx[pick])
+    for hook in hooks:
+        hook(x)
+
+
+@dataclass
+class Lookahead:
+    """A running average of the model's floating-point state (weights and BN statistics), moved
+    towards the model and copied back into it every `every` steps once `start` steps have passed.
+    The decay per update is decay^every x (step / total)^3."""
+
+    decay: float
+    every: int
+    start: int  # step
+    total: int  # steps in the run
+    average: Optional[dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def of(cls, t, steps_per_epoch: int) -> "Lookahead":
+        total = t.epochs * steps_per_epoch
+        return cls(t.lookahead_decay, t.lookahead_every, math.ceil(t.lookahead_start * total), total)
+
+    @staticmethod
+    def _floats(model: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if step < self.start or step % self.every:
+            return
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in self._floats(model).items()}
+            return
+        rho = self.decay ** self.every * (step / self.total) ** 3
+        for k, v in self._floats(model).items():
+            self.average[k].lerp_(v, 1 - rho)
+            v.copy_(self.average[k])
+
+    @torch.no_grad()
+    def end_epoch(self, model: nn.Module) -> None:
+        """Back to the average at the epoch's end (the steps since the last update are dropped), so a
+        checkpoint's weights are the average and resuming needs nothing more."""
+        if self.average is not None:
+            for k, v in self._floats(model).items():
+                v.copy_(self.average[k])
+
+    def resume(self, model: nn.Module, step: int) -> None:
+        # the average was taken at the first update step at or after start (a multiple of every)
+        first = math.ceil(self.start / self.every) * self.every
+        self.average = ({k: v.detach().clone() for k, v in self._floats(model).items()} if step >= first else None)
 
 
 @dataclass(frozen=True)
@@ -457,8 +593,10 @@ def evaluate_split(model: nn.Module, cfg: TrialConfig, dataset: Dataset, split_n
         idx = torch.from_numpy(split.val_idx).to(device)
     else:
         raise ValueError(f"split: {split_name!r} is not one of test, val")
-    # the same precision as training's validation, so a reported val_acc is reproduced exactly
-    return evaluate(model, images, idx, dataset.classes, cfg.train.eval_batch_size, amp_dtype(cfg.train.amp, device))
+    # the same precision as training's validation, so a reported val_acc is reproduced exactly (when
+    # train.tta is none: test-time views are for this final evaluation, not the per-epoch validation)
+    return evaluate(model, images, idx, dataset.classes, cfg.train.eval_batch_size, amp_dtype(cfg.train.amp, device),
+                    cfg.train.tta)
 
 
 # ---------------------------------------------------------------- CLI
@@ -473,33 +611,83 @@ CLI_FLAGS = {
 }
 
 
-def config_from_args(args: argparse.Namespace) -> TrialConfig:
+def flag_overrides(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The flags given, as --set KEY=VALUE overrides."""
+    return [f"{section}.{key}={getattr(args, flag)}" for flag, (section, key) in CLI_FLAGS.items()
+            if getattr(args, flag) is not None and flag not in skip]
+
+
+def choose(args: argparse.Namespace):
+    """The configuration to train: from --from FILE|RESULTS_DIR [--trial], else from the flags; flags and
+    --set override the keys they name either way."""
+    from cifar_ray.retrain import Chosen, from_source
+    from cifar_ray.sweep_config import apply_overrides
+
+    if args.source is not None:
+        return from_source(args.source, args.trial, flag_overrides(args, skip=("data",)) + args.sets, args.data)
     nested: dict[str, dict] = {"model": {}, "data": {}, "train": {}}
     for flag, (section, key) in CLI_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            nested[section][key] = value
-    return trial_config(nested, where="options")
+        if getattr(args, flag) is not None:  # as given: pydantic converts and checks
+            nested[section][key] = getattr(args, flag)
+    return Chosen(trial_config(apply_overrides(nested, args.sets), where="options"), "options")
+
+
+def compare_line(history: list[dict], recorded: list[dict]) -> str:
+    """How this run's validation accuracy compares with the recorded trial's, epoch by epoch."""
+    ours = {m[M.EPOCH]: m[M.VAL_ACC] for m in history}
+    pairs = [(r[M.EPOCH], ours[r[M.EPOCH]], r[M.VAL_ACC]) for r in recorded
+             if r[M.EPOCH] in ours and isinstance(r.get(M.VAL_ACC), (int, float))]
+    if not pairs:
+        return "recorded run: no epoch to compare"
+    worst = max(abs(a - b) for _, a, b in pairs)
+    if worst == 0:
+        return f"recorded run: val_acc identical at all {len(pairs)} recorded epochs"
+    return f"recorded run: val_acc differs by up to {worst:.4f} over {len(pairs)} epochs (thread count, device " \
+           "or library versions differ from the sweep's)"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifar_ray.train", description="Train one model without Ray.")
+    parser.add_argument("--from", dest="source", metavar="FILE|RESULTS_DIR",
+                        help="a sweep file with one configuration (or --trial N of its dry-run list), or a sweep's "
+                             "results folder with --trial ID: train that configuration here")
+    parser.add_argument("--trial", help="with --from: N (1-based) for a sweep file, a trial id (or its unique end, "
+                                        "e.g. 00003) for a results folder")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, e.g. train.seed=1 (repeatable)")
     for flag in CLI_FLAGS:
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag)  # strings: pydantic converts and checks
     args = parser.parse_args(argv)
+    if args.trial is not None and args.source is None:
+        parser.error("--trial goes with --from FILE|RESULTS_DIR")
+    started = time.perf_counter()
     try:
-        cfg = config_from_args(args)
+        chosen = choose(args)
+        cfg = chosen.config
+        for message in chosen.warnings:
+            print(f"warning: {message}", file=sys.stderr)
+        if chosen.threads is not None:
+            torch.set_num_threads(chosen.threads)  # as the trial had: the same arithmetic, epoch for epoch
+        recorded = {r[M.EPOCH]: r for r in chosen.recorded}
+        print(f"training {chosen.label}: {cfg.model.name}, {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, "
+              f"seed {cfg.train.seed}, {torch.get_num_threads()} threads", flush=True)
         dataset = load_dataset(cfg.data)
 
         def show(m: dict, _state) -> None:
+            then = recorded.get(m[M.EPOCH], {}).get(M.VAL_ACC)
+            was = f"  (recorded {then:.4f})" if isinstance(then, (int, float)) else ""
             print(f"epoch {m[M.EPOCH]:>3}/{cfg.train.epochs}  train_loss {m[M.TRAIN_LOSS]:.4f}  "
-                  f"train_acc {m[M.TRAIN_ACC]:.4f}  val_loss {m[M.VAL_LOSS]:.4f}  val_acc {m[M.VAL_ACC]:.4f}  "
+                  f"train_acc {m[M.TRAIN_ACC]:.4f}  val_loss {m[M.VAL_LOSS]:.4f}  val_acc {m[M.VAL_ACC]:.4f}{was}  "
                   f"lr {m[M.LR]:.3g}  {m[M.EPOCH_SECONDS]:.1f}s  {m[M.IMAGES_PER_SECOND]:.0f} img/s  "
                   f"{m[M.STATUS]}", flush=True)
 
-        result = fit(cfg, dataset, on_epoch=show)
+        result = fit(cfg, dataset, on_epoch=show, started_at=started)
         print(f"status: {result.status}")
-        print(format_report(evaluate_split(result.model, cfg, dataset, "test"), "test"))
+        if chosen.recorded:
+            print(compare_line(result.history, chosen.recorded))
+        tta = f" (test-time augmentation: {cfg.train.tta})" if cfg.train.tta != "none" else ""
+        print(format_report(evaluate_split(result.model, cfg, dataset, "test"), "test") + tta)
+        print(f"wall time: {time.perf_counter() - started:.1f} s")
     except (ConfigError, DataError, ModelError, TrainError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from cifar_ray import metrics as M
 from cifar_ray.analysis import STATE_FILE
 from cifar_ray.config import TrialConfig
 from cifar_ray.data import Dataset
-from cifar_ray.train import Grant, fit, load_state, save_state, select_device
+from cifar_ray.train import Grant, fit, group_settings, load_state, save_state, select_device
 
 MPS_TAG = "mps"  # custom resource a node advertises when its trials should use Apple's MPS
 
@@ -127,12 +127,16 @@ def run_trial(config: dict, dataset: Dataset = None, checkpoint_every: int = 1, 
 def _adopt_new_hyperparameters(state: dict, cfg) -> dict:
     """PBT restarts a trial from another trial's checkpoint with mutated hyperparameters: keep the
     weights and optimizer moments but use the new lr, momentum and weight decay."""
-    for group in state["optimizer"]["param_groups"]:
-        group["lr"] = cfg.train.effective_lr()
-        group["initial_lr"] = cfg.train.effective_lr()
-        group["weight_decay"] = cfg.train.weight_decay
+    settings = group_settings(cfg.train)
+    groups = state["optimizer"]["param_groups"]
+    if len(groups) != len(settings):
+        raise RuntimeError(f"PBT mutated the parameter groups of trial config (from {len(groups)} to "
+                           f"{len(settings)}): do not mutate train.bias_lr_factor/bias_decay_factor to or from 1")
+    for group, setting in zip(groups, settings, strict=True):
+        group["lr"] = group["initial_lr"] = setting["lr"]
+        group["weight_decay"] = setting["weight_decay"]
         if "momentum" in group:
             group["momentum"] = cfg.train.momentum
     if state.get("scheduler"):
-        state["scheduler"]["base_lrs"] = [cfg.train.effective_lr()] * len(state["optimizer"]["param_groups"])
+        state["scheduler"]["base_lrs"] = [s["lr"] for s in settings]
     return state

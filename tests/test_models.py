@@ -7,9 +7,9 @@ from cifar_ray.models.stats import count_parameters
 CASES = [(name, stem) for name in list_models() for stem in model_spec(name).stems]
 
 
-def test_registry_lists_the_ten_models():
+def test_registry_lists_the_models():
     assert list_models() == ["net1", "net2", "net3", "base", "netconv", "vgg16", "vgg19", "inception",
-                             "resnet18", "resnet34"]
+                             "resnet18", "resnet34", "whitened_cnn"]
 
 
 @pytest.mark.parametrize("name,stem", CASES)
@@ -44,6 +44,28 @@ def test_imagenet_stem_matches_torchvision(name, reference):
 
     ref = getattr(torchvision.models, reference)(num_classes=10)
     assert count_parameters(build_model(name, stem="imagenet")) == count_parameters(ref)
+
+
+def test_whitened_cnn_shape_and_parameters():
+    model = build_model("whitened_cnn")
+    # whitening 3*24*2*2 (+24 bias); convs 24*64*9, 64*64*9, 64*256*9, 3 x 256*256*9; BN 2 x (2*64 + 4*256);
+    # linear 256*10, no bias
+    assert count_parameters(model) == 312 + 13_824 + 36_864 + 147_456 + 3 * 589_824 + 2 * 1_152 + 2_560 == 1_972_792
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen[0] == "0.weight" and len(frozen) == 1 + 6  # the whitening filters and the six BN scales
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape))) for m in model[:5]]
+    model.eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    for h in hooks:
+        h.remove()
+    assert shapes == [(2, 24, 31, 31), (2, 24, 31, 31), (2, 64, 15, 15), (2, 256, 7, 7), (2, 256, 3, 3)]
+    # the conv blocks start as identities on their first channels (an implicit residual)
+    conv = model[3][0].weight
+    assert torch.equal(conv[:64, :, 1, 1], torch.eye(64)) and conv[:64, :, 0, 0].abs().sum() == 0
+    half = build_model("whitened_cnn", width=0.5)
+    convs = [m.out_channels for m in half.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [24, 32, 32, 128, 128, 128, 128]
 
 
 def test_inception_aux_heads_only_in_training():

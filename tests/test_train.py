@@ -221,3 +221,226 @@ def test_cpu_precision_follows_the_cpu():
     assert amp_dtype("bf16", cpu) == torch.bfloat16
     assert amp_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert amp_dtype("auto", torch.device("mps")) is None
+
+
+# ---------------------------------------------------------------- engine options of the fast recipe
+
+def _one_step(c, synthetic):
+    """The model after building (data init included) and after one optimizer step of run c."""
+    from cifar_ray.train import _Run
+
+    run = _Run.build(c, synthetic, torch.device("cpu"))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.model.train()
+    x, y = next(run.images.batches(run.train_idx, c.train.batch_size, gen=run.gen))
+    loss = torch.nn.functional.cross_entropy(run.model(x), y)
+    run.opt.zero_grad()
+    loss.backward()
+    run.opt.step()
+    return run, before
+
+
+def test_bias_lr_factor_scales_only_the_1d_parameters_step(synthetic):
+    plain, start = _one_step(cfg("netconv", momentum=0.0), synthetic)
+    fast, start2 = _one_step(cfg("netconv", momentum=0.0, bias_lr_factor=8.0), synthetic)
+    assert [g["lr"] for g in fast.opt.param_groups] == [0.05, 0.4]
+    for k, v in plain.model.state_dict().items():
+        if not v.is_floating_point() or "running" in k:
+            continue
+        torch.testing.assert_close(start[k], start2[k])
+        step, step2 = v - start[k], fast.model.state_dict()[k] - start2[k]
+        if v.ndim > 1:  # weights: the same step
+            torch.testing.assert_close(step2, step, msg=k)
+        else:  # biases and BN parameters: 8x the step (plain SGD: the step is lr x gradient)
+            torch.testing.assert_close(step2, 8 * step, rtol=1e-4, atol=1e-6, msg=k)  # fp32 rounding of p + step
+
+
+def test_bias_decay_factor_changes_only_the_biases_decay(synthetic):
+    from cifar_ray.train import param_groups
+
+    c = cfg("netconv", weight_decay=0.01, bias_decay_factor=0.0)
+    model = build_model_for(c)
+    groups = param_groups(c, model)
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.parameters() if p.ndim > 1}
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.parameters() if p.ndim <= 1}
+    # no factor set: one group, as before (checkpoints keep their layout)
+    assert len(param_groups(cfg("netconv", weight_decay=0.01), model)) == 1
+
+
+def build_model_for(c):
+    from cifar_ray.models import build_model
+
+    return build_model(c.model.name, **c.model.options())
+
+
+def test_frozen_parameters_are_not_given_to_the_optimizer():
+    from cifar_ray.train import param_groups
+
+    c = cfg("whitened_cnn", bias_lr_factor=64.0)
+    model = build_model_for(c)
+    given = {id(p) for g in param_groups(c, model) for p in g["params"]}
+    assert id(model[0].weight) not in given and id(model[0].bias) in given
+    assert given == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("schedule", ["triangle", "onecycle"])
+def test_schedules_keep_the_groups_ratio_and_triangle_follows_its_formula(synthetic, schedule):
+    from cifar_ray.train import _Run, triangle
+
+    c = cfg("netconv", epochs=3, schedule=schedule, bias_lr_factor=4.0, warmup_fraction=0.25, start_factor=0.2,
+            end_factor=0.1, batch_size=256)
+    run = _Run.build(c, synthetic, torch.device("cpu"))
+    total = 3 * run.steps_per_epoch
+    seen = []
+    for _ in range(total):
+        lrs = [g["lr"] for g in run.opt.param_groups]
+        assert lrs[1] == pytest.approx(4 * lrs[0])
+        seen.append(lrs[0])
+        run.opt.step()
+        run.sched.step()
+    if schedule == "triangle":
+        assert seen == pytest.approx([0.05 * triangle(s, total, 0.25, 0.2, 0.1) for s in range(total)])
+        assert seen[0] == pytest.approx(0.01) and max(seen) == pytest.approx(0.05, rel=0.1)
+        assert triangle(total, total, 0.25, 0.2, 0.1) == pytest.approx(0.1)
+        peak = seen.index(max(seen))
+        assert all(a < b for a, b in zip(seen[:peak], seen[1:peak + 1], strict=True))
+        assert all(a > b for a, b in zip(seen[peak:-1], seen[peak + 1:], strict=True))
+
+
+def test_data_init_whitens_patches_and_changes_nothing_else(synthetic):
+    from cifar_ray.train import _Run
+
+    c = cfg("whitened_cnn", data_init_images=2000)
+    off = cfg("whitened_cnn", data_init_images=0)
+    torch.manual_seed(0)
+    run = _Run.build(c, synthetic, torch.device("cpu"))
+    run_off = _Run.build(off, synthetic, torch.device("cpu"))
+    on_state, off_state = run.model.state_dict(), run_off.model.state_dict()
+    changed = [k for k in on_state if not torch.equal(on_state[k], off_state[k])]
+    assert changed == ["0.weight"]  # the whitening filters, and nothing else
+    assert torch.equal(run.gen.get_state(), run_off.gen.get_state())  # shuffling and augmentation draws unchanged
+    # Its first 12 channels project 2x2 patches of training images onto unit-variance, uncorrelated axes.
+    x, _ = run.images.batch(run.train_idx[:1000])
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(x.float(), run.model[0].weight)[:, :12]  # (B, 12, 31, 31), no bias
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = flat.T @ flat / len(flat)
+    assert torch.allclose(cov.diagonal(), torch.ones(12), atol=0.15)  # eps caps the smallest eigenvalues' scale
+    off_diagonal = cov - torch.diag(cov.diagonal())
+    assert off_diagonal.abs().max() < 0.1
+    # and the filters come in +/- pairs
+    w = run.model[0].weight
+    assert torch.equal(w[12:], -w[:12])
+
+
+def test_lookahead_pulls_the_weights_to_their_average_at_its_steps():
+    from cifar_ray.train import Lookahead
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    la = Lookahead(decay=0.5, every=2, start=2, total=4)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    la.after_step(model, 1)  # before start: nothing
+    assert la.average is None
+    la.after_step(model, 2)  # the first update takes the average
+    assert torch.equal(la.average["weight"], torch.ones(1, 2))
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    la.after_step(model, 3)  # not a multiple of every
+    assert torch.equal(model.weight, torch.full((1, 2), 3.0))
+    la.after_step(model, 4)  # rho = 0.5^2 x (4/4)^3 = 0.25: average = 0.25 x 1 + 0.75 x 3, copied back
+    torch.testing.assert_close(model.weight.detach(), torch.full((1, 2), 2.5))
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    la.end_epoch(model)
+    torch.testing.assert_close(model.weight.detach(), torch.full((1, 2), 2.5))
+
+
+def test_lookahead_off_changes_nothing_and_on_changes_the_run(synthetic):
+    base = fit(cfg("netconv", epochs=2, model_opts={"width": 0.25}), synthetic)
+    zero = fit(cfg("netconv", epochs=2, model_opts={"width": 0.25}, lookahead_decay=0.0, lookahead_every=3), synthetic)
+    on = fit(cfg("netconv", epochs=2, model_opts={"width": 0.25}, lookahead_decay=0.95, lookahead_start=0.5),
+             synthetic)
+    assert [h[M.VAL_LOSS] for h in zero.history] == [h[M.VAL_LOSS] for h in base.history]
+    assert on.history[0][M.VAL_LOSS] == base.history[0][M.VAL_LOSS]  # starts after half the 2 x 32 steps...
+    assert on.history[1][M.VAL_LOSS] != base.history[1][M.VAL_LOSS]  # ...so only the second epoch differs
+
+
+def test_fast_recipe_resumes_exactly(tmp_path, synthetic):
+    """Lookahead, the triangle schedule, the bias group and data init through a checkpoint."""
+    c = cfg("whitened_cnn", epochs=3, batch_size=128, lr=0.2, momentum=0.85, nesterov=True, weight_decay=1e-3,
+            bias_lr_factor=64.0, bias_decay_factor=1 / 64, schedule="triangle", lookahead_decay=0.95,
+            lookahead_start=0.2, label_smoothing=0.2, model_opts={"width": 0.25},
+            data={"augment": {"hflip": 0.5, "crop_padding": 2}, "synthetic_size": 1200, "val_size": 400})
+
+    def keep(metrics, make_state):
+        if metrics[M.EPOCH] == 2:
+            save_state(make_state(), tmp_path / "epoch2.pt")
+
+    full = fit(c, synthetic, on_epoch=keep)
+    resumed = fit(c, synthetic, resume=load_state(tmp_path / "epoch2.pt"))
+    assert [h[M.EPOCH] for h in resumed.history] == [3]
+    for key in (M.TRAIN_LOSS, M.TRAIN_ACC, M.VAL_LOSS, M.VAL_ACC, M.LR):
+        assert full.history[-1][key] == resumed.history[0][key], key
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+class _MirrorInvariant(torch.nn.Module):
+    """Logits from each row's pixels summed across the width: the same for an image and its mirror."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 32, 10)
+
+    def forward(self, x):  # (B, 3, 32, 32) -> (B, 10)
+        return self.fc(x.sum(3).flatten(1))
+
+
+def _images(n=64):
+    from cifar_ray.batches import DeviceImages
+    from cifar_ray.data import split_dataset
+
+    ds = make_synthetic(600)
+    split = split_dataset(ds, TrialConfig.model_validate({"data": {"source": "synthetic", "val_size": 100}}).data)
+    images = DeviceImages.create(ds.test_x, ds.test_y, split, torch.device("cpu"), channels_last=False)
+    return images, torch.arange(n), ds.classes
+
+
+def test_flip_tta_on_a_mirror_invariant_model_gives_the_same_predictions():
+    from cifar_ray.train import evaluate
+
+    torch.manual_seed(0)
+    model = _MirrorInvariant()
+    images, idx, classes = _images()
+    plain = evaluate(model, images, idx, classes, 32)
+    flipped = evaluate(model, images, idx, classes, 32, tta="flip")
+    assert (plain.confusion == flipped.confusion).all()
+    assert plain.loss == pytest.approx(flipped.loss, rel=1e-5)
+
+
+def test_tta_views_are_the_mirror_and_one_pixel_shifts():
+    from cifar_ray.train import shifted, tta_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    x = torch.randn(4, 3, 32, 32)
+    f = model
+    torch.testing.assert_close(tta_logits(model, x, "flip"), 0.5 * (f(x) + f(x.flip(-1))))
+    pair = lambda v: 0.5 * (f(v) + f(v.flip(-1)))  # noqa: E731
+    up_left, down_right = shifted(x, -1, -1), shifted(x, 1, 1)
+    torch.testing.assert_close(tta_logits(model, x, "flip_translate"),
+                               0.5 * pair(x) + 0.25 * (pair(up_left) + pair(down_right)))
+    assert torch.equal(down_right[..., 1:, 1:], x[..., :-1, :-1])  # content moved down and right by 1 px
+    assert torch.equal(up_left[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(down_right[..., 0, 1:], x[..., 1, :-1])  # the border is reflected
+    assert torch.equal(tta_logits(model, x, "none"), f(x))
+
+
+def test_tta_applies_to_the_final_evaluation_not_the_epochs(synthetic):
+    c = cfg("netconv", epochs=1, tta="flip_translate")
+    plain = cfg("netconv", epochs=1)
+    a, b = fit(c, synthetic), fit(plain, synthetic)
+    assert a.history[0][M.VAL_LOSS] == b.history[0][M.VAL_LOSS]
+    assert evaluate_split(a.model, c, synthetic, "val").loss != evaluate_split(b.model, plain, synthetic, "val").loss

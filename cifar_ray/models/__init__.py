@@ -78,5 +78,5 @@ def build_model(name: str, num_classes: int = 10, **options) -> nn.Module:
 
 # Importing the families registers them (order = listing order).
 # isort: off
-from cifar_ray.models import mlp, tutorial, vgg, googlenet, resnet  # noqa: E402,F401
+from cifar_ray.models import mlp, tutorial, vgg, googlenet, resnet, whitened  # noqa: E402,F401
 # isort: on

@@ -8,13 +8,13 @@ from cifar_ray.models.stats import count_parameters, forward_gflops
 
 
 def main() -> int:
-    print(f"{'model':<10}{'stem':<10}{'params':>14}{'GFLOPs/img':>12}  unsupported  summary")
+    print(f"{'model':<13}{'stem':<10}{'params':>14}{'GFLOPs/img':>12}  unsupported  summary")
     for name in list_models():
         spec = model_spec(name)
         for stem in spec.stems:
             model = build_model(name, stem=stem)
             unsupported = ",".join(sorted(spec.unsupported_devices)) or "-"
-            print(f"{name:<10}{stem:<10}{count_parameters(model):>14,}{forward_gflops(model):>12.3f}  "
+            print(f"{name:<13}{stem:<10}{count_parameters(model):>14,}{forward_gflops(model):>12.3f}  "
                   f"{unsupported:<11}  {spec.summary}")
     return 0
 
