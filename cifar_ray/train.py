@@ -642,8 +642,8 @@ def compare_line(history: list[dict], recorded: list[dict]) -> str:
     worst = max(abs(a - b) for _, a, b in pairs)
     if worst == 0:
         return f"recorded run: val_acc identical at all {len(pairs)} recorded epochs"
-    return f"recorded run: val_acc differs by up to {worst:.4f} over {len(pairs)} epochs (thread count, device " \
-           "or library versions differ from the sweep's)"
+    return (f"recorded run: val_acc differs by up to {worst:.4f} over {len(pairs)} epochs (expected where the "
+            "device, the thread count or library versions differ from the sweep's)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

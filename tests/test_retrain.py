@@ -135,3 +135,14 @@ def test_pick_reports_ambiguous_ids():
     assert _pick(records, "00011", "x").trial_id == "a_00011"
     with pytest.raises(ConfigError, match="matches several trials"):
         _pick(records, "1", "x")
+
+
+def test_compare_line_names_the_largest_difference():
+    from cifar_ray.train import compare_line
+
+    ours = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.6}]
+    assert compare_line(ours, [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.6}]) == \
+        "recorded run: val_acc identical at all 2 recorded epochs"
+    assert "differs by up to 0.0300 over 2 epochs" in compare_line(ours, [{"epoch": 1, "val_acc": 0.52},
+                                                                          {"epoch": 2, "val_acc": 0.63}])
+    assert compare_line(ours, [{"epoch": 5, "val_acc": 0.5}]) == "recorded run: no epoch to compare"
