@@ -124,10 +124,6 @@ def measure(flat: dict, threads: int) -> Rate:
     return Rate(label, trained.images / trained.seconds, val / eval_s, build_s)
 
 
-def _threads(cpu: float) -> int:
-    return max(1, int(math.floor(cpu or 1)))
-
-
 def slots(sweep: SweepConfig, space: Space, available: dict[str, float]) -> int:
     """Trials that run at once: what the machine's CPUs/GPUs fit of the largest request, capped by
     max_concurrent_trials. With no GPU at all, GPU requests are left out (timed as if on the CPU)."""
@@ -191,6 +187,7 @@ def estimate(sweep: SweepConfig, space: Space, trials: Optional[list[dict]], n_t
              available: Optional[dict[str, float]] = None, where: str = "this machine") -> list[str]:
     """The estimate's lines; the last starts with `estimated wall time:`."""
     from cifar_ray.cluster import requests_by_model
+    from cifar_ray.train import trial_threads
 
     available = available or machine()
     requests = requests_by_model(sweep, space)
@@ -202,7 +199,7 @@ def estimate(sweep: SweepConfig, space: Space, trials: Optional[list[dict]], n_t
         key = _signature(flat)
         if key not in rates:
             req = requests.get(flat.get("model.name", default("model.name")), requests[default_model])
-            rates[key] = measure(flat, _threads(req.get("cpu", 1)))
+            rates[key] = measure(flat, trial_threads(req.get("cpu", 1)))
     gpu_asked = any(r.get("gpu") for r in requests.values())
     lines.append(f"measured here ({len(rates)} configurations, a few steps each, synthetic images):")
     lines += [f"  {r.label}: {r.train_ips:,.0f} img/s training, {r.eval_ips:,.0f} img/s evaluation"

@@ -3,7 +3,6 @@ or the N-th of the dry run's list) or a results folder (a trial of a finished sw
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -12,6 +11,7 @@ from cifar_ray import metrics as M
 from cifar_ray.config import ConfigError, TrialConfig, default
 from cifar_ray.space import build_space, expand_grid, flatten, format_value
 from cifar_ray.sweep_config import apply_overrides, read_sweep
+from cifar_ray.train import trial_threads
 
 
 @dataclass
@@ -83,7 +83,7 @@ def from_results(folder: str, trial: Optional[str], sets: list[str], data: Optio
     by_model = stored.get("resources_by_model") or {}
     name = flat.get("model.name", default("model.name"))
     cpu = (by_model.get(name) or stored.get("resources") or {}).get("cpu", 1)
-    threads = max(1, int(math.floor(cpu))) if isinstance(cpu, (int, float)) and cpu else 1
+    threads = trial_threads(cpu if isinstance(cpu, (int, float)) else 1)
     rows = _by_epoch(rec.rows)
     cfg = TrialConfig.from_flat(flat, where=f"{folder} trial {rec.trial_id}")
     return Chosen(cfg, f"{folder} trial {rec.trial_id}", threads, rows, warnings)

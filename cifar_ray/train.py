@@ -86,6 +86,13 @@ def select_device(requested: str, grant: Optional[Grant] = None,
     return device
 
 
+def trial_threads(cpu: float) -> int:
+    """Torch threads for a trial granted `cpu` CPUs (resources.cpu): its whole CPUs, at least one. The
+    trainable, the estimate and `train --from RESULTS_DIR` all use this rule, so a retrained trial does
+    the same arithmetic as the recorded one."""
+    return max(1, int(math.floor(cpu or 1)))
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: oneDNN runs bf16 convolutions and matmuls natively. Without them bf16 is
     emulated and slower than fp32, so auto stays off there."""

@@ -7,7 +7,6 @@ reports each epoch with a checkpoint.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from cifar_ray import metrics as M
 from cifar_ray.analysis import STATE_FILE
 from cifar_ray.config import TrialConfig
 from cifar_ray.data import Dataset
-from cifar_ray.train import Grant, fit, group_settings, load_state, save_state, select_device
+from cifar_ray.train import Grant, fit, group_settings, load_state, save_state, select_device, trial_threads
 
 MPS_TAG = "mps"  # custom resource a node advertises when its trials should use Apple's MPS
 
@@ -96,7 +95,7 @@ def run_trial(config: dict, dataset: Dataset = None, checkpoint_every: int = 1, 
     ctx = tune.get_context()
     cfg = TrialConfig.from_flat(config, where=f"trial {ctx.get_trial_id()}")
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1)
-    torch.set_num_threads(max(1, int(math.floor(cpus or 1))))
+    torch.set_num_threads(trial_threads(cpus))
     device = select_device(cfg.train.device, ray_grant(), warn)
     resume = _checkpoint_state(tune.get_checkpoint(), warn)
     where = {"node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),

@@ -444,3 +444,9 @@ def test_tta_applies_to_the_final_evaluation_not_the_epochs(synthetic):
     a, b = fit(c, synthetic), fit(plain, synthetic)
     assert a.history[0][M.VAL_LOSS] == b.history[0][M.VAL_LOSS]
     assert evaluate_split(a.model, c, synthetic, "val").loss != evaluate_split(b.model, plain, synthetic, "val").loss
+
+
+def test_trial_threads_are_the_whole_cpus_granted():
+    from cifar_ray.train import trial_threads
+
+    assert [trial_threads(c) for c in (0, 0.5, 1, 1.9, 2, 4.0)] == [1, 1, 1, 1, 2, 4]
