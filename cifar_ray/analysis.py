@@ -17,7 +17,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from cifar_ray import metrics as M
-from cifar_ray.files import LinkError, atomic_write, read_text_nofollow
+from cifar_ray.files import LinkError, atomic_write, printable, read_text_nofollow
 
 SWEEP_FILE = "sweep.yaml"
 TRIALS_FILE = "trials.parquet"
@@ -196,6 +196,13 @@ def read_trials(folder: Path) -> list[TrialRecord]:
     return records
 
 
+def ranked(df: pd.DataFrame, column: str, mode: str) -> pd.DataFrame:
+    """Trials best first by `column` (NaN last); equal scores go to the lowest trial id, the
+    earliest-made trial. The one rule for ties: best(), the summary, the report and refine use it."""
+    return df.sort_values([column, "trial_id"], ascending=[mode == "min", True], na_position="last", kind="stable",
+                          ignore_index=True)
+
+
 def _best(values: pd.Series, mode: str) -> float:
     finite = pd.to_numeric(values, errors="coerce").dropna()
     finite = finite[finite.map(math.isfinite)]
@@ -257,7 +264,7 @@ class Sweep:
 
     def best(self, metric: Optional[str] = None, mode: Optional[str] = None, scope: str = "all") -> "BestTrial":
         """The best trial by metric: scope "all" compares each trial's best epoch, "last" its final
-        epoch. Trials whose metric is NaN never win."""
+        epoch. Trials whose metric is NaN never win; a tie goes to the lowest trial id (ranked())."""
         metric, mode = metric or self.metric, mode or self.mode
         if scope not in ("all", "last"):
             raise AnalysisError(f"scope: {scope!r} is not one of all, last")
@@ -272,7 +279,7 @@ class Sweep:
         score = score[score.map(math.isfinite)]
         if score.empty:
             raise AnalysisError(f"{self.path}: no trial has reported a finite {metric} yet")
-        trial_id = score.idxmax() if mode == "max" else score.idxmin()
+        trial_id = ranked(score.rename("score").rename_axis("trial_id").reset_index(), "score", mode).loc[0, "trial_id"]
         row = df.set_index("trial_id").loc[trial_id]
         config = {k: v for k, v in row.items() if "." in k}
         ckpt = self._best_checkpoint(trial_id, metric, mode, curves)
@@ -363,14 +370,12 @@ class Sweep:
         return pd.concat(frames, ignore_index=True).sort_values(["trial_id", M.EPOCH], ignore_index=True)
 
     def stored(self) -> dict:
-        """The sweep file as the sweep stored it (sweep.yaml, read with safe_load); {} when absent."""
-        import yaml
-
+        """The sweep file as the sweep stored it (sweep.yaml, through the guarded YAML reader); {} when
+        absent or unreadable."""
         try:
-            doc = yaml.safe_load(_read_text(self.path / SWEEP_FILE) or "")
-        except yaml.YAMLError:
+            return read_stored_sweep(self.path)
+        except AnalysisError:
             return {}
-        return doc if isinstance(doc, dict) else {}
 
     def domains(self) -> dict:
         """The searched keys' domains (cifar_ray.space.Domain) from the stored sweep file, seeds as a grid."""
@@ -440,12 +445,30 @@ def write_parquet(df: pd.DataFrame, path: Path) -> Path:
     return atomic_write(path, lambda f: pq.write_table(table, f))
 
 
+def read_stored_sweep(folder: Path) -> dict:
+    """A results folder's sweep.yaml as a mapping ({} when absent), read like a sweep file: bounded in
+    size, YAML's safe loader, alias bombs refused (cifar_ray.sweep_config.parse_yaml)."""
+    from cifar_ray.config import ConfigError
+    from cifar_ray.sweep_config import MAX_SWEEP_BYTES, parse_yaml
+
+    path = folder / SWEEP_FILE
+    text = _read_text(path)
+    if text is None:
+        return {}
+    if len(text) > MAX_SWEEP_BYTES:
+        raise AnalysisError(f"{path}: {len(text) / 2**20:.1f} MiB; a stored sweep file is at most "
+                            f"{MAX_SWEEP_BYTES // 1024} KiB")
+    try:
+        doc = parse_yaml(text, str(path))
+    except ConfigError as err:
+        raise AnalysisError(printable(err)) from None
+    return doc if isinstance(doc, dict) else {}
+
+
 def load(path: str | os.PathLike, metric: Optional[str] = None, mode: Optional[str] = None) -> Sweep:
     """Open a sweep folder (`<storage>/<name>`); metric and mode default to the sweep file's. Only
-    plain JSON, YAML (safe_load), Parquet and weights-only checkpoints are read: opening a folder
-    from someone else runs none of its content."""
-    import yaml
-
+    plain JSON, YAML (safe_load, size- and alias-bounded), Parquet and weights-only checkpoints are
+    read: opening a folder from someone else runs none of its content."""
     p = Path(path)
     if not p.is_dir():
         raise AnalysisError(f"{path}: no such folder")
@@ -457,11 +480,7 @@ def load(path: str | os.PathLike, metric: Optional[str] = None, mode: Optional[s
         if state.is_symlink():
             raise AnalysisError(f"{state} is a symbolic link; a results folder holds plain files only "
                                 "(refusing to follow it)")
-    try:
-        stored = yaml.safe_load(stored_text or "") or {}
-    except yaml.YAMLError:
-        raise AnalysisError(f"{p / SWEEP_FILE}: not valid YAML") from None
-    stored = stored if isinstance(stored, dict) else {}
+    stored = read_stored_sweep(p) if stored_text is not None else {}
     metric = metric or stored.get("metric", M.VAL_ACC)
     mode = mode or stored.get("mode", "max")
     if metric not in M.EPOCH_METRICS or mode not in ("max", "min"):

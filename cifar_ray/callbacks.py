@@ -4,22 +4,28 @@ Tune stops, pauses, restores and reuses trial workers without waiting for what t
 ends the worker's thread with SystemExit and does not join it), so a W&B run kept in a worker loses
 its history when the worker goes first. The driver sees every result Tune records whatever happens to
 the worker: the history file and the W&B run are written from those results here, side by side.
+
+The history and outcome files are written straight into the results folder, never into Tune's
+staging folder: Tune copies that folder over the results folder, and a resumed sweep starts a new,
+empty one, whose copy used to replace a trial's whole history with the epochs run since the resume.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ray import tune
 
 from cifar_ray import metrics as M
 from cifar_ray.analysis import HISTORY_FILE, OUTCOME_FILE, ended_status, read_rows
 from cifar_ray.files import atomic_write_text, read_text_nofollow
+from cifar_ray.storage import disk_full, disk_full_text
 from cifar_ray.tracking import TrialTracker, run_id
 
 NODE_TYPE = "node_type"  # history.jsonl and trials(): the autoscaler node type of the trial's node
@@ -45,19 +51,51 @@ def last_error_line(error_file: Optional[str]) -> Optional[str]:
 
 
 def append_history(trial_dir: str | Path, result: dict) -> None:
-    """One line per result, appended and flushed as it arrives. Tune's own result.json is copied back
-    from storage when a trial restarts (PBT, retries) and can lose its newest rows there; this file is
-    only ever appended to, so it keeps every report. A line cut short by a killed driver is skipped
-    by readers."""
+    """One line per result, appended as it arrives; the file is never rewritten, so it keeps every
+    report. A line cut short (a killed driver, a full disk) is skipped by readers, and the next line
+    starts on a line of its own so it is not lost with it."""
     line = json.dumps({**result, RECORDED_AT: time.time()}, default=str, allow_nan=True) + "\n"
-    fd = os.open(Path(trial_dir) / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(line)
+    Path(trial_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(trial_dir) / HISTORY_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
+            line = "\n" + line
+        f.write(line.encode())
 
 
 def write_outcome(trial_dir: str | Path, trial_id: str, status: str, epochs: int, error: Optional[str]) -> None:
     doc = {"trial_id": trial_id, "status": status, "epochs": epochs, "error": error}
+    Path(trial_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(trial_dir) / OUTCOME_FILE, json.dumps(doc) + "\n")
+
+
+def clear_outcome(trial_dir: str | Path) -> None:
+    """A trial that runs again (a resumed sweep retrying an errored trial) has no outcome yet."""
+    (Path(trial_dir) / OUTCOME_FILE).unlink(missing_ok=True)
+
+
+def last_per_epoch(rows: list[dict]) -> dict[int, dict]:
+    """epoch -> the trial's last report of it (a retry reports the epoch in flight again)."""
+    out: dict[int, dict] = {}
+    for row in rows:
+        epoch = row.get(M.EPOCH)
+        if isinstance(epoch, int) and not isinstance(epoch, bool):
+            out[epoch] = row
+    return out
+
+
+def same_row(a: Optional[dict], b: dict) -> bool:
+    """W&B already holds `b` when it holds an equal row for that epoch (NaN equals NaN); None stands
+    for a row W&B holds whose values are not known here (an online run's summary names its epoch)."""
+    if a is None:
+        return True
+    for key, value in b.items():
+        other = a.get(key)
+        both_nan = isinstance(value, float) and isinstance(other, float) and math.isnan(value) and math.isnan(other)
+        if other != value and not both_nan:
+            return False
+    return True
 
 
 def never_fails(method):
@@ -78,22 +116,43 @@ class TrialRecorder(tune.Callback):
     """One W&B run per trial, fed every result in the order Tune records it, and an outcome file
     (outcome.json) in each trial's folder when the trial ends. Never fails the sweep."""
 
-    def __init__(self, wandb_settings: dict, sweep_name: str, node_types: Optional[dict] = None):
+    def __init__(self, wandb_settings: dict, sweep_name: str, node_types: Optional[dict] = None,
+                 record_root: Optional[str] = None):
         from cifar_ray.cluster import NodeTypes
 
         self.wandb_settings = wandb_settings
         self.sweep_name = sweep_name
         self.node_types = node_types or {}  # autoscaler node type -> its resources (cluster.node_type_offers)
+        self.record_root = record_root  # the results folder on this machine; None: Tune's trial folder
         self._nodes = NodeTypes(self.node_types)
         self._trackers: dict[str, TrialTracker] = {}
         self._configs: dict[str, dict] = {}
+        self._logged: dict[str, dict[int, Optional[dict]]] = {}  # trial -> epoch -> the row its W&B run holds
+        self.disk_full = False  # a write of the record, or a trial's checkpoint, found the disk full
+        self.on_disk_full: Optional[Callable[[], None]] = None  # the driver stops the sweep (sweep.run)
         self._warned = False
 
+    def _full(self) -> None:
+        """The disk is full: say so once and let the driver stop the sweep as Ctrl-C would (trials stay
+        unfinished, --resume continues them) rather than fail every trial that writes next."""
+        if self.disk_full:
+            return
+        self.disk_full = True
+        if self.on_disk_full is not None:
+            self.on_disk_full()
+
     def __getstate__(self) -> dict:  # Tune pickles the run config: no live W&B runs in it
-        return {"wandb_settings": self.wandb_settings, "sweep_name": self.sweep_name, "node_types": self.node_types}
+        return {"wandb_settings": self.wandb_settings, "sweep_name": self.sweep_name, "node_types": self.node_types,
+                "record_root": self.record_root}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["wandb_settings"], state["sweep_name"], state.get("node_types"))
+        self.__init__(state["wandb_settings"], state["sweep_name"], state.get("node_types"), state.get("record_root"))
+
+    def folder(self, trial) -> Path:
+        """Where the trial's history and outcome live: its folder in the results folder itself."""
+        if self.record_root is None or getattr(trial, "storage", None) is None:
+            return Path(trial.local_path)
+        return Path(self.record_root) / trial.storage.trial_dir_name
 
     def _tracker(self, trial, result: dict) -> TrialTracker:
         tracker = self._trackers.get(trial.trial_id)
@@ -102,33 +161,60 @@ class TrialRecorder(tune.Callback):
             tracker.start(str(trial), run_id(self.sweep_name, trial.trial_id), dict(trial.config))
             self._trackers[trial.trial_id] = tracker
             self._configs[trial.trial_id] = dict(trial.config)
+            self._logged[trial.trial_id] = tracker.held()
             self._replay_earlier(trial, result, tracker)
         return tracker
 
+    def _log(self, trial, tracker: TrialTracker, row: dict) -> bool:
+        """Log one epoch's row unless the run already holds it; a row that differs from the one the
+        run holds (PBT restored another trial's checkpoint) is logged again: the later one stands."""
+        logged = self._logged[trial.trial_id]
+        epoch = row.get(M.EPOCH)
+        if epoch in logged and same_row(logged[epoch], row):
+            return False
+        tracker.log(row)
+        logged[epoch] = row
+        return True
+
     def _replay_earlier(self, trial, result: dict, tracker: TrialTracker) -> None:
-        """A trial this driver did not start (a resumed sweep): its earlier reports are logged again
-        first. W&B's service buffers the run file (x_transaction_log_flush_interval, 15 s) and a killed
-        driver loses what it held, so the reopened run is made whole from result.json."""
-        current = (result.get("training_iteration"), result.get("time_total_s"))
-        earlier = [row for row in read_rows(Path(trial.local_path) / HISTORY_FILE)
-                   if (row.get("training_iteration"), row.get("time_total_s")) != current]
-        for row in earlier:
-            tracker.log(epoch_row(row))
-        if earlier:
-            tracker.note({"replayed_reports": len(earlier)})
+        """A trial this driver did not start (a resumed sweep): the epochs its run lacks are logged
+        first, from history.jsonl. A killed driver's W&B service loses what it buffered (it flushes
+        every 15 s), so the run may hold fewer epochs than the history; a clean stop loses none, and
+        nothing the run holds is logged twice."""
+        current = result.get(M.EPOCH)
+        earlier = last_per_epoch(read_rows(self.folder(trial) / HISTORY_FILE))
+        replayed = sum(self._log(trial, tracker, epoch_row(row)) for epoch, row in sorted(earlier.items())
+                       if epoch != current)
+        if replayed:
+            tracker.note({"replayed_reports": replayed})
+
+    @never_fails
+    def on_trial_start(self, iteration, trials, trial, **info):
+        clear_outcome(self.folder(trial))
 
     @never_fails
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.node_types and NODE_TYPE not in result:  # the autoscaler node type the trial ran on
             result[NODE_TYPE] = self._nodes.of(result.get("node_id"))
-        append_history(trial.local_path, result)
+        self._append(trial, result)
         if result.get(M.WARNINGS):  # the worker's own console is not forwarded (see sweep.start_ray)
             print(f"warning: trial {trial.trial_id}: {result[M.WARNINGS]}", file=sys.stderr)
         tracker = self._tracker(trial, result)
         if dict(trial.config) != self._configs[trial.trial_id]:  # PBT explored new values
             self._configs[trial.trial_id] = dict(trial.config)
             tracker.update_config(trial.config)
-        tracker.log(epoch_row(result))
+        self._log(trial, tracker, epoch_row(result))
+
+    def _append(self, trial, result: dict) -> None:
+        """The history line; a failure (a full disk) is said once per trial and the sweep goes on:
+        W&B, the journal and Tune's own result.json still receive the report."""
+        try:
+            append_history(self.folder(trial), result)
+        except OSError as exc:
+            if disk_full(exc):
+                self._full()
+            else:
+                print(f"warning: could not append to {self.folder(trial) / HISTORY_FILE} ({exc})", file=sys.stderr)
 
     @never_fails
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -138,8 +224,18 @@ class TrialRecorder(tune.Callback):
         self._end(trial, status, None)
 
     @never_fails
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A failure Tune will retry: a full disk stops the sweep now rather than after every retry."""
+        error = last_error_line(trial.error_file)
+        if error and disk_full_text(error):
+            self._full()
+
+    @never_fails
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, M.ERRORED, last_error_line(trial.error_file))
+        error = last_error_line(trial.error_file)
+        if error and disk_full_text(error):
+            self._full()
+        self._end(trial, M.ERRORED, error)
 
     @never_fails
     def on_experiment_end(self, trials, **info):
@@ -153,9 +249,12 @@ class TrialRecorder(tune.Callback):
         last = trial.last_result or {}
         epochs = int(last.get(M.EPOCH, 0) or 0)
         try:
-            write_outcome(trial.local_path, trial.trial_id, status, epochs, error)
+            write_outcome(self.folder(trial), trial.trial_id, status, epochs, error)
         except OSError as exc:  # the record in result.json and Tune's state still stands
-            print(f"warning: could not write the outcome of trial {trial.trial_id} ({exc})", file=sys.stderr)
+            if disk_full(exc):
+                self._full()
+            else:
+                print(f"warning: could not write the outcome of trial {trial.trial_id} ({exc})", file=sys.stderr)
         tracker = self._trackers.pop(trial.trial_id, None)
         if tracker is not None:  # a trial that never reported has no run
             tracker.finish({"outcome": status, "epochs": epochs}, exit_code=1 if status == M.ERRORED else 0)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cifar_ray.config import ConfigError, default
+from cifar_ray.files import printable
 from cifar_ray.models import model_spec
 from cifar_ray.space import Domain, Space
 from cifar_ray.sweep_config import ResourcesConfig, SweepConfig
@@ -320,7 +321,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if not found:
                     print(f"{f}: the twin of {twin.name}: the same node types, GPU counts and tags")
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(err)}", file=sys.stderr)
         return 2
     for line in problems:
         print(f"error: {line}", file=sys.stderr)

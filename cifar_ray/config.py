@@ -64,7 +64,9 @@ class DataConfig(Strict):
     val_size: int = Field(10_000, ge=1, description="validation images taken from the training set")
     train_size: Optional[int] = Field(None, ge=1, description="cap on training images (stratified, seeded subset)")
     split_seed: int = Field(0, description="seed of the train/val split: the same for every trial")
-    synthetic_size: int = Field(12_000, ge=20, description="images made by source=synthetic (5/6 train, 1/6 test)")
+    # at most ten CIFAR-10s (1.8 GB of uint8 pixels): 10^9 images would ask for 3 TB
+    synthetic_size: int = Field(12_000, ge=20, le=600_000,
+                                description="images made by source=synthetic (5/6 train, 1/6 test)")
     data_dir: Optional[str] = Field(
         None, description="where cifar10 is looked for and downloaded; default <cache_dir>/downloads")
     cache_dir: Optional[str] = Field(None,
@@ -156,7 +158,7 @@ class TrainConfig(Strict):
     compile: bool = False
     # 256: on the CPU, netconv evaluates at 6,600 img/s in batches of 256 and 3,200 in batches of 1,000
     # (bf16, one thread; the larger batch falls out of cache); on a GPU 256 is already past launch cost.
-    eval_batch_size: int = Field(256, ge=1)
+    eval_batch_size: int = Field(256, ge=1, le=65_536)  # as batch_size; 10^7 would ask for 147 GB
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from cifar_ray.config import DataConfig
-from cifar_ray.files import atomic_write
+from cifar_ray.files import atomic_write, printable
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -484,7 +484,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(describe_errors(err, "options"), file=sys.stderr)
         return 2
     except (DataError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -32,6 +32,9 @@ CIFAR10_TRAIN = 50_000  # training images of CIFAR-10 (and of an image-folder co
 TIMED_IMAGES = 384  # images per timed pass, at least 3 steps
 MAX_TRIAL_LINES = 20  # more trials than this: one line per distinct timing
 SLOW_PASS_S = 2.0  # a first pass this slow is used as it is (no second, warm pass)
+MAX_TIMED = 24  # distinct configurations timed at most; the others get the mean rate of those timed
+TIMED_BATCH_CAP = 1024  # larger batches are timed at this size: the rate per image levels off well before it,
+# and a full batch of 65,536 ResNet18 images needs tens of GB here
 TIME_KEYS = ("model.", "train.batch_size", "train.amp", "train.channels_last", "train.compile", "data.augment",
              "train.eval_batch_size", "train.device")
 
@@ -49,14 +52,21 @@ def _timing_keys(space: Space) -> list[str]:
 
 
 def _variants(space: Space, trials: Optional[list[dict]]) -> list[dict]:
-    """The flat configs of the trials (a random space: each time-relevant candidate once)."""
+    """The flat configs of the trials (a random space: each combination of time-relevant candidates
+    once, or a seeded sample of MAX_TIMED of them where there are more)."""
+    import random
+
     if trials is not None:
         return trials
     base = first_candidate(space)
     keys = [k for k in _timing_keys(space) if isinstance(space.values[k], Domain)]
+    choices = [space.values[k].candidates() for k in keys]
+    if math.prod(len(c) for c in choices) > MAX_TIMED:
+        rng = random.Random(0)
+        return [base | {k: rng.choice(c) for k, c in zip(keys, choices, strict=True)} for _ in range(MAX_TIMED)]
     out = [dict(base)]
-    for key in keys:
-        out = [v | {key: c} for v in out for c in space.values[key].candidates()]
+    for key, candidates in zip(keys, choices, strict=True):
+        out = [v | {key: c} for v in out for c in candidates]
     return out
 
 
@@ -89,14 +99,14 @@ def measure(flat: dict, threads: int) -> Rate:
     from cifar_ray.train import _Run, select_device
 
     cfg = TrialConfig.from_flat(flat)
-    bs = cfg.train.batch_size
+    bs = min(cfg.train.batch_size, TIMED_BATCH_CAP)
     steps = max(3, math.ceil(TIMED_IMAGES / bs))
-    val = cfg.train.eval_batch_size
+    val = min(cfg.train.eval_batch_size, TIMED_BATCH_CAP)
     size = math.ceil((bs * steps + val) * 6 / 5) + 12
     timing = cfg.model_copy(update={
         "data": cfg.data.model_copy(update={"source": "synthetic", "synthetic_size": size, "val_size": val,
                                             "train_size": bs * steps}),
-        "train": cfg.train.model_copy(update={"compile": False})})
+        "train": cfg.train.model_copy(update={"compile": False, "batch_size": bs, "eval_batch_size": val})})
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
@@ -120,7 +130,8 @@ def measure(flat: dict, threads: int) -> Rate:
     name = cfg.model.name + "".join(f" {k}={format_value(v)}" for k, v in sorted(cfg.model.options().items()))
     augment = cfg.data.augment.model_dump(exclude_defaults=True)
     aug = f" augment {','.join(f'{k}={format_value(v)}' for k, v in augment.items())}" if augment else ""
-    label = f"{name} bs {bs}{aug} {_precision(cfg, device)} on {device.type}"
+    timed_at = f" (timed at {bs})" if bs < cfg.train.batch_size else ""
+    label = f"{name} bs {cfg.train.batch_size}{timed_at}{aug} {_precision(cfg, device)} on {device.type}"
     return Rate(label, trained.images / trained.seconds, val / eval_s, build_s)
 
 
@@ -195,15 +206,21 @@ def estimate(sweep: SweepConfig, space: Space, trials: Optional[list[dict]], n_t
     lines = []
     rates: dict[tuple, Rate] = {}
     variants = _variants(space, trials)
-    for flat in variants:
-        key = _signature(flat)
-        if key not in rates:
-            req = requests.get(flat.get("model.name", default("model.name")), requests[default_model])
-            rates[key] = measure(flat, trial_threads(req.get("cpu", 1)))
+    distinct = {_signature(flat): flat for flat in variants}
+    for key, flat in list(distinct.items())[:MAX_TIMED]:
+        req = requests.get(flat.get("model.name", default("model.name")), requests[default_model])
+        rates[key] = measure(flat, trial_threads(req.get("cpu", 1)))
     gpu_asked = any(r.get("gpu") for r in requests.values())
     lines.append(f"measured here ({len(rates)} configurations, a few steps each, synthetic images):")
     lines += [f"  {r.label}: {r.train_ips:,.0f} img/s training, {r.eval_ips:,.0f} img/s evaluation"
               for r in rates.values()]
+    if len(distinct) > len(rates):
+        mean = Rate("mean", sum(r.train_ips for r in rates.values()) / len(rates),
+                    sum(r.eval_ips for r in rates.values()) / len(rates),
+                    sum(r.build_s for r in rates.values()) / len(rates))
+        rates.update({key: mean for key in distinct if key not in rates})
+        lines.append(f"  timed {MAX_TIMED} of {len(distinct)} distinct configurations (the estimate times at most "
+                     f"{MAX_TIMED}); the others are given their mean rate")
     if gpu_asked and not available.get("GPU"):
         lines.append("  note: the trials ask for GPUs and there is none here; timed on this machine's device")
 
@@ -231,8 +248,12 @@ def estimate(sweep: SweepConfig, space: Space, trials: Optional[list[dict]], n_t
     else:  # a random space: every trial the mean of its time-relevant candidates
         mean_epoch = sum(trial_seconds(v)[0] for v in variants) / len(variants)
         mean_total = sum(trial_seconds(v)[1] for v in variants) / len(variants)
-        lines.append(f"  each of {n_trials} trials (mean over the searched model/batch candidates): "
-                     f"{mean_epoch:.1f} s an epoch, {duration(mean_total)}")
+        combos = math.prod(len(space.values[k].candidates()) for k in _timing_keys(space)
+                           if isinstance(space.values[k], Domain))
+        over = (f"a seeded sample of {len(variants)} of the {combos:,} combinations of the searched model/batch "
+                "candidates") if combos > len(variants) else "the searched model/batch candidates"
+        lines.append(f"  each of {n_trials} trials (mean over {over}): {mean_epoch:.1f} s an epoch, "
+                     f"{duration(mean_total)}")
         flats = [variants[i % len(variants)] for i in range(n_trials)]
     n_slots = slots(sweep, space, available)
     cpus = {r.get("cpu", 1) for r in requests.values()}

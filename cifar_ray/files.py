@@ -66,3 +66,13 @@ def read_bytes_nofollow(path: str | os.PathLike) -> bytes:
 
 def read_text_nofollow(path: str | os.PathLike) -> str:
     return read_bytes_nofollow(path).decode("utf-8", errors="replace")
+
+
+def printable(text: object) -> str:
+    """`text` safe for a terminal or a one-line comment: control characters (newlines, ESC, ...) and
+    other unprintable ones appear as escapes (`\\n`, `\\x1b`), never raw. For values read from a
+    results folder, which may come from someone else."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)

@@ -6,13 +6,17 @@ Tune trial id, node and device as user attributes, the sweep's metric at each ep
 values and, when the trial ends, its best metric as value with state COMPLETE (completed, stopped
 early by the engine), PRUNED (stopped by ASHA/PBT, diverged) or FAIL (errored). Each write is one
 appended, flushed line: a killed driver loses at most the epoch in flight, and --resume continues the
-same study, matching trials by their Tune id.
+same study, matching trials by their Tune id. A trial recorded FAIL that a resumed sweep runs again
+gets a new Optuna trial, as Optuna's RetryFailedTrialCallback makes one (system attribute
+`failed_trial` names the failed one; params, attributes and intermediate values carried over): Optuna
+never reopens a finished trial, and the dashboard shows both attempts.
 
 Readers (cifar_ray.watch) open the journal read-only: a dashboard button cannot rewrite the record.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import math
 import os
 from pathlib import Path
@@ -24,6 +28,18 @@ TUNE_TRIAL_ID = "tune_trial_id"  # user attribute naming the Tune trial
 USER_ATTRS = ("node", "device", "accelerator", "node_type")  # copied from a trial's reports when present
 STATES = {M.COMPLETED: "COMPLETE", M.EARLY_STOPPED: "COMPLETE", M.STOPPED: "PRUNED", M.DIVERGED: "PRUNED",
           M.ERRORED: "FAIL"}
+
+
+def drop_torn_tail(fd: int) -> None:
+    """A write cut short (a full disk, a killed driver) leaves a last line without its newline, which
+    no reader applies; Optuna would append after it and then refuse the whole journal ("Invalid log
+    format"). The writer, holding the lock, cuts that torn line off before it appends."""
+    size = os.fstat(fd).st_size
+    if not size or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = max(0, size - (1 << 20))
+    tail = os.pread(fd, size - start, start)
+    os.ftruncate(fd, start + tail.rfind(b"\n") + 1 if b"\n" in tail else start)
 
 
 def _backend_lock():
@@ -39,8 +55,9 @@ def _backend_lock():
             self._fd: Optional[int] = None
 
         def acquire(self) -> bool:
-            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            self._fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
+            drop_torn_tail(self._fd)
             return True
 
         def release(self) -> None:
@@ -62,10 +79,83 @@ def open_journal(path: str | os.PathLike, read_only: bool = False):
         raise OSError(f"{p} is a symbolic link; a results folder holds plain files only (refusing to follow it)")
     if read_only and not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
-    backend = JournalFileBackend(str(p), lock_obj=_backend_lock()(str(p)))
     if not read_only:
-        return JournalStorage(backend)
-    return _read_only(JournalStorage)(backend)
+        return JournalStorage(JournalFileBackend(str(p), lock_obj=_backend_lock()(str(p))))
+    return _read_only(_tolerant(JournalStorage))(_tolerant_backend(JournalFileBackend)(str(p)))
+
+
+def check_journal(path: str | os.PathLike) -> None:
+    """ValueError naming the first line of `path` that is not an Optuna journal record (not UTF-8, not
+    a JSON object, no known op code) or that Optuna cannot apply. A last line without its newline is a
+    write in progress, not an error."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal._storage import JournalOperation
+
+    known = {op.value for op in JournalOperation}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                log = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"line {number} is not JSON ({type(exc).__name__})") from None
+            if not isinstance(log, dict) or log.get("op_code") not in known:
+                raise ValueError(f"line {number} is not an Optuna journal record")
+    try:
+        JournalStorage(JournalFileBackend(str(path), lock_obj=_backend_lock()(str(path)))).get_all_studies()
+    except Exception as exc:  # noqa: BLE001 - whatever Optuna raises on a record it cannot apply
+        raise ValueError(f"Optuna cannot replay it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") \
+            from None
+
+
+def _tolerant_backend(base):
+    """A file backend that reads every complete line as one record and gives None for a line that is
+    not a JSON object (Optuna's own reader refuses the whole file from such a line on)."""
+    class TolerantFileBackend(base):
+        def read_logs(self, log_number_from: int):
+            offsets = self.__dict__.setdefault("_offsets", {0: 0})
+            start = max((n for n in offsets if n <= log_number_from), default=0)
+            with open(self._file_path, "rb") as f:
+                f.seek(offsets[start])
+                position, number = offsets[start], start
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        break  # a write in progress
+                    position += len(line)
+                    number += 1
+                    offsets[number] = position
+                    if number - 1 < log_number_from:
+                        continue
+                    try:
+                        log = json.loads(line)
+                    except ValueError:
+                        log = None
+                    yield log if isinstance(log, dict) else None
+
+    return TolerantFileBackend
+
+
+def _tolerant(base):
+    """A storage that, while it serves, skips a record it cannot read or apply (a bad line appended to
+    a journal being watched) and goes on from the state it had, instead of failing every request."""
+    class TolerantJournalStorage(base):
+        skipped = 0
+
+        def _sync_with_backend(self) -> None:
+            replay = self._replay_result
+            for log in self._backend.read_logs(replay.log_number_read):
+                if log is None:
+                    replay.log_number_read += 1
+                    type(self).skipped += 1
+                    continue
+                try:
+                    replay.apply_logs([log])  # counts the record as read before applying it
+                except Exception:  # noqa: BLE001 - a record Optuna cannot apply is passed over
+                    type(self).skipped += 1
+
+    return TolerantJournalStorage
 
 
 def _read_only(base):
@@ -124,7 +214,8 @@ class JournalMirror:
         self._storage = None
         self._study_id: Optional[int] = None
         self._ids: dict[str, int] = {}  # Tune trial id -> Optuna trial id
-        self._done: set[str] = set()  # Tune trials whose Optuna trial has ended
+        self._done: set[str] = set()  # Tune trials whose (newest) Optuna trial has ended
+        self._failed: set[str] = set()  # ... ended as FAIL: reopened as a retry if the trial runs again
         self._attrs: dict[str, dict] = {}
 
     def settings(self) -> dict:
@@ -144,19 +235,43 @@ class JournalMirror:
         except KeyError:
             study_id = storage.create_new_study([direction], self.study_name)
             storage.set_study_user_attr(study_id, "metric", self.metric)
-        for trial in storage.get_all_trials(study_id, deepcopy=False):
+        for trial in storage.get_all_trials(study_id, deepcopy=False):  # in number order: the newest wins
             tune_id = trial.user_attrs.get(TUNE_TRIAL_ID)
             if isinstance(tune_id, str):
                 self._ids[tune_id] = trial._trial_id
                 self._attrs[tune_id] = dict(trial.user_attrs)
+                self._done.discard(tune_id)
+                self._failed.discard(tune_id)
                 if trial.state != TrialState.RUNNING:
                     self._done.add(tune_id)
+                if trial.state == TrialState.FAIL:
+                    self._failed.add(tune_id)
         self._storage, self._study_id = storage, study_id
         return self
 
+    def _retry(self, tune_id: str) -> int:
+        """A new RUNNING Optuna trial continuing the failed one of `tune_id`."""
+        from optuna.trial import TrialState, create_trial
+
+        failed = self._storage.get_trial(self._ids[tune_id])
+        history = [*failed.system_attrs.get("retry_history", []), failed.number]
+        template = create_trial(state=TrialState.RUNNING, params=failed.params, distributions=failed.distributions,
+                                user_attrs={k: v for k, v in failed.user_attrs.items() if k != "outcome"},
+                                system_attrs={"failed_trial": failed.number, "retry_history": history},
+                                intermediate_values=dict(failed.intermediate_values))
+        number = self._storage.create_new_trial(self._study_id, template_trial=template)
+        self._ids[tune_id] = number
+        self._attrs[tune_id] = dict(template.user_attrs)
+        self._done.discard(tune_id)
+        self._failed.discard(tune_id)
+        return number
+
     def trial(self, tune_id: str, config: dict) -> Optional[int]:
-        """The Optuna trial of a Tune trial, created with its params on first sight; None once ended."""
+        """The Optuna trial of a Tune trial, created with its params on first sight (or as a retry of
+        a failed one when the trial runs again); None once ended."""
         self.open()
+        if tune_id in self._failed:
+            return self._retry(tune_id)
         if tune_id in self._done:
             return None
         if tune_id not in self._ids:
@@ -199,3 +314,5 @@ class JournalMirror:
         self._storage.set_trial_user_attr(number, "outcome", status)
         self._storage.set_trial_state_values(number, state, [value] if value is not None else None)
         self._done.add(tune_id)
+        if state == TrialState.FAIL:
+            self._failed.add(tune_id)

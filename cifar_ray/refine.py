@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cifar_ray.analysis import AnalysisError, load
+from cifar_ray.analysis import AnalysisError, load, ranked
 from cifar_ray.config import ConfigError
-from cifar_ray.files import atomic_write_text
+from cifar_ray.files import printable
 from cifar_ray.space import Domain, first_candidate, format_value, is_log, stored_domains
 
 DEFAULT_TOP = 3
@@ -32,6 +32,9 @@ MARGIN = 0.5  # of the top trials' span, on each side (in log space for log doma
 MIN_FACTOR = 2.0  # log domains whose top values coincide: [v / 2, v * 2]
 MIN_LINEAR = 0.25  # linear domains whose top values coincide: v +- 25% of |v| (0.1 around 0)
 STORED_ONLY = ("space", "source_file")  # keys the sweep adds to its stored copy
+# Settings a folder must not carry into the next sweep: where the data and its cache were on the machine
+# that ran it, and whose W&B account and mode it logged to (a folder may come from someone else).
+DROPPED = {"data": ("cache_dir", "data_dir"), "wandb": ("entity", "mode")}
 
 
 class RefineError(ValueError):
@@ -146,7 +149,7 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
     finished = trials[np.isfinite(pd.to_numeric(trials.get(best), errors="coerce"))] if best in trials else trials
     if finished.empty:
         raise RefineError(f"{sweep.path}: no trial has reported a finite {sweep.metric}; nothing to refine around")
-    kept = finished.sort_values(best, ascending=sweep.mode == "min").head(top)
+    kept = ranked(finished, best, sweep.mode).head(top)
     domains = {k: d for k, d in stored_domains(stored).items() if k != "train.seed"}
     doc = {k: v for k, v in stored.items() if k not in STORED_ONLY}
     base = first_candidate(Space(_flat_constants(doc) | domains, None))
@@ -160,15 +163,35 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
         changes.append(f"#   {key}: {dom.describe()} -> {_describe(new)}")
     name = refined_name(str(stored["name"]))
     doc["name"] = name
+    dropped = drop_machine_settings(doc)
     shown_keys = list(domains)
-    kept_lines = [f"#   {row['trial_id']}: {sweep.metric} {row[best]:.4f}"
-                  + (f" ({', '.join(f'{k}={format_value(row[k])}' for k in shown_keys if k in row)})"
+    kept_lines = [f"#   {printable(row['trial_id'])}: {sweep.metric} {row[best]:.4f}"
+                  + (f" ({', '.join(f'{k}={printable(format_value(row[k]))}' for k in shown_keys if k in row)})"
                      if shown_keys else "") for _, row in kept.iterrows()]
-    header = [f"# {name}: refined from {sweep.path} (sweep {stored['name']}, {sweep.metric} {sweep.mode}) on "
-              f"{dt.date.today().isoformat()} by python -m cifar_ray.refine --top {top}.",
+    header = [f"# {name}: refined from {printable(sweep.path)} (sweep {printable(stored['name'])}, {sweep.metric} "
+              f"{sweep.mode}) on {dt.date.today().isoformat()} by python -m cifar_ray.refine --top {top}.",
               f"# Kept the top {len(kept)} of {len(finished)} finished trials:", *kept_lines,
-              "# Narrowed:" if changes else "# No searched key to narrow.", *changes]
+              "# Narrowed:" if changes else "# No searched key to narrow.", *map(printable, changes)]
+    if dropped:
+        header.append(f"# Not carried over from the folder: {', '.join(dropped)} (this machine's defaults apply; "
+                      "give the data with --data)")
     return "\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False), name
+
+
+def drop_machine_settings(doc: dict) -> list[str]:
+    """Remove DROPPED keys, and a data source that is a path, from `doc`; the keys removed."""
+    gone = []
+    for section, keys in DROPPED.items():
+        tree = doc.get(section)
+        for key in keys if isinstance(tree, dict) else ():
+            if key in tree:
+                del tree[key]
+                gone.append(f"{section}.{key}")
+    data = doc.get("data")
+    if isinstance(data, dict) and data.get("source") not in (None, "cifar10", "synthetic"):
+        del data["source"]
+        gone.append("data.source")
+    return gone
 
 
 def _flat_constants(doc: dict) -> dict:
@@ -191,6 +214,41 @@ def check(path: Path) -> None:
     build_space(read_sweep(str(path)), str(path))
 
 
+def write_checked(out: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `out`, check it as the dry run would, then give it its
+    name without replacing anything there; on any failure nothing is left. (Its comments are one line
+    each: values from the folder go through printable().)"""
+    import os
+    import tempfile
+
+    if out.exists() or out.is_symlink():
+        raise RefineError(f"{printable(out)} exists; choose another --out (an existing file is never overwritten)")
+    if not out.parent.is_dir():
+        raise RefineError(f"--out {printable(out)}: no folder {printable(out.parent)}; create it or choose another")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        try:
+            check(Path(tmp))
+        except ConfigError as err:
+            raise RefineError(f"the refined file does not validate ({err}); nothing written") from None
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.link(tmp, out)  # fails rather than replace a file made there meanwhile
+    except FileExistsError:
+        raise RefineError(f"{printable(out)} exists; choose another --out") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    import os
+
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cifar_ray.refine",
                                 description="Write a sweep file narrowed around the best trials of a sweep.")
@@ -201,18 +259,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         text, name = refine(args.results, args.top)
         out = Path(args.out or f"{name}.yaml")
-        if out.exists() or out.is_symlink():
-            raise RefineError(f"{out} exists; choose another --out (an existing file is never overwritten)")
-        atomic_write_text(out, text)
-        try:
-            check(out)
-        except ConfigError as err:
-            out.unlink()
-            raise RefineError(f"the refined file does not validate ({err}); nothing written") from None
-    except (AnalysisError, RefineError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        write_checked(out, text)
+    except (AnalysisError, RefineError, ConfigError) as err:
+        print(f"error: {printable(err)}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    print(f"wrote {printable(out)}")
     print("\n".join(line for line in text.splitlines() if line.startswith("#")))
     print(f"check it: python -m cifar_ray.sweep {out} --dry-run")
     return 0

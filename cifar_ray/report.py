@@ -13,8 +13,8 @@ from typing import Optional
 import pandas as pd
 
 from cifar_ray import metrics as M
-from cifar_ray.analysis import CURVES_FILE, TRIALS_FILE, AnalysisError, Sweep, load, write_parquet
-from cifar_ray.files import atomic_write, atomic_write_text
+from cifar_ray.analysis import CURVES_FILE, TRIALS_FILE, AnalysisError, Sweep, load, ranked, write_parquet
+from cifar_ray.files import atomic_write, atomic_write_text, printable
 
 TOP_CURVES = 5  # trials drawn in the learning-curve figure
 REPORT_FILE = "report.md"
@@ -76,7 +76,7 @@ def trial_table(sweep: Sweep, trials: pd.DataFrame) -> pd.DataFrame:
     if "node_type" in trials and trials["node_type"].notna().any():  # on a cluster with node types
         cols.append("node_type")
     table = trials[[c for c in cols if c in trials]].copy()
-    return table.sort_values(best, ascending=sweep.mode == "min", na_position="last", ignore_index=True)
+    return ranked(table, best, sweep.mode)
 
 
 def plot_curves(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Optional[Path]:
@@ -291,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         report = write_report(args.results, args.out, args.evaluate_best, args.data)
     except (AnalysisError, ConfigError, DataError, ReportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(err)}", file=sys.stderr)
         return 2
     print(f"report: {report}")
     return 0

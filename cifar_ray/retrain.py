@@ -9,6 +9,7 @@ from typing import Optional
 
 from cifar_ray import metrics as M
 from cifar_ray.config import ConfigError, TrialConfig, default
+from cifar_ray.files import printable
 from cifar_ray.space import build_space, expand_grid, flatten, format_value
 from cifar_ray.sweep_config import apply_overrides, read_sweep
 from cifar_ray.train import trial_threads
@@ -78,19 +79,21 @@ def from_results(folder: str, trial: Optional[str], sets: list[str], data: Optio
     stored = sweep.stored()
     warnings = []
     if (stored.get("scheduler") or {}).get("kind") == "pbt":
-        warnings.append(f"trial {rec.trial_id} ran under PBT, which changed its hyperparameters and weights during "
-                        "the sweep; this trains its last configuration from scratch, not the recorded run")
+        warnings.append(f"trial {printable(rec.trial_id)} ran under PBT, which changed its hyperparameters and "
+                        "weights during the sweep; this trains its last configuration from scratch, "
+                        "not the recorded run")
     by_model = stored.get("resources_by_model") or {}
     name = flat.get("model.name", default("model.name"))
     cpu = (by_model.get(name) or stored.get("resources") or {}).get("cpu", 1)
     threads = trial_threads(cpu if isinstance(cpu, (int, float)) else 1)
     rows = _by_epoch(rec.rows)
-    cfg = TrialConfig.from_flat(flat, where=f"{folder} trial {rec.trial_id}")
-    return Chosen(cfg, f"{folder} trial {rec.trial_id}", threads, rows, warnings)
+    label = f"{printable(folder)} trial {printable(rec.trial_id)}"  # a folder's ids are never printed raw
+    cfg = TrialConfig.from_flat(flat, where=label)
+    return Chosen(cfg, label, threads, rows, warnings)
 
 
 def _pick(records, trial: Optional[str], folder: str):
-    ids = [r.trial_id for r in records]
+    ids = [printable(r.trial_id) for r in records]
     if trial is None:
         if len(records) == 1:
             return records[0]
@@ -100,7 +103,7 @@ def _pick(records, trial: Optional[str], folder: str):
     found = exact or suffix
     if len(found) != 1:
         what = "matches several trials" if found else "is not a trial of it"
-        raise ConfigError(f"--trial {trial}: {what} in {folder}; its trials: {', '.join(ids)}")
+        raise ConfigError(f"--trial {printable(trial)}: {what} in {folder}; its trials: {', '.join(ids)}")
     return found[0]
 
 

@@ -4,13 +4,15 @@
         [--storage-path DIR] [--address ADDR] [--data SOURCE] [--set KEY=VALUE ...] [--allow-pending]
         [--verbose] [--watch [--watch-port PORT] [--watch-host HOST]]
 
-Exit codes: 0 every trial finished (completed, stopped early, diverged); 2 invalid sweep file or
-option; 3 trials errored after their retries; 4 a resource request no node can ever satisfy;
-130 interrupted (the message says how to resume).
+Exit codes: 0 every trial finished (completed, stopped early, diverged); 1 the results folder's disk
+is full (the sweep stops as on Ctrl-C; free space, then --resume); 2 invalid sweep file or option;
+3 trials errored after their retries; 4 a resource request no node can ever satisfy; 130 interrupted
+(the message says how to resume).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -25,7 +27,7 @@ import yaml
 from cifar_ray import metrics as M
 from cifar_ray.analysis import SWEEP_FILE
 from cifar_ray.config import ConfigError, TrialConfig, default
-from cifar_ray.files import LinkError, atomic_write_text, read_text_nofollow
+from cifar_ray.files import atomic_write_text, printable
 from cifar_ray.space import (
     Space,
     build_space,
@@ -39,9 +41,10 @@ from cifar_ray.space import (
     shuffles,
     trial_count,
 )
+from cifar_ray.storage import disk_full
 from cifar_ray.sweep_config import SweepConfig, read_sweep
 
-EXIT_OK, EXIT_INVALID, EXIT_ERRORED, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+EXIT_OK, EXIT_DISK_FULL, EXIT_INVALID, EXIT_ERRORED, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 SPACE_KEY = "space"  # the search-space fingerprint stored in the results' sweep.yaml
 
 
@@ -197,19 +200,31 @@ def estimate_lines(plan: Plan, args: argparse.Namespace) -> list[str]:
 # ---------------------------------------------------------------- running
 
 def stored_sweep(results: Path) -> Optional[dict]:
+    """The results folder's sweep.yaml, through the guarded reader (analysis.read_stored_sweep)."""
+    from cifar_ray.analysis import AnalysisError, read_stored_sweep
+
     path = results / SWEEP_FILE
     if not (path.exists() or path.is_symlink()):
         return None
     try:
-        return yaml.safe_load(read_text_nofollow(path))
-    except LinkError as err:
-        raise ConfigError(f"{err}; a results folder holds plain files only") from None
+        return read_stored_sweep(results)
+    except AnalysisError as err:
+        raise ConfigError(str(err)) from None
 
 
 def write_sweep_copy(plan: Plan) -> None:
     plan.results.mkdir(parents=True, exist_ok=True)
     doc = plan.sweep.model_dump(mode="json") | {SPACE_KEY: plan.space.fingerprint(), "source_file": str(plan.file)}
     atomic_write_text(plan.results / SWEEP_FILE, yaml.safe_dump(doc, sort_keys=False))
+
+
+def storage_filesystem(plan: Plan):
+    """Local storage: Tune writes through cifar_ray.storage (whole files or none); cloud: pyarrow's own."""
+    if plan.remote:
+        return None
+    from cifar_ray.storage import whole_file_filesystem
+
+    return whole_file_filesystem()
 
 
 def check_results_folder(plan: Plan, resume: bool) -> None:
@@ -223,7 +238,7 @@ def check_results_folder(plan: Plan, resume: bool) -> None:
         raise ConfigError(f"{plan.results} already holds a sweep named {plan.sweep.name!r}; continue it with "
                           f"--resume, or choose another --name")
     if resume:
-        if not exists or not Tuner.can_restore(plan.experiment):
+        if not exists or not Tuner.can_restore(plan.experiment, storage_filesystem=storage_filesystem(plan)):
             raise ConfigError(f"--resume: {plan.results} holds no sweep to resume; run without --resume to start it")
         if stored is not None and stored.get(SPACE_KEY) != plan.space.fingerprint():
             old, new = stored.get(SPACE_KEY) or {}, plan.space.fingerprint()
@@ -233,7 +248,7 @@ def check_results_folder(plan: Plan, resume: bool) -> None:
 
 
 def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False,
-                node_types: Optional[dict] = None):
+                node_types: Optional[dict] = None, on_disk_full=None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
@@ -251,12 +266,14 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
         trainable, lambda config: requests.get(config.get("model.name"), requests[default_model]))
     wandb_dir = str(plan.results / "wandb")  # local even with cloud storage: W&B writes files as it runs
     recorder = TrialRecorder(preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir, verbose)), sweep.name,
-                             node_types)
+                             node_types, record_root=str(plan.results))
+    recorder.on_disk_full = on_disk_full
     # the recorder goes first: it adds the node type to the result the journal mirror records too
     callbacks = [recorder, JournalCallback(mirror)]
     if resume:
         tuner = tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True,
-                                   restart_errored=False, param_space=param_space(space))
+                                   restart_errored=False, param_space=param_space(space),
+                                   storage_filesystem=storage_filesystem(plan))
         _use_callbacks(tuner, callbacks)
         return tuner
 
@@ -266,7 +283,7 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets)
     elif s.kind == "pbt":
         scheduler = PopulationBasedTraining(time_attr="training_iteration",
-                                            perturbation_interval=s.perturbation_interval,
+                                            perturbation_interval=s.perturbation_interval, synch=s.synch,
                                             hyperparam_mutations=mutations(sweep, space, plan.file))
     else:
         scheduler = FIFOScheduler()
@@ -281,7 +298,9 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
         # Grid trials start in grid_points' order (the dry run's), each point one sample; random
         # domains are still drawn per trial.
         points = grid_points(space, sweep)
-        search_alg = BasicVariantGenerator(points_to_evaluate=points or None, random_state=sweep.search.seed)
+        # Tune ignores TuneConfig.max_concurrent_trials for this generator: it takes its own limit.
+        search_alg = BasicVariantGenerator(points_to_evaluate=points or None, random_state=sweep.search.seed,
+                                           max_concurrent=sweep.max_concurrent_trials or 0)
         num_samples = len(points) or num_samples
 
     def name_of(trial) -> str:
@@ -294,11 +313,14 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     return tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=num_samples, max_concurrent_trials=sweep.max_concurrent_trials,
+                                    num_samples=num_samples,
+                                    max_concurrent_trials=sweep.max_concurrent_trials if sweep.search.kind == "optuna"
+                                    else None,
                                     trial_name_creator=name_of, trial_dirname_creator=name_of,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=plan.storage if plan.remote else str(plan.results.parent),
+            storage_filesystem=storage_filesystem(plan),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.checkpoint.keep,
                                                     checkpoint_score_attribute=sweep.metric,
                                                     checkpoint_score_order=sweep.mode),
@@ -360,7 +382,9 @@ def summarize(plan: Plan, trials) -> tuple[str, int]:
     best_col = f"best_{sweep.metric}"
     ok = trials[trials[best_col].notna()] if len(trials) else trials
     if len(ok):
-        best = ok.sort_values(best_col, ascending=sweep.mode == "min").iloc[0]
+        from cifar_ray.analysis import ranked
+
+        best = ranked(ok, best_col, sweep.mode).iloc[0]
         shown = ", ".join(f"{k}={format_value(best[k])}" for k in plan.space.searched_keys() if k in best)
         lines.append(f"best trial {best['trial_id']}: {sweep.metric} {best[best_col]:.4f}  ({shown})")
     errored = trials[trials["status"] == M.ERRORED] if len(trials) else trials
@@ -430,8 +454,11 @@ def start_ray(address: Optional[str], verbose: bool) -> None:
     # A Ray started here keeps its session folder, logs and auth token to this user. Ray makes its
     # folders 0777 for sharing (and makes them so again as it runs), so its temporary root goes inside
     # a folder of this user's alone; files are made under umask 077 (the processes it starts keep it).
-    os.environ[RAY_TMPDIR] = str(private_folder(Path(os.environ.get(RAY_TMPDIR) or tempfile.gettempdir())
-                                                / f"cifar_ray-{os.getuid()}"))
+    root = Path(os.environ.get(RAY_TMPDIR) or tempfile.gettempdir())
+    if not root.is_dir():
+        raise ConfigError(f"{RAY_TMPDIR}={printable(root)}: no such folder; create it, or unset {RAY_TMPDIR} to use "
+                          f"{tempfile.gettempdir()}")
+    os.environ[RAY_TMPDIR] = str(private_folder(root / f"cifar_ray-{os.getuid()}"))
     old = os.umask(0o077)
     try:
         ray.init(**options)
@@ -489,6 +516,21 @@ def exit_at_once_on_ctrl_c(plan: Plan) -> None:
         os._exit(EXIT_INTERRUPTED)  # no atexit: Ray's and W&B's shutdown hooks are what it interrupts
 
     signal.signal(signal.SIGINT, handler)
+    forward_sigterm()
+
+
+def forward_sigterm() -> None:
+    """SIGTERM (`kill`, systemd, a batch scheduler) does what Ctrl-C does at that moment: Tune's
+    clean stop with the summary and the resume line while trials run, else the exit-at-once handler.
+    Called again after ray.init, which installs a SIGTERM handler of its own."""
+    def handler(signum, frame):
+        current = signal.getsignal(signal.SIGINT)
+        if callable(current):
+            current(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def open_mirror(plan: Plan):
@@ -527,7 +569,7 @@ def watch_beside(plan: Plan, server, url: str, host: str) -> None:
     from cifar_ray.watch import WatchError, exposure_warning, journal_of, serve_in_background, serve_journal
 
     try:
-        serve_journal(server, journal_of(plan.results))
+        serve_journal(server, journal_of(plan.results), host)
     except (WatchError, OSError) as err:
         print(f"warning: --watch: {err}; the sweep runs without the dashboard", file=sys.stderr)
         server.server_close()
@@ -557,6 +599,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
 
     quiet_logs(args.verbose)
     start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
+    forward_sigterm()
     check_storage(plan.storage, cluster_nodes())
     node_types = autoscaler_node_types(args.cluster_config)
     if not args.allow_pending:
@@ -565,10 +608,19 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     mirror = open_mirror(plan)
     if watch is not None:
         watch_beside(plan, *watch, args.watch_host)
-    tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types)
+    full: list[bool] = []
+
+    def stop_on_full_disk() -> None:  # from the recorder, in Tune's loop: stop as on Ctrl-C, once
+        if not full:
+            full.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types, stop_on_full_disk)
     grid = tuner.fit()
     if plan.remote:
         return summarize_remote(plan, grid)
+    if full or any(r.error is not None and disk_full(r.error) for r in grid):
+        raise OSError(errno.ENOSPC, "No space left on device")
     trials = load(plan.results).trials()
     # The driver's own result grid is the authority on which trials errored (the state file may lag).
     errored = {r.metrics.get("trial_id") for r in grid if r.error is not None}
@@ -581,11 +633,12 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """The command, callable from Python: the Ctrl-C handler it installs is removed again on return."""
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         return command(argv)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
 
 
 def command(argv: Optional[list[str]] = None) -> int:
@@ -607,11 +660,26 @@ def command(argv: Optional[list[str]] = None) -> int:
             print(f"\ninterrupted; resume with:\n  {resume_command(plan)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(err)}", file=sys.stderr)
         return EXIT_INVALID
     except InfeasibleError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(err)}", file=sys.stderr)
         return EXIT_INFEASIBLE
+    except OSError as err:
+        if plan is None or args.dry_run or not disk_full(err):
+            raise
+        print(disk_full_line(plan), file=sys.stderr)
+        return EXIT_DISK_FULL
+
+
+def disk_full_line(plan: Plan) -> str:
+    """One line: which folder's disk is full, how much is free, and how to go on. Every file the sweep
+    had written is whole (cifar_ray.storage); what was running is continued by --resume."""
+    from cifar_ray.storage import free_bytes, human_bytes
+
+    return (f"error: the disk holding {plan.results} is full ({human_bytes(free_bytes(plan.results))} free); "
+            f"the sweep stopped and every file written before is intact: free space, then resume with: "
+            f"{resume_command(plan)}")
 
 
 def exit_cli(code: int) -> None:

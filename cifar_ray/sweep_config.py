@@ -38,6 +38,8 @@ class SchedulerConfig(Strict):
     brackets: int = Field(1, ge=1, le=10)
     perturbation_interval: int = Field(2, ge=1, description="pbt: epochs between exploit/explore steps")
     mutations: dict[str, Any] = Field(default_factory=dict, description="pbt: key -> list or domain to resample from")
+    synch: bool = Field(False, description="pbt: wait until every trial reaches the perturbation point, then "
+                                           "exploit (deterministic, slower on mixed hardware); default: asynchronous")
 
 
 class ResourcesConfig(Strict):

@@ -7,11 +7,14 @@ fails a trial or a sweep.
 from __future__ import annotations
 
 import hashlib
+import json
 import netrc
 import os
+import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from cifar_ray import metrics as M
 from cifar_ray.sweep_config import WandbSettings
@@ -116,6 +119,28 @@ class TrialTracker:
             if drop:
                 self.run = None
 
+    def held(self) -> dict[int, Optional[dict]]:
+        """epoch -> the row this run already holds, read when the run is (re)opened: offline, from the
+        run's earlier offline files in the W&B folder; online, the epochs up to the one in the resumed
+        run's summary (values not known: None)."""
+        if self.run is None:
+            return {}
+        held: dict[int, Optional[dict]] = {}
+        try:
+            if self.settings["mode"] == "offline":
+                for path in sorted(Path(self.settings["dir"]).glob(f"wandb/offline-run-*-{self.run.id}/"
+                                                                    f"run-{self.run.id}.wandb")):
+                    for row in offline_history(path):
+                        if isinstance(row.get(M.EPOCH), int):
+                            held[row[M.EPOCH]] = row
+            else:
+                last = self.run.summary.get(M.EPOCH)
+                if isinstance(last, int):
+                    held = {e: None for e in range(1, last + 1)}
+        except Exception as exc:  # noqa: BLE001 - an unreadable earlier file: log every epoch again
+            self._warn(f"W&B: could not read what run {self.run.id} already holds ({type(exc).__name__}: {exc})")
+        return held
+
     def log(self, metrics: dict) -> None:
         self._call("log", lambda: self.run.log(metrics), drop=True)
 
@@ -152,3 +177,59 @@ def public_config(config: dict) -> dict:
 def trial_settings(w: WandbSettings, sweep_name: str, wandb_dir: str, verbose: bool = False) -> dict:
     return {**w.model_dump(), "mode": resolve_mode(w.mode), "group": w.group or sweep_name, "dir": wandb_dir,
             "verbose": verbose}
+
+
+# ---------------------------------------------------------------- offline run files
+
+# An offline run file (`run-<id>.wandb`) is W&B's 7-byte header, then LevelDB-log blocks of 32 KiB
+# whose records (4-byte CRC, 2-byte length, 1-byte type) carry protobuf `Record`s; wandb's Python
+# package ships no reader for it.
+_BLOCK = 32 * 1024
+_HEADER = 7  # ":W&B" + 2-byte magic + 1-byte version
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def offline_records(path: str | os.PathLike) -> list[bytes]:
+    """The raw records of an offline run file; a file cut short (a killed W&B service) ends early."""
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    out, pending, pos = [], b"", _HEADER
+    while pos + 7 <= len(data):
+        block_left = _BLOCK - (pos % _BLOCK)
+        if block_left < 7:  # trailer padding at the end of a block
+            pos += block_left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):
+            break  # the last record was cut short
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == _FULL:
+            out.append(chunk)
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            out.append(pending + chunk)
+            pending = b""
+        else:  # zero padding
+            break
+    return out
+
+
+def offline_history(path: str | os.PathLike) -> list[dict]:
+    """Each row logged to an offline run file, as {key: value}, in order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows = []
+    for raw in offline_records(path):
+        rec = pb.Record()
+        try:
+            rec.ParseFromString(raw)
+        except Exception:  # noqa: BLE001 - a damaged record ends what can be read
+            break
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    return rows

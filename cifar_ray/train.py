@@ -27,7 +27,7 @@ from cifar_ray import metrics as M
 from cifar_ray.batches import DeviceImages
 from cifar_ray.config import ConfigError, TrialConfig, trial_config
 from cifar_ray.data import DataError, Dataset, Split, load_dataset, split_dataset
-from cifar_ray.files import atomic_write
+from cifar_ray.files import atomic_write, printable
 from cifar_ray.models import ModelError, build_model, check_device
 from cifar_ray.models.googlenet import AUX_WEIGHT
 
@@ -696,7 +696,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(format_report(evaluate_split(result.model, cfg, dataset, "test"), "test") + tta)
         print(f"wall time: {time.perf_counter() - started:.1f} s")
     except (ConfigError, DataError, ModelError, TrainError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -17,10 +17,11 @@ from typing import Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from cifar_ray.analysis import JOURNAL_FILE
+from cifar_ray.files import printable
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARDS = ("0.0.0.0", "::", "")  # every interface: no one name to check a Host header against
 
 
 class WatchError(ValueError):
@@ -46,7 +47,53 @@ def journal_of(results: str | Path) -> Path:
     if not journal.is_file():
         raise WatchError(f"{folder}: no {JOURNAL_FILE}; the sweep writes it when it starts (sweeps run before "
                          "cifar_ray wrote journals have none: read them with python -m cifar_ray.report)")
+    from cifar_ray.journal import check_journal
+
+    try:
+        check_journal(journal)
+    except (ValueError, OSError) as err:
+        raise WatchError(f"{journal}: not a readable Optuna journal: {err}; read the sweep with "
+                         "python -m cifar_ray.report instead") from None
     return journal
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(host: str, port: int) -> Optional[set[str]]:
+    """The Host headers a request may carry: the bound address (and localhost's names when it is a
+    loopback one), with or without the port; None for a wildcard bind (every name is possible). A page
+    on another site that rebinds its DNS name to 127.0.0.1 sends its own name and is refused."""
+    if host in WILDCARDS:
+        return None
+    names = {f"[{host}]" if ":" in host else host}
+    if host in ("127.0.0.1", "::1"):
+        names.add("localhost")
+    if host == "localhost":
+        names |= {"127.0.0.1", "[::1]"}
+    return {n.lower() for n in names} | {f"{n}:{port}".lower() for n in names}
+
+
+def check_host(app, allowed: Optional[set[str]]):
+    """Answer 421 to a request whose Host header is not one of `allowed` (DNS rebinding)."""
+    if allowed is None:
+        return app
+
+    def guarded(environ, start_response):
+        if environ.get("HTTP_HOST", "").lower() in allowed:
+            return app(environ, start_response)
+        start_response("421 Misdirected Request", [("Content-Type", "text/plain")])
+        return [b"this dashboard answers only to the address it listens on"]
+    return guarded
 
 
 def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
@@ -55,10 +102,15 @@ def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
         start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
         return [b"the sweep's journal is not open yet; reload in a moment"]
 
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("_Server6" if family == socket.AF_INET6 else "_Server4", (_Server,), {"address_family": family})
     try:
-        server = make_server(host, port, not_yet, server_class=_Server, handler_class=_QuietHandler)
+        server = make_server(host.strip("[]"), port, not_yet, server_class=server_class, handler_class=_QuietHandler)
     except OSError as exc:
-        raise WatchError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another port") from None
+        raise WatchError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another port or "
+                         "--host") from None
     shown = f"[{host}]" if ":" in host else host
     return server, f"http://{shown}:{server.server_port}/dashboard/"
 
@@ -77,17 +129,19 @@ def read_only(app):
     return guarded
 
 
-def serve_journal(server, journal: Path) -> None:
-    """Point the bound server at optuna-dashboard on the journal, opened read-only."""
+def serve_journal(server, journal: Path, host: str) -> None:
+    """Point the bound server at optuna-dashboard on the journal, opened read-only, answering only to
+    requests addressed to `host`."""
     import optuna_dashboard
 
     from cifar_ray.journal import open_journal
 
-    server.set_app(read_only(optuna_dashboard.wsgi(open_journal(journal, read_only=True))))
+    app = read_only(optuna_dashboard.wsgi(open_journal(journal, read_only=True)))
+    server.set_app(check_host(app, allowed_hosts(host.strip("[]"), server.server_port)))
 
 
 def exposure_warning(host: str) -> Optional[str]:
-    if host in LOOPBACK:
+    if is_loopback(host):
         return None
     return (f"warning: listening on {host}: anyone who can reach this port can read the sweep's results "
             "(configurations, metrics, node names)")
@@ -113,9 +167,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         journal = journal_of(args.results)
         server, url = bind(args.host, args.port)
-        serve_journal(server, journal)
+        serve_journal(server, journal, args.host)
     except WatchError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(err)}", file=sys.stderr)
         return 2
     warning = exposure_warning(args.host)
     if warning:

@@ -16,8 +16,27 @@ PORT=6379
 export RAY_TMPDIR="${CIFAR_RAY_LOCAL_TMPDIR:-/tmp/cifar_ray-local-$(id -u)}"
 CONFIG=clusters/local.yaml
 
-cluster_pids() {  # every process of this cluster names its temporary root on its command line
-  pgrep -u "$(id -u)" -f -- "$RAY_TMPDIR/" || true
+cluster_pids() {
+  # The processes whose command line names this cluster's temporary root, every process descended
+  # from them, and Ray's agents of this cluster that outlived their raylet: they rename themselves
+  # (ray::DashboardAgent, ray::RuntimeEnvAgent), no longer name the folder, and are re-parented to 1,
+  # but keep RAY_TMPDIR in their environment.
+  local roots orphans pid
+  roots="$(pgrep -u "$(id -u)" -f -- "$RAY_TMPDIR/" || true)"
+  orphans=""
+  for pid in $(pgrep -u "$(id -u)" -f -- '^ray::' || true); do
+    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "RAY_TMPDIR=$RAY_TMPDIR"; then
+      orphans="$orphans $pid"
+    fi
+  done
+  ps -u "$(id -u)" -o pid=,ppid=,stat= | awk -v roots="$roots $orphans" -v self="$$" '
+    BEGIN { n = split(roots, r, /[ \n]+/); for (i = 1; i <= n; i++) if (r[i] != "") keep[r[i]] = 1 }
+    { parent[$1] = $2; if ($3 ~ /^Z/) zombie[$1] = 1 }  # an exited process not yet reaped is gone
+    END {
+      grown = 1
+      while (grown) { grown = 0; for (p in parent) if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; grown = 1 } }
+      for (p in keep) if (p != self && (p in parent) && !(p in zombie)) print p
+    }'
 }
 
 case "${1:-}" in
@@ -63,8 +82,11 @@ case "${1:-}" in
       [ -z "$(cluster_pids)" ] && break
       sleep 0.2
     done
-    left="$(cluster_pids)"
-    [ -n "$left" ] && kill -KILL $left 2>/dev/null || true
+    # then until every one is gone, the agents the raylets leave behind included
+    while left="$(cluster_pids)"; [ -n "$left" ]; do
+      kill -KILL $left 2>/dev/null || true
+      sleep 0.2
+    done
     echo "local cluster down"
     ;;
   *)

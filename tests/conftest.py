@@ -210,8 +210,8 @@ class SweepProcess:
 def wandb_rows(exp: Path, trial_id: str, sweep_name: Optional[str] = None) -> list[dict]:
     """Every history row of the trial's W&B run, in order: a resumed sweep writes a second offline
     folder for the same run, which `wandb sync` appends."""
+    from cifar_ray.tracking import offline_history as history
     from cifar_ray.tracking import run_id
-    from wandb_records import history
 
     key = run_id(sweep_name or exp.name, trial_id)
     files = sorted(exp.glob(f"wandb/wandb/offline-run-*-{key}/run-{key}.wandb"))
@@ -226,7 +226,7 @@ def assert_records_agree(exp: Path) -> None:
     import math
 
     from cifar_ray import analysis
-    from wandb_records import history
+    from cifar_ray.tracking import offline_history as history
 
     files = list(exp.glob("wandb/wandb/offline-run-*/run-*.wandb"))
     for f in files:
@@ -259,7 +259,14 @@ def journal_trials(exp: Path, study: Optional[str] = None) -> dict:
 
     storage = open_journal(exp / "optuna.journal", read_only=True)
     study = optuna.load_study(study_name=study or exp.name, storage=storage)
-    return {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.get_trials(deepcopy=False)}
+    newest: dict = {}
+    for t in study.get_trials(deepcopy=False):  # in number order
+        earlier = newest.get(t.user_attrs[TUNE_TRIAL_ID])
+        if earlier is not None:  # a retry of a failed attempt (journal.JournalMirror._retry), never a double
+            assert earlier.state.name == "FAIL" and t.system_attrs.get("failed_trial") == earlier.number, \
+                f"trial {t.number} repeats Tune trial {t.user_attrs[TUNE_TRIAL_ID]}"
+        newest[t.user_attrs[TUNE_TRIAL_ID]] = t
+    return newest
 
 
 def assert_journal_matches(exp: Path) -> None:
@@ -287,3 +294,83 @@ def assert_journal_matches(exp: Path) -> None:
         assert frozen.state.name == state, f"{trial_id}: {frozen.state.name} for outcome {row['status']}"
         if state in ("COMPLETE", "PRUNED") and expected:
             assert frozen.value == row[f"best_{sweep.metric}"], f"{trial_id}: {frozen.value} != trials()"
+
+
+# ---------------------------------------------------------------- a record against what happened
+
+CURVE_COLUMNS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "val_class_acc/cat")
+
+
+def curves_by_config(exp: Path, keys: tuple[str, ...]) -> dict:
+    """(values of `keys`) -> the trial's curve (epoch -> {column: value}), from analysis.curves()."""
+    from cifar_ray import analysis
+
+    sweep = analysis.load(exp)
+    trials = sweep.trials().set_index("trial_id")
+    out = {}
+    for trial_id, curve in sweep.curves().groupby("trial_id"):
+        config = tuple(trials.loc[trial_id, k] for k in keys)
+        assert config not in out, f"{exp}: two trials with {dict(zip(keys, config, strict=True))}"
+        out[config] = {int(r["epoch"]): {c: r[c] for c in CURVE_COLUMNS} for _, r in curve.iterrows()}
+    return out
+
+
+def assert_same_as_straight_run(exp: Path, straight: Path, keys: tuple[str, ...]) -> None:
+    """The interrupted-and-resumed sweep's record equals a straight run of the same file: the same
+    trials (matched by their searched values), every epoch, identical values (CPU, exact resume), and
+    the same best trial; then its own stores agree with each other (assert_records_agree)."""
+    import math
+
+    from cifar_ray import analysis
+
+    got, want = curves_by_config(exp, keys), curves_by_config(straight, keys)
+    assert sorted(got) == sorted(want), f"trials {sorted(got)} != straight run's {sorted(want)}"
+    for config, curve in want.items():
+        assert sorted(got[config]) == sorted(curve), f"{config}: epochs {sorted(got[config])} != {sorted(curve)}"
+        for epoch, row in curve.items():
+            for col, value in row.items():
+                other = got[config][epoch][col]
+                assert other == value or (math.isnan(other) and math.isnan(value)), \
+                    f"{config} epoch {epoch} {col}: {other} != straight run's {value}"
+    best = [analysis.load(e).best() for e in (exp, straight)]
+    assert [tuple(b.config[k] for k in keys) for b in best][0] == [tuple(b.config[k] for k in keys) for b in best][1]
+    assert best[0].score == best[1].score
+    statuses = analysis.load(exp).trials()["status"]
+    assert set(statuses) == set(analysis.load(straight).trials()["status"]), list(statuses)
+    assert_records_agree(exp)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 MB filesystem (tmpfs) at tmp_path/disk; needs root, as CI and the project machines
+    have. Unmounted afterwards."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Write a ballast file until the filesystem refuses more (ENOSPC); returns it."""
+    import errno
+
+    ballast = disk / "ballast"
+    with open(ballast, "wb", buffering=0) as f:
+        chunk = b"\0" * (1 << 20)
+        while True:
+            try:
+                f.write(chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                chunk = chunk[: len(chunk) // 2]
+                if len(chunk) < 512:
+                    break
+    return ballast

@@ -65,11 +65,14 @@ def test_best_agrees_with_a_plain_sort(grid_sweep):
     sweep = analysis.load(grid_sweep)
     df = sweep.trials()
     best = sweep.best()
-    assert best.trial_id == df.sort_values("best_val_acc", ascending=False).iloc[0]["trial_id"]
-    last = sweep.best(scope="last")
-    assert last.trial_id == df.sort_values("val_acc", ascending=False).iloc[0]["trial_id"]
-    worst_loss = sweep.best(metric="val_loss", mode="min", scope="last")
-    assert worst_loss.trial_id == df.sort_values("val_loss").iloc[0]["trial_id"]
+    # a plain sort, ties to the lowest trial id (the documented rule, analysis.ranked)
+    def first(column, ascending):
+        top = df[column].min() if ascending else df[column].max()
+        return sorted(df.loc[df[column] == top, "trial_id"])[0]
+
+    assert best.trial_id == first("best_val_acc", ascending=False)
+    assert sweep.best(scope="last").trial_id == first("val_acc", ascending=False)
+    assert sweep.best(metric="val_loss", mode="min", scope="last").trial_id == first("val_loss", ascending=True)
     assert best.checkpoint is not None and (best.checkpoint / "state.pt").exists()
 
 

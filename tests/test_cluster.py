@@ -16,6 +16,28 @@ CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "clusters" / "onprem.yaml", ROOT 
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def _processes_with_env(key: str, value: str) -> dict[int, str]:
+    """pid -> command of this user's processes whose environment holds key=value exactly."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"{key}={value}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+        except OSError:
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def test_cluster_files_validate_against_rays_schema(path):
     config = validate_cluster_file(str(path))
     offers = node_type_offers(config)
@@ -184,7 +206,10 @@ def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp
         # after the idle timeout (15 s) the autoscaler removes the workers again
         wait_for(lambda: running_types() == ["head"], "the idle worker nodes to go away")
     finally:
+        started = _processes_with_env("RAY_TMPDIR", ray_tmp)  # the cluster's, its agents included
         down = subprocess.run([*script, "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr
         left = subprocess.run(["pgrep", "-f", "--", ray_tmp + "/"], capture_output=True, text=True)
         assert not left.stdout.strip(), f"processes of the local cluster left: {left.stdout}"
+        alive = {pid: name for pid, name in started.items() if _alive(pid)}
+        assert not alive, f"down returned while these of its processes still ran: {alive}"

@@ -239,3 +239,122 @@ def test_asha_expectation_and_the_schedule():
     assert asha_epochs(4, 2, 2, 2) == [2, 2, 2, 2]  # the grace period is max_t: nobody is stopped
     assert schedule([10, 10, 10, 10], 2) == 20 and schedule([30, 10, 10, 10], 2) == 30
     assert (duration(72), duration(3), duration(3 * 3600 + 120)) == ("1 min 12 s", "3 s", "3 h 2 min")
+
+
+# ---------------------------------------------------------------- a stranger's folder, round two
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
+
+
+def test_an_alias_bomb_in_a_folder_is_refused_by_every_reader(tmp_path, capsys):
+    from cifar_ray.refine import main as refine_main
+    from cifar_ray.report import main as report_main
+    from cifar_ray.train import main as train_main
+
+    exp = refinable(tmp_path)
+    (exp / "sweep.yaml").write_text(ALIAS_BOMB)  # 9^9 values once expanded, 1 KB on disk
+    assert len(ALIAS_BOMB) < 2000
+    with pytest.raises(analysis.AnalysisError, match="alias bomb"):
+        analysis.load(exp)
+    for command in (lambda: report_main([str(exp)]), lambda: refine_main([str(exp), "--out", str(tmp_path / "o.yaml")]),
+                    lambda: train_main(["--from", str(exp), "--trial", "00000"])):
+        assert command() == 2
+        err = capsys.readouterr().err
+        assert "alias bomb" in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.yaml").exists()
+
+
+def _hostile_ids(exp: Path, trial_id: str) -> None:
+    """Give the folder's best trial a crafted id (in its history, outcome and folder name)."""
+    best = max(exp.glob("base_*"), key=lambda d: json.loads(d.joinpath("history.jsonl").read_text()
+                                                                .splitlines()[-1])["val_acc"])
+    lines = best.joinpath("history.jsonl").read_text().splitlines()
+    rows = [json.loads(line) | {"trial_id": trial_id} for line in lines]
+    best.joinpath("history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best.joinpath("outcome.json").write_text(json.dumps({"trial_id": trial_id, "status": "completed", "epochs": 1,
+                                                         "error": None}))
+
+
+@pytest.mark.parametrize("crafted", ["x\nwandb: {entity: attacker-team, mode: online}\n#", "x\x1b[2J\x1b]0;pwned\x07"],
+                         ids=["newline_injection", "terminal_escape"])
+def test_refine_never_carries_a_folders_values_or_paths_into_the_next_sweep(tmp_path, capsys, crafted):
+    from cifar_ray.refine import main as refine_main
+    from cifar_ray.sweep import main as sweep_main
+
+    exp = refinable(tmp_path)
+    stored = yaml.safe_load((exp / "sweep.yaml").read_text())
+    stored["data"] |= {"cache_dir": "/home/victim/.cache", "data_dir": "/srv/data"}
+    stored["wandb"] = {"entity": "attacker-team", "mode": "online", "project": "p"}
+    (exp / "sweep.yaml").write_text(yaml.safe_dump(stored))
+    _hostile_ids(exp, crafted)
+    out = tmp_path / "next.yaml"
+    assert refine_main([str(exp), "--out", str(out)]) == 0
+    console = capsys.readouterr()
+    assert "\x1b" not in console.out + console.err
+    assert all(line.startswith("#") for line in console.out.splitlines() if "attacker" in line)  # shown, inert
+    text = out.read_text()
+    assert "\x1b" not in text
+    assert all(line.startswith("#") for line in text.splitlines() if "attacker" in line or "pwned" in line)
+    doc = yaml.safe_load(text)
+    assert "entity" not in doc.get("wandb", {}) and "mode" not in doc.get("wandb", {})
+    assert "cache_dir" not in doc["data"] and "data_dir" not in doc["data"]
+    assert "Not carried over from the folder: data.cache_dir, data.data_dir, wandb.entity, wandb.mode" in text
+    assert sweep_main([str(out), "--dry-run"]) == 0
+
+
+def test_refine_out_into_a_missing_folder_exits_2_and_writes_nothing(tmp_path, capsys):
+    from cifar_ray.refine import main as refine_main
+
+    exp = refinable(tmp_path)
+    assert refine_main([str(exp), "--out", str(tmp_path / "missing" / "x.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "no folder" in err and "Traceback" not in err
+    assert not (tmp_path / "missing").exists()
+    assert not list(tmp_path.glob(".*.yaml"))
+
+
+def test_train_from_a_folder_prints_no_raw_terminal_escapes(tmp_path, capsys):
+    from cifar_ray.train import main as train_main
+
+    exp = refinable(tmp_path)
+    _hostile_ids(exp, "evil\x1b[31m_00042")
+    assert train_main(["--from", str(exp), "--trial", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "evil\\x1b[31m_00042" in err
+
+
+def test_size_keys_are_bounded_with_clear_messages(tmp_path, capsys):
+    from cifar_ray.sweep import main as sweep_main
+    from cifar_ray.train import main as train_main
+    from conftest import write_sweep
+
+    for key, value in (("train__eval_batch_size", 10_000_000), ("train__batch_size", 10_000_000),
+                       ("data", {"source": "synthetic", "synthetic_size": 10 ** 9})):
+        path = write_sweep(tmp_path, "big", **{key: value})
+        assert sweep_main([str(path), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert "less than or equal to" in err and "Traceback" not in err, err
+    exp = refinable(tmp_path)  # a stored folder asking for 10^9 images
+    for params in exp.glob("*/params.json"):
+        params.write_text(json.dumps(json.loads(params.read_text()) | {"data.synthetic_size": 10 ** 9}))
+    assert train_main(["--from", str(exp), "--trial", "00000", "--data", "synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert "synthetic_size" in err and "Traceback" not in err
+
+
+def test_the_estimate_caps_what_it_times(tmp_path, capsys):
+    from cifar_ray.sweep import main as sweep_main
+    from conftest import write_sweep
+
+    path = write_sweep(tmp_path, "many", train__eval_batch_size={"choice": list(range(100, 1100))},
+                       train__batch_size={"choice": list(range(8, 1008))}, train__epochs=1,
+                       search={"kind": "random", "samples": 4, "seed": 0})
+    assert sweep_main([str(path), "--dry-run", "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "a seeded sample of 24 of the 1,000,000 combinations" in out
+    assert len([line for line in out.splitlines() if " img/s training" in line]) <= 24
+    huge = write_sweep(tmp_path, "huge", model={"name": "netconv"}, train__batch_size=65_536, train__epochs=1)
+    assert sweep_main([str(huge), "--dry-run", "--estimate"]) == 0
+    assert "bs 65536 (timed at 1024)" in capsys.readouterr().out

@@ -19,6 +19,8 @@ from conftest import (
     WAIT_S,
     SweepProcess,
     assert_records_agree,
+    assert_same_as_straight_run,
+    fill_disk,
     result_rows,
     results_of,
     trial_dirs,
@@ -308,3 +310,80 @@ def test_a_ray_the_sweep_starts_is_private_to_the_user(tmp_path):
     token = home / ".ray" / "auth_token"
     assert token.is_file()
     assert stat.S_IMODE(token.stat().st_mode) & 0o077 == 0, oct(token.stat().st_mode)
+
+
+def _snapshot(exp: Path) -> dict[Path, bytes]:
+    """Every plain file of the results folder (W&B's own files aside) and its bytes."""
+    return {p: p.read_bytes() for p in exp.rglob("*") if p.is_file() and "wandb" not in p.relative_to(exp).parts}
+
+
+def _is_json(data: bytes) -> bool:
+    import json
+
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        return False
+
+
+def _assert_intact(before: dict[Path, bytes]) -> None:
+    """Each file that was there is still whole: appended-to files start with what they held, files Tune
+    rewrites (result.json, progress.csv, params, its state) are complete documents, checkpoints load;
+    a file may be gone only where Tune rotates it (older checkpoints beyond `keep`)."""
+    import json
+
+    from cifar_ray.train import load_state
+
+    for path, old in before.items():
+        if not path.exists():
+            assert path.parent.name.startswith("checkpoint_") or not path.parent.exists(), f"{path} vanished"
+            continue
+        new = path.read_bytes()
+        assert len(new) >= (1 if old else 0), f"{path}: emptied"
+        if path.name in ("history.jsonl", "optuna.journal"):
+            assert new.startswith(old), f"{path}: rewritten, not appended to"
+        elif path.suffix == ".json" and path.name != "result.json" and _is_json(old):  # Tune pickles some
+            assert _is_json(new), f"{path}: no longer a whole JSON document: {new[:80]!r}"
+        elif path.name == "result.json":
+            for line in new.decode().splitlines():
+                json.loads(line)
+        elif path.name == "state.pt":
+            load_state(path)
+    for path in before:
+        assert not path.name.endswith(".tmp")
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_sweep_in_one_line_keeps_every_file_and_resume_completes(ray_session, tmp_path,
+                                                                                        small_disk):
+    common = dict(train__epochs=8, train__lr={"grid": [0.02, 0.05]}, data=SLOWER_DATA)
+    storage = small_disk / "results"
+    path = write_sweep(tmp_path, "full", **common)
+    exp = storage / "full"
+    sweep = SweepProcess(path, tmp_path, ray_session, "--storage-path", str(storage))
+
+    def recorded_with_checkpoints():
+        dirs = trial_dirs(exp, "base")
+        return len(dirs) == 2 and all(list(d.glob("checkpoint_*/state.pt")) and
+                                      len(analysis.read_rows(d / "history.jsonl")) >= 2 for d in dirs)
+
+    wait_for(recorded_with_checkpoints, "two epochs recorded and a checkpoint for each trial")
+    before = _snapshot(exp)
+    ballast = fill_disk(small_disk)
+    code, out = sweep.finish()
+    assert code == 1, out
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"the disk holding {exp} is full (" in errors[0] and "--resume" in errors[0], out
+    _assert_intact(before)
+    assert not [p for p in exp.rglob("*.tmp")], "a temporary file was left behind"
+
+    ballast.unlink()
+    code, out = SweepProcess(path, tmp_path, ray_session, "--storage-path", str(storage), "--resume").finish()
+    assert code == 0, out
+    _assert_intact(before)
+
+    straight = write_sweep(tmp_path, "straight", **common)
+    assert main([str(straight), "--storage-path", str(tmp_path / "results")]) == 0
+    assert_same_as_straight_run(exp, tmp_path / "results" / "straight", ("train.lr",))

@@ -26,6 +26,7 @@ DISTRIBUTIONS = {"train.lr": optuna_distribution(Domain("loguniform", (1e-4, 1e-
 
 
 def mirror_at(tmp_path: Path, name: str = "demo") -> JournalMirror:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return JournalMirror(tmp_path / "optuna.journal", name, M.VAL_ACC, "max", DISTRIBUTIONS).open()
 
 
@@ -199,3 +200,101 @@ def test_watch_a_running_sweep_in_a_real_browser(ray_session, tmp_path):
     code, out = sweep.finish()
     assert code == 130, out
     assert_records_agree(tmp_path / "results" / "live")  # running trials stay RUNNING in the journal
+
+
+# ---------------------------------------------------------------- a stranger's journal, round two
+
+def _raw_get(port: int, path: str, host_header: str, family=socket.AF_INET, address: str = "127.0.0.1"):
+    """(status, body) of a GET with the Host header given (urllib always sends the URL's own)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect((address, port))
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host_header}\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+BAD_JOURNAL_LINES = {
+    "not_json": b"{this is not json\n",
+    "wrong_types": b'{"op_code": 0, "worker_id": "w", "study_name": 7, "directions": "up"}\n',
+    "unknown_op": b'{"op_code": 999, "worker_id": "w"}\n',
+    "not_utf8": b'{"op_code": 0, "study_name": "\xff\xfe"}\n',
+    "a_list": b"[1, 2, 3]\n",
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_JOURNAL_LINES))
+def test_watch_refuses_a_malformed_journal_in_one_line(tmp_path, capsys, bad):
+    m = mirror_at(tmp_path)
+    report(m, "t0", {"train.lr": 0.01, "train.optimizer": "sgd"}, [0.2])
+    journal = tmp_path / "optuna.journal"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(lines[0] + BAD_JOURNAL_LINES[bad] + b"".join(lines[1:]))  # in the middle
+    assert watch_main([str(tmp_path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "not a readable Optuna journal" in err, err
+    assert "Traceback" not in err
+
+
+def test_watch_keeps_serving_when_a_bad_line_is_appended_checks_the_host_and_serves_ipv6(tmp_path):
+    m = mirror_at(tmp_path)
+    report(m, "t0", {"train.lr": 0.01, "train.optimizer": "sgd"}, [0.2, 0.4])
+    journal = tmp_path / "optuna.journal"
+    log = tmp_path / "watch.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cifar_ray.watch", str(tmp_path), "--port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = wait_for(lambda: dashboard_url(log), "the dashboard's URL")
+        port = int(url.split(":")[2].split("/")[0])
+        status, body = _raw_get(port, "/api/studies/0", f"127.0.0.1:{port}")
+        assert status == 200 and len(json.loads(body)["trials"]) == 1
+        # DNS rebinding: a page on another site reaching 127.0.0.1 under its own name is refused
+        assert _raw_get(port, "/api/studies/0", f"attacker.example:{port}")[0] == 421
+        assert _raw_get(port, "/api/studies/0", f"localhost:{port}")[0] == 200
+        good = {"op_code": 7, "worker_id": "w", "trial_id": 0, "step": 3, "intermediate_value": 0.6}
+        with open(journal, "ab") as f:  # a stranger appends garbage, then a good record follows
+            f.write(BAD_JOURNAL_LINES["not_json"] + BAD_JOURNAL_LINES["wrong_types"] + json.dumps(good).encode()
+                    + b"\n")
+        def served_steps():  # the dashboard caches trials for 2 s: every answer meanwhile must still be good
+            status, body = _raw_get(port, "/api/studies/0", f"127.0.0.1:{port}")
+            assert status == 200, body[:300]
+            return [(v["step"], v["value"]) for v in json.loads(body)["trials"][0]["intermediate_values"]]
+
+        # the last good state, then what followed the bad lines
+        wait_for(lambda: served_steps() == [(1, 0.2), (2, 0.4), (3, 0.6)], "the record after the bad lines")
+    finally:
+        proc.send_signal(signal.SIGINT)  # the process this test started
+        assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in log.read_text()
+    if not socket.has_ipv6:
+        return
+    clean = tmp_path / "clean"
+    report(mirror_at(clean), "t0", {"train.lr": 0.01, "train.optimizer": "sgd"}, [0.2])
+    log6 = tmp_path / "watch6.log"
+    with open(log6, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cifar_ray.watch", str(clean), "--port", "0", "--host",
+                                 "::1"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = wait_for(lambda: dashboard_url(log6) or ("error" in log6.read_text() and "error"), "the IPv6 URL")
+        assert url.startswith("http://[::1]:"), log6.read_text()
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        assert _raw_get(port, "/api/studies", f"[::1]:{port}", socket.AF_INET6, "::1")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    assert "warning" not in log6.read_text()  # loopback: not exposed
+
+
+def test_loopback_addresses_are_not_exposed_and_hosts_follow_the_bind():
+    from cifar_ray.watch import allowed_hosts, exposure_warning
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert exposure_warning(host) is None, host
+    assert exposure_warning("0.0.0.0") and exposure_warning("198.18.0.5")
+    assert allowed_hosts("0.0.0.0", 80) is None
+    assert allowed_hosts("127.0.0.2", 8080) == {"127.0.0.2", "127.0.0.2:8080"}
+    assert "localhost:8080" in allowed_hosts("127.0.0.1", 8080) and "[::1]:81" in allowed_hosts("::1", 81)

@@ -1,0 +1,202 @@
+"""Tune's storage for a local results folder: every file written whole or not at all.
+
+Ray Tune copies its staging folder (experiment state, params.json, result.json) and each checkpoint
+into the results folder with pyarrow, which truncates a file in place and then writes it. On a full
+disk that left 0-byte files and a checkpoint half-written under its final name. Given to Tune as
+`RunConfig(storage_filesystem=...)`, this filesystem writes each file beside its final name, fsyncs it
+and renames it over the old one; a failed write removes the temporary file and the old one stands.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _WholeFile:
+    """A file-like object for pa.PythonFile: writes go to a temporary file beside `path`; close()
+    renames it into place only when every write succeeded."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
+                                        suffix=".tmp")
+        os.fchmod(fd, 0o644 & ~_umask())
+        self._f = os.fdopen(fd, "wb")
+        self._failed = False
+        self.closed = False
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """A failed write: the temporary file goes at once (pyarrow may never call close after an
+        error), and close() will not rename anything."""
+        self._failed = True
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        Path(self.tmp).unlink(missing_ok=True)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._failed:
+            return
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except BaseException:
+            self._abandon()
+            raise
+        os.replace(self.tmp, self.path)
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+class WholeFileHandler(pafs.FileSystemHandler):
+    """pyarrow's local filesystem, except that output streams write whole files (see _WholeFile)."""
+
+    def __init__(self):
+        self._fs = pafs.LocalFileSystem()
+
+    def __reduce__(self):  # pickled into every trial worker with Tune's storage context
+        return (WholeFileHandler, ())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, WholeFileHandler)
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return "cifar_ray-local"
+
+    def normalize_path(self, path: str) -> str:
+        return self._fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self._fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self._fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self._fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to delete the contents of the root folder")
+
+    def delete_file(self, path: str) -> None:
+        self._fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with open(src, "rb") as source:
+            stream = _WholeFile(dest)
+            try:
+                shutil.copyfileobj(source, stream, 1 << 22)
+            finally:
+                stream.close()
+
+    def open_input_stream(self, path: str):
+        return self._fs.open_input_stream(path)
+
+    def open_input_file(self, path: str):
+        return self._fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Optional[dict] = None):
+        return pa.PythonFile(_WholeFile(path), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Optional[dict] = None):
+        return self._fs.open_append_stream(path)
+
+
+def whole_file_filesystem() -> pafs.FileSystem:
+    return pafs.PyFileSystem(WholeFileHandler())
+
+
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "disk full while writing")
+
+
+def disk_full_text(text: str) -> bool:
+    """An error message (a trial's error line, a wrapped pyarrow error) that says the disk is full."""
+    return any(t in text for t in DISK_FULL_TEXTS)
+
+
+def disk_full(exc: Optional[BaseException]) -> bool:
+    """An error for a full disk or quota, here or anywhere in its chain of causes."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS or disk_full_text(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_bytes(path: str | os.PathLike) -> Optional[int]:
+    """Bytes free to this user on the filesystem holding `path` (its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
