@@ -1,32 +1,72 @@
-"""Tune's storage for a local results folder: every file written whole or not at all.
+"""Tune's storage for a local results folder: every file written whole or not at all, and no checkpoint
+deleted while the saved experiment state may still point at it.
 
 Ray Tune copies its staging folder (experiment state, params.json, result.json) and each checkpoint
 into the results folder with pyarrow, which truncates a file in place and then writes it. On a full
 disk that left 0-byte files and a checkpoint half-written under its final name. Given to Tune as
 `RunConfig(storage_filesystem=...)`, this filesystem writes each file beside its final name, fsyncs it
 and renames it over the old one; a failed write removes the temporary file and the old one stands.
+
+Tune deletes the checkpoints that `CheckpointConfig(num_to_keep)` rotates out at once, while the
+experiment state on storage (saved every few seconds) can still name one of them as a trial's latest:
+a driver killed in between left a sweep whose resume failed every retry with "Could not recover from
+checkpoint as it does not exist on storage anymore". Here such a deletion waits until an experiment
+state file opened after it has been written whole (that snapshot no longer names the checkpoint).
+A driver killed meanwhile leaves the checkpoint on disk: a valid, older checkpoint of its trial.
 """
 from __future__ import annotations
 
 import errno
+import fnmatch
+import itertools
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+STATE_PATTERN = "experiment_state-*.json"  # Tune's experiment snapshot, written into the results folder
+CHECKPOINT_PATTERN = "checkpoint_*"
+
+# Deletions waiting for a later snapshot, process-wide: Tune hands each trial (and each checkpoint it
+# gets back from a worker) its own copy of the filesystem object. (order, folder), ordered by _ORDER.
+_DEFERRED: list[tuple[int, str]] = []
+_ORDER = itertools.count()
+_LOCK = threading.Lock()
+
+
+def _defer_deletion(path: str) -> None:
+    with _LOCK:
+        _DEFERRED.append((next(_ORDER), path))
+
+
+def _snapshot_started() -> Callable[[], None]:
+    """Called when an experiment state file is opened; the function it returns, once that file is
+    whole, deletes the checkpoints whose deletion was asked for before."""
+    with _LOCK:
+        mark = next(_ORDER)
+
+    def release() -> None:
+        with _LOCK:
+            due = [path for order, path in _DEFERRED if order < mark]
+            _DEFERRED[:] = [(order, path) for order, path in _DEFERRED if order >= mark]
+        for path in due:
+            shutil.rmtree(path, ignore_errors=True)
+    return release
 
 
 class _WholeFile:
     """A file-like object for pa.PythonFile: writes go to a temporary file beside `path`; close()
     renames it into place only when every write succeeded."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, on_done: Optional[Callable[[], None]] = None):
         self.path = path
+        self.on_done = on_done  # called once the file has its name
         fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
                                         suffix=".tmp")
         os.fchmod(fd, 0o644 & ~_umask())
@@ -84,6 +124,8 @@ class _WholeFile:
             self._abandon()
             raise
         os.replace(self.tmp, self.path)
+        if self.on_done is not None:
+            self.on_done()
 
 
 def _umask() -> int:
@@ -123,6 +165,9 @@ class WholeFileHandler(pafs.FileSystemHandler):
         self._fs.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path: str) -> None:
+        if fnmatch.fnmatch(os.path.basename(path.rstrip("/")), CHECKPOINT_PATTERN):
+            _defer_deletion(path)  # see the module's docstring
+            return
         self._fs.delete_dir(path)
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
@@ -152,7 +197,8 @@ class WholeFileHandler(pafs.FileSystemHandler):
         return self._fs.open_input_file(path)
 
     def open_output_stream(self, path: str, metadata: Optional[dict] = None):
-        return pa.PythonFile(_WholeFile(path), mode="w")
+        is_state = fnmatch.fnmatch(os.path.basename(path), STATE_PATTERN)
+        return pa.PythonFile(_WholeFile(path, _snapshot_started() if is_state else None), mode="w")
 
     def open_append_stream(self, path: str, metadata: Optional[dict] = None):
         return self._fs.open_append_stream(path)

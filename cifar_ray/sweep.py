@@ -642,6 +642,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def command(argv: Optional[list[str]] = None) -> int:
+    forward_sigterm()  # from the start: a SIGTERM before Tune's loop ends like a Ctrl-C then would
     args = parse_args(argv)
     from cifar_ray.cluster import InfeasibleError
     from cifar_ray.data import DataError

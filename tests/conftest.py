@@ -220,7 +220,8 @@ def wandb_rows(exp: Path, trial_id: str, sweep_name: Optional[str] = None) -> li
 
 def assert_records_agree(exp: Path) -> None:
     """Each trial's W&B run holds exactly the epochs analysis.curves() holds, with the same values
-    (where an epoch was reported twice, the later report stands in both), and no W&B file is empty;
+    (where an epoch was reported twice, the later report stands in both), no report twice, and no W&B
+    file is empty;
     the Optuna journal agrees with trials() and curves() (assert_journal_matches)."""
     assert_journal_matches(exp)
     import math
@@ -237,7 +238,13 @@ def assert_records_agree(exp: Path) -> None:
     curves = analysis.load(exp).curves()
     assert not curves.empty
     for trial_id, curve in curves.groupby("trial_id"):
-        last = {row["epoch"]: row for row in wandb_rows(exp, trial_id)}
+        rows = wandb_rows(exp, trial_id)
+        # each epoch once per run: a repeat is logged only with other values (PBT restored another
+        # trial's checkpoint), never the same report again (a resume's replay, a retried epoch)
+        logged = [(row["epoch"], repr([row.get(c) for c in ("train_loss", "val_loss", "val_acc", "lr")]))
+                  for row in rows]
+        assert len(logged) == len(set(logged)), f"{trial_id}: W&B holds a report twice: {logged}"
+        last = {row["epoch"]: row for row in rows}
         assert sorted(last) == list(curve["epoch"]), f"{trial_id}: W&B epochs {sorted(last)}"
         for col in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "val_class_acc/cat"):
             logged = [last[e][col] for e in curve["epoch"]]

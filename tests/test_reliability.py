@@ -7,7 +7,6 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -24,7 +23,6 @@ from conftest import (
     result_rows,
     results_of,
     trial_dirs,
-    tune_statuses,
     wait_for,
     write_sweep,
 )
@@ -83,62 +81,6 @@ def test_killed_worker_without_retries_errors_and_exits_3(ray_session, tmp_path)
     errored = df[df["status"] == "errored"].iloc[0]
     assert f"errored: {errored['trial_id']}" in out
     assert_records_agree(exp)  # the errored trial's run holds the epochs it reported
-
-
-@pytest.mark.slow
-def test_driver_killed_twice_then_resume_completes(ray_session, tmp_path):
-    path = write_sweep(tmp_path, "twice_killed", train__epochs={"grid": [1, 1, 6, 6]}, data=SLOWER_DATA)
-    exp = tmp_path / "results" / "twice_killed"
-
-    def recorded(d):  # finished, and Tune's state snapshot says so: a resume will not run it again
-        return tune_statuses(exp).get(d.name) == "TERMINATED"
-
-    sweep = SweepProcess(path, tmp_path, ray_session)
-    wait_for(lambda: sum(recorded(d) for d in trial_dirs(exp, "base")) >= 2
-             and any(1 <= r["epoch"] < 6 for d in trial_dirs(exp, "base") for r in result_rows(d) if not recorded(d)),
-             "two finished trials in Tune's state and a running one")
-    early = {d.name: len(result_rows(d)) for d in trial_dirs(exp, "base") if recorded(d)}
-    sweep.kill()
-
-    progress = {d.name: len(result_rows(d)) for d in trial_dirs(exp, "base")}
-    sweep = SweepProcess(path, tmp_path, ray_session, "--resume")
-    wait_for(lambda: any(len(result_rows(d)) > progress.get(d.name, 0) for d in trial_dirs(exp, "base")),
-             "progress after the first resume")
-    sweep.kill()
-    assert not (exp / "trials.parquet").exists()
-
-    code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
-    assert code == 0, out
-    assert "Traceback" not in out
-    df = results_of(tmp_path, "twice_killed")
-    assert len(df) == 4 and df["trial_id"].is_unique and set(df["status"]) == {"completed"}
-    for name, n in early.items():
-        assert len(result_rows(exp / name)) == n, f"{name} finished before the kills and was trained again"
-    for d in trial_dirs(exp, "base"):
-        epochs = [r["epoch"] for r in result_rows(d)]
-        # at most the epoch in flight at each kill is trained again
-        assert len(epochs) - len(set(epochs)) <= 2, epochs
-        assert max(epochs) in (1, 6)
-    assert_records_agree(exp)
-
-
-@pytest.mark.slow
-def test_ctrl_c_saves_state_and_prints_the_resume_command(ray_session, tmp_path):
-    path = write_sweep(tmp_path, "ctrl_c", train__epochs=8, train__lr={"grid": [0.01, 0.02]}, data=SLOWER_DATA)
-    exp = tmp_path / "results" / "ctrl_c"
-    sweep = SweepProcess(path, tmp_path, ray_session)
-    wait_for(lambda: any(r["epoch"] >= 2 for d in trial_dirs(exp, "base") for r in result_rows(d)), "epoch 2")
-    sweep.proc.send_signal(signal.SIGINT)
-    code, out = sweep.finish()
-    assert code == 130, out
-    assert "--resume" in out and "resume with" in out
-    assert "Traceback" not in out
-    assert not (exp / "trials.parquet").exists() or len(pd.read_parquet(exp / "trials.parquet")) == 2
-    code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
-    assert code == 0, out
-    df = results_of(tmp_path, "ctrl_c")
-    assert set(df["status"]) == {"completed"} and (df["epochs"] == 8).all()
-    assert_records_agree(exp)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
@@ -387,3 +329,17 @@ def test_a_full_disk_stops_the_sweep_in_one_line_keeps_every_file_and_resume_com
     straight = write_sweep(tmp_path, "straight", **common)
     assert main([str(straight), "--storage-path", str(tmp_path / "results")]) == 0
     assert_same_as_straight_run(exp, tmp_path / "results" / "straight", ("train.lr",))
+
+
+def test_a_missing_ray_tmpdir_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_sweep(tmp_path, "tmpdir")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "missing")}
+    done = subprocess.run([sys.executable, "-m", "cifar_ray.sweep", str(path), "--storage-path",
+                           str(tmp_path / "results")], env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: RAY_TMPDIR={tmp_path / 'missing'}: no such folder; create it, "
+                                                f"or unset RAY_TMPDIR to use /tmp"]
+    assert not (tmp_path / "missing").exists()

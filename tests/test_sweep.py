@@ -131,36 +131,6 @@ def test_existing_results_are_not_overwritten(ray_session, tmp_path, capsys):
     assert "search space differs" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_killed_driver_is_completed_by_resume(ray_session, tmp_path):
-    path = write_sweep(tmp_path, "kill_driver", train__epochs={"grid": [1, 1, 8, 8]}, data=SLOWER_DATA)
-    sweep = SweepProcess(path, tmp_path, ray_session)
-    exp = tmp_path / "results" / "kill_driver"
-
-    def two_recorded_and_one_running():
-        # Tune snapshots its state every few seconds: wait until the snapshot records the two finished
-        # trials, as a user's kill at that moment would find them
-        states = tune_statuses(exp)
-        done = [d for d in exp.glob("base_*") if states.get(d.name) == "TERMINATED"]
-        running = [d for d in exp.glob("base_*") if any(1 <= r["epoch"] < 8 and r.get("status") == "running"
-                                                        for r in result_rows(d))]
-        return (done, running) if len(done) >= 2 and running else None
-
-    done, _ = wait_for(two_recorded_and_one_running, "two finished trials in Tune's state")
-    rows_before = {d.name: len(result_rows(d)) for d in done}
-    sweep.kill()
-    assert not (exp / "trials.parquet").exists()
-    code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
-    assert code == 0, out
-    assert "Traceback" not in out
-    df = results_of(tmp_path, "kill_driver")
-    assert len(df) == 4 and set(df["status"]) == {"completed"}
-    assert sorted(df["epochs"]) == [1, 1, 8, 8]
-    for name, n in rows_before.items():
-        assert len(result_rows(exp / name)) == n, f"{name} was trained again"
-    assert_records_agree(exp)  # the interrupted trial's run continued after the resume
-
-
 def test_pbt_runs_and_mutates_hyperparameters(ray_session, tmp_path):
     path = write_sweep(tmp_path, "pbt", train__epochs=4, train__lr={"loguniform": [0.001, 0.1]},
                        search={"kind": "random", "samples": 4, "seed": 0},
@@ -210,3 +180,19 @@ def test_optuna_search_with_asha_resumes_without_trying_a_configuration_twice(ra
     for name, n in rows_before.items():
         assert len(result_rows(exp / name)) == n, f"{name} was trained again"
     assert_records_agree(exp)
+
+
+def test_max_concurrent_trials_holds_for_grid_search(ray_session, tmp_path, capsys):
+    from cifar_ray import analysis
+
+    path = write_sweep(tmp_path, "one_at_a_time", train__epochs=3, train__lr={"grid": [0.01, 0.02, 0.05]},
+                       data=SLOWER_DATA, max_concurrent_trials=1)
+    assert main([str(path), "--dry-run", "--estimate"]) == 0
+    assert "3 trials, 1 at a time" in capsys.readouterr().out  # the estimate plans with the same limit
+    assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
+    exp = tmp_path / "results" / "one_at_a_time"
+    rows = sorted((row["recorded_at"], d.name) for d in exp.glob("base_*")
+                  for row in analysis.read_rows(d / "history.jsonl"))
+    order = [name for _, name in rows]
+    runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
+    assert len(runs) == 3, f"trials ran side by side: {order}"  # each trial's reports all together

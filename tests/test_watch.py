@@ -298,3 +298,21 @@ def test_loopback_addresses_are_not_exposed_and_hosts_follow_the_bind():
     assert allowed_hosts("0.0.0.0", 80) is None
     assert allowed_hosts("127.0.0.2", 8080) == {"127.0.0.2", "127.0.0.2:8080"}
     assert "localhost:8080" in allowed_hosts("127.0.0.1", 8080) and "[::1]:81" in allowed_hosts("::1", 81)
+
+
+def test_a_failed_trial_that_resume_retries_gets_a_retry_trial_not_a_double(tmp_path):
+    m = mirror_at(tmp_path)
+    config = {"train.lr": 0.01, "train.optimizer": "sgd"}
+    report(m, "t0", config, [0.2])
+    m.end("t0", config, M.ERRORED)
+    resumed = mirror_at(tmp_path)  # a resumed sweep's driver, running t0 again
+    resumed.trial("t0", config)
+    resumed.result("t0", config, {M.EPOCH: 2, M.VAL_ACC: 0.5})
+    resumed.end("t0", config, M.COMPLETED)
+    again = mirror_at(tmp_path)  # a third driver sees the retry as the trial's record, ended
+    assert again.trial("t0", config) is None
+    trials = journal_trials(tmp_path, "demo")  # checks the retry names the failed attempt
+    assert set(trials) == {"t0"}
+    retry = trials["t0"]
+    assert retry.state.name == "COMPLETE" and retry.value == 0.5 and retry.intermediate_values == {1: 0.2, 2: 0.5}
+    assert retry.params == {"train.lr": 0.01, "train.optimizer": "sgd"} and retry.system_attrs["failed_trial"] == 0

@@ -1,0 +1,108 @@
+"""Resume equals a straight run: one sweep interrupted again and again, at moments chosen from its own
+progress (the epochs its record holds), by Ctrl-C, SIGTERM, kill -9 of the driver or kill -9 of a
+trial's worker, resumed after each, ends with the record of the same sweep run straight through: every
+epoch of every trial with identical values (CPU, exact resume), the same best trial, and W&B, the
+journal, history.jsonl and trials() agreeing. Local Ray, synthetic data, W&B offline."""
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from cifar_ray import analysis
+from cifar_ray.sweep import main
+from conftest import SLOWER_DATA, SweepProcess, assert_same_as_straight_run, tune_statuses, wait_for, write_sweep
+
+EPOCHS = 6
+LRS = [0.02, 0.05]
+# The interruption moments: how many (trial, epoch) reports the record holds when the signal is sent,
+# 8 distinct points of the sweep's 12, from its first report to one before its last. The trials run one
+# at a time, so at each moment one trial is training (7: the second trial's first epoch is recorded).
+MOMENTS = (1, 2, 4, 5, 7, 8, 10, 11)
+SWEEP = dict(train__epochs=EPOCHS, train__lr={"grid": LRS}, data=SLOWER_DATA, failures={"max_retries": 10},
+             max_concurrent_trials=1)
+
+
+@pytest.fixture(scope="module")
+def straight(ray_session, tmp_path_factory) -> Path:
+    """The same sweep run straight through: what happened when nothing went wrong."""
+    tmp = tmp_path_factory.mktemp("straight")
+    path = write_sweep(tmp, "straight", **SWEEP)
+    assert main([str(path), "--storage-path", str(tmp / "results")]) == 0
+    return tmp / "results" / "straight"
+
+
+def recorded(exp: Path) -> int:
+    """Distinct (trial, epoch) reports in the results folder's history files."""
+    seen = set()
+    for history in exp.glob("base_*/history.jsonl"):
+        seen |= {(history.parent.name, row.get("epoch")) for row in analysis.read_rows(history)}
+    return len(seen)
+
+
+def reports(exp: Path) -> dict[str, int]:
+    """Trial folder -> lines in its history (every report, repeats included)."""
+    return {h.parent.name: len(analysis.read_rows(h)) for h in exp.glob("base_*/history.jsonl")}
+
+
+def running_worker(exp: Path) -> int:
+    """The pid of a trial worker that has epochs left: the last report of a trial still training."""
+    def find():
+        for history in sorted(exp.glob("base_*/history.jsonl")):
+            rows = analysis.read_rows(history)
+            if rows and rows[-1].get("epoch", EPOCHS) < EPOCHS and _alive(rows[-1].get("pid")):
+                return rows[-1]["pid"]
+        return None
+    return wait_for(find, "a trial worker with epochs left")
+
+
+def _alive(pid) -> bool:
+    try:
+        return isinstance(pid, int) and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def interrupt(proc: SweepProcess, how: str) -> tuple[int, str]:
+    """Send the interruption to the process this test started; (exit code, output)."""
+    if how == "sigkill":
+        proc.kill()
+        return -9, proc.output()
+    proc.proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGTERM)
+    return proc.finish()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigint", "sigterm", "sigkill", "worker_sigkill"])
+def test_a_sweep_interrupted_at_eight_moments_ends_as_a_straight_run(ray_session, tmp_path, straight, how):
+    name = f"cut_{how}"
+    path = write_sweep(tmp_path, name, **SWEEP)
+    exp = tmp_path / "results" / name
+    sweep = SweepProcess(path, tmp_path, ray_session)
+    held = 0  # what the record held when this driver started: a moment is reached by its own progress
+    finished: dict[str, int] = {}  # trials Tune's saved state had finished at an interruption: their reports
+    for moment in MOMENTS:
+        target = max(moment, held + 1)
+        wait_for(lambda t=target, p=sweep.proc: recorded(exp) >= t or p.poll() is not None,
+                 f"{target} reports recorded")
+        assert sweep.proc.poll() is None, f"the sweep ended before moment {moment}: {sweep.output()[-2000:]}"
+        if how == "worker_sigkill":
+            os.kill(running_worker(exp), signal.SIGKILL)  # a trial worker of the sweep this test started
+            continue
+        code, out = interrupt(sweep, how)
+        done = [name for name, status in tune_statuses(exp).items() if status == "TERMINATED"]
+        finished |= {name: n for name, n in reports(exp).items() if name in done and name not in finished}
+        if how != "sigkill":
+            assert code == 130, out[-3000:]
+            assert "resume with:" in out and "Traceback" not in out, out[-3000:]
+        held = recorded(exp)
+        sweep = SweepProcess(path, tmp_path, ray_session, "--resume")
+    code, out = sweep.finish()
+    assert code == 0, out[-3000:]
+    assert "Traceback" not in out
+    assert_same_as_straight_run(exp, straight, ("train.lr",))
+    now = reports(exp)
+    for name, n in finished.items():  # a finished trial is not trained again by a resume
+        assert now[name] == n, f"{name} had finished ({n} reports) and was trained again ({now[name]})"
+    # each interruption repeats at most the epoch in flight (no trial restarts from scratch)
+    assert sum(now.values()) <= EPOCHS * len(LRS) + len(MOMENTS), now

@@ -1,0 +1,65 @@
+"""cifar_ray.storage: Tune's files written whole or not at all, and checkpoint deletions deferred until
+a later experiment snapshot is on storage. Real files; the full disk is a real tmpfs (root)."""
+import os
+import pickle
+
+import pyarrow.fs as pafs
+import pytest
+
+from cifar_ray.storage import disk_full, free_bytes, human_bytes, whole_file_filesystem
+
+
+def test_a_copy_that_runs_out_of_space_leaves_the_old_file_and_no_temporary(tmp_path, small_disk):
+    fs = whole_file_filesystem()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "state.pt").write_bytes(os.urandom(80 << 20))  # more than the 64 MB disk holds
+    (small_disk / "state.pt").write_bytes(b"the previous checkpoint")
+    with pytest.raises(OSError) as failed:
+        pafs.copy_files(str(src), str(small_disk), destination_filesystem=fs)
+    assert disk_full(failed.value)
+    assert (small_disk / "state.pt").read_bytes() == b"the previous checkpoint"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["state.pt"]
+    assert free_bytes(small_disk) > 60 << 20  # the temporary file's space was given back
+    (src / "state.pt").write_bytes(b"new")
+    pafs.copy_files(str(src), str(small_disk), destination_filesystem=fs)
+    assert (small_disk / "state.pt").read_bytes() == b"new"
+
+
+def test_files_get_the_umask_mode_and_the_filesystem_pickles(tmp_path):
+    fs = whole_file_filesystem()
+    with fs.open_output_stream(str(tmp_path / "a.json")) as f:
+        f.write(b"{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    again = pickle.loads(pickle.dumps(fs))  # Tune sends it to every trial worker
+    assert again == fs and again.type_name == fs.type_name
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_a_rotated_checkpoint_is_deleted_only_after_a_later_snapshot(tmp_path):
+    from ray.train._internal.storage import _delete_fs_path
+
+    fs = whole_file_filesystem()
+    old = tmp_path / "trial" / "checkpoint_000001"
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(b"x")
+    with fs.open_output_stream(str(tmp_path / "experiment_state-a.json")) as early:  # opened before the request
+        _delete_fs_path(fs=fs, fs_path=str(old))  # what Tune's checkpoint manager calls
+        early.write(b"{}")
+    assert old.exists(), "deleted while a snapshot naming it could still be the newest on storage"
+    other = tmp_path / "trial" / "notes"
+    other.mkdir()
+    fs.delete_dir(str(other))  # anything else goes at once
+    assert not other.exists()
+    with fs.open_output_stream(str(tmp_path / "experiment_state-a.json")) as later:
+        later.write(b"{}")
+    assert not old.exists()
+
+
+def test_sizes_read_as_people_write_them():
+    assert [human_bytes(n) for n in (0, 999, 1500, 2_500_000, None)] == ["0 B", "999 B", "1.5 KB", "2.5 MB", "unknown"]
