@@ -15,7 +15,7 @@ class LinkError(OSError):
     """A path that is a symbolic link where cifar_ray only reads or writes plain files."""
 
 
-def _file_mode() -> int:
+def new_file_mode() -> int:
     """The mode open() would give a new file under this process's umask (mkstemp makes 0600)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -35,7 +35,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fs
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _file_mode() if mode is None else mode)
+        os.fchmod(fd, new_file_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             if fsync:

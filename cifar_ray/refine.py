@@ -24,7 +24,7 @@ import yaml
 
 from cifar_ray.analysis import AnalysisError, load, ranked
 from cifar_ray.config import ConfigError
-from cifar_ray.files import printable
+from cifar_ray.files import new_file_mode, printable
 from cifar_ray.space import Domain, first_candidate, format_value, is_log, stored_domains
 
 DEFAULT_TOP = 3
@@ -233,20 +233,12 @@ def write_checked(out: Path, text: str) -> None:
             check(Path(tmp))
         except ConfigError as err:
             raise RefineError(f"the refined file does not validate ({err}); nothing written") from None
-        os.chmod(tmp, 0o644 & ~_umask())
+        os.chmod(tmp, new_file_mode())
         os.link(tmp, out)  # fails rather than replace a file made there meanwhile
     except FileExistsError:
         raise RefineError(f"{printable(out)} exists; choose another --out") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    import os
-
-    old = os.umask(0)
-    os.umask(old)
-    return old
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -29,6 +29,8 @@ from typing import Callable, Optional
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from cifar_ray.files import new_file_mode
+
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 STATE_PATTERN = "experiment_state-*.json"  # Tune's experiment snapshot, written into the results folder
 CHECKPOINT_PATTERN = "checkpoint_*"
@@ -69,7 +71,7 @@ class _WholeFile:
         self.on_done = on_done  # called once the file has its name
         fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
                                         suffix=".tmp")
-        os.fchmod(fd, 0o644 & ~_umask())
+        os.fchmod(fd, new_file_mode())
         self._f = os.fdopen(fd, "wb")
         self._failed = False
         self.closed = False
@@ -126,12 +128,6 @@ class _WholeFile:
         os.replace(self.tmp, self.path)
         if self.on_done is not None:
             self.on_done()
-
-
-def _umask() -> int:
-    old = os.umask(0)
-    os.umask(old)
-    return old
 
 
 class WholeFileHandler(pafs.FileSystemHandler):

@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "clusters" / "onprem.yaml", ROOT / "clusters" / "local.yaml"]
 
 
-@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
 def _processes_with_env(key: str, value: str) -> dict[int, str]:
     """pid -> command of this user's processes whose environment holds key=value exactly."""
     found = {}
@@ -38,6 +37,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
 def test_cluster_files_validate_against_rays_schema(path):
     config = validate_cluster_file(str(path))
     offers = node_type_offers(config)

@@ -30,7 +30,7 @@ def test_files_get_the_umask_mode_and_the_filesystem_pickles(tmp_path):
     fs = whole_file_filesystem()
     with fs.open_output_stream(str(tmp_path / "a.json")) as f:
         f.write(b"{}")
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~_umask()  # what open() would give
     again = pickle.loads(pickle.dumps(fs))  # Tune sends it to every trial worker
     assert again == fs and again.type_name == fs.type_name
 

@@ -125,15 +125,20 @@ def dashboard_url(log: Path) -> str:
     return match.group(1) if match else ""
 
 
+def start_watch(folder: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """`python -m cifar_ray.watch FOLDER --port 0 ...` in its own process, its output in `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "cifar_ray.watch", str(folder), "--port", "0", *extra],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
 def test_watch_serves_read_only_and_stops_on_ctrl_c(tmp_path):
     m = mirror_at(tmp_path)
     report(m, "t0", {"train.lr": 0.01, "train.optimizer": "sgd"}, [0.2, 0.4])
     journal = tmp_path / "optuna.journal"
     digest = hashlib.sha256(journal.read_bytes()).hexdigest()
     log = tmp_path / "watch.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cifar_ray.watch", str(tmp_path), "--port", "0"],
-                                stdout=out, stderr=subprocess.STDOUT)
+    proc = start_watch(tmp_path, log)
     try:
         url = wait_for(lambda: dashboard_url(log), "the dashboard's URL")
         assert url.startswith("http://127.0.0.1:") and url.endswith("/dashboard/")
@@ -244,9 +249,7 @@ def test_watch_keeps_serving_when_a_bad_line_is_appended_checks_the_host_and_ser
     report(m, "t0", {"train.lr": 0.01, "train.optimizer": "sgd"}, [0.2, 0.4])
     journal = tmp_path / "optuna.journal"
     log = tmp_path / "watch.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cifar_ray.watch", str(tmp_path), "--port", "0"],
-                                stdout=out, stderr=subprocess.STDOUT)
+    proc = start_watch(tmp_path, log)
     try:
         url = wait_for(lambda: dashboard_url(log), "the dashboard's URL")
         port = int(url.split(":")[2].split("/")[0])
@@ -275,9 +278,7 @@ def test_watch_keeps_serving_when_a_bad_line_is_appended_checks_the_host_and_ser
     clean = tmp_path / "clean"
     report(mirror_at(clean), "t0", {"train.lr": 0.01, "train.optimizer": "sgd"}, [0.2])
     log6 = tmp_path / "watch6.log"
-    with open(log6, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cifar_ray.watch", str(clean), "--port", "0", "--host",
-                                 "::1"], stdout=out, stderr=subprocess.STDOUT)
+    proc = start_watch(clean, log6, "--host", "::1")
     try:
         url = wait_for(lambda: dashboard_url(log6) or ("error" in log6.read_text() and "error"), "the IPv6 URL")
         assert url.startswith("http://[::1]:"), log6.read_text()
