@@ -206,8 +206,9 @@ class TrialRecorder(tune.Callback):
         self._log(trial, tracker, epoch_row(result))
 
     def _append(self, trial, result: dict) -> None:
-        """The history line; a failure (a full disk) is said once per trial and the sweep goes on:
-        W&B, the journal and Tune's own result.json still receive the report."""
+        """The history line. A full disk stops the sweep (the driver says so in one line at the end); any
+        other failure warns and the sweep goes on: W&B, the journal and Tune's own result.json still
+        receive the report."""
         try:
             append_history(self.folder(trial), result)
         except OSError as exc:

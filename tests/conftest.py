@@ -106,7 +106,9 @@ TINY = {
     "wandb": {"mode": "offline"},
 }
 SLOWER_DATA = {**TINY["data"], "synthetic_size": 6000, "val_size": 500}  # about a second an epoch
-WAIT_S = 600  # a safety net for conditions that do come true: a broken run fails here, not a slow one
+# A safety net against a hang, never a time limit: a broken run fails here, not a slow one. With both
+# cores busy (two busy loops beside .ci/run) a 2-trial sweep took over 10 minutes, so it is generous.
+WAIT_S = 1800
 
 
 def write_sweep(tmp_path: Path, name: str, **changes) -> Path:

@@ -10,6 +10,7 @@ import pytest
 from cifar_ray.cluster import check_storage, check_sweep_tags, infeasible, node_type_offers, validate_cluster_file
 from cifar_ray.cluster import main as cluster_main
 from cifar_ray.config import ConfigError
+from conftest import WAIT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "clusters" / "onprem.yaml", ROOT / "clusters" / "local.yaml"]
@@ -97,7 +98,7 @@ def test_multi_node_cluster_refuses_local_storage(tmp_path):
 @pytest.mark.slow
 def test_placement_on_a_real_multi_node_cluster(tmp_path):
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "cluster_run.py"), str(tmp_path)],
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                       capture_output=True, text=True, timeout=WAIT_S, cwd=tmp_path)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(line[0].removeprefix("RESULT "))
@@ -181,7 +182,7 @@ def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp
     def running_types() -> list:
         return sorted(str(match_node_type(r, types)) for r in _alive_node_types(sweep_env, address))
 
-    up = subprocess.run([*script, "up"], env=env, capture_output=True, text=True, timeout=300)
+    up = subprocess.run([*script, "up"], env=env, capture_output=True, text=True, timeout=WAIT_S)
     try:
         assert up.returncode == 0, up.stderr
         assert f"RAY_TMPDIR={ray_tmp} python -m cifar_ray.sweep" in up.stdout
@@ -192,7 +193,7 @@ def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp
                            resources_by_model={"net3": {"cpu": 1, "gpu": 1, "tags": {"a100": 1}}})
         cmd = [sys.executable, "-m", "cifar_ray.sweep", str(path), "--storage-path", str(tmp_path / "results"),
                "--address", address, "--cluster-config", str(ROOT / "clusters" / "local.yaml")]
-        run = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        run = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=WAIT_S, cwd=ROOT)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         df = pd.read_parquet(tmp_path / "results" / "twin" / "trials.parquet").set_index("model.name")
         assert df.loc["base", "node_type"] == "t4_spot" and df.loc["net3", "node_type"] == "a100x8"
@@ -200,7 +201,7 @@ def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp
         # a tag no node type offers is still refused before anything starts, naming the node types
         bad = write_sweep(tmp_path, "h100", resources={"cpu": 1, "gpu": 1, "tags": {"h100": 1}})
         refused = subprocess.run([*cmd[:3], str(bad), *cmd[4:]], env=sweep_env, capture_output=True, text=True,
-                                 timeout=300, cwd=ROOT)
+                                 timeout=WAIT_S, cwd=ROOT)
         assert refused.returncode == 4, refused.stderr[-2000:]
         assert "t4_spot" in refused.stderr and "h100" in refused.stderr
         # after the idle timeout (15 s) the autoscaler removes the workers again

@@ -12,12 +12,12 @@ from cifar_ray.space import build_space, expand_grid
 from cifar_ray.sweep import main as sweep_main
 from cifar_ray.sweep_config import read_sweep
 from cifar_ray.train import main as train_main
-from conftest import write_sweep
+from conftest import WAIT_S, write_sweep
 
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "cifar_ray.train", *args], capture_output=True, text=True,
-                          env={**os.environ}, timeout=600)
+                          env={**os.environ}, timeout=WAIT_S)
 
 
 def test_a_file_with_one_configuration_trains_it(tmp_path):

@@ -9,6 +9,7 @@ from cifar_ray.config import ConfigError
 from cifar_ray.space import Domain, build_space, expand_grid, grid_points, trial_count
 from cifar_ray.sweep import main
 from cifar_ray.sweep_config import apply_overrides, read_sweep
+from conftest import WAIT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -109,7 +110,7 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path):
             "    started = bool(ray and ray.is_initialized())\n"
             "    print(rc, started, len(err.getvalue().strip().splitlines()), f)\n")
     r = subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=600)
+                       cwd=tmp_path, timeout=WAIT_S)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == len(files)

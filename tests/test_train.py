@@ -20,7 +20,7 @@ from cifar_ray.train import (
     load_state,
     save_state,
 )
-from conftest import REAL_DATA
+from conftest import REAL_DATA, WAIT_S
 
 
 def cfg(model="base", **train):
@@ -169,7 +169,7 @@ def test_report_format():
 
 def _cli(*args, **env):
     return subprocess.run([sys.executable, "-m", "cifar_ray.train", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+                          env={**os.environ, **env}, timeout=WAIT_S)
 
 
 @pytest.mark.parametrize("args,needle", [

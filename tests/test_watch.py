@@ -19,7 +19,7 @@ from cifar_ray import metrics as M
 from cifar_ray.journal import JournalMirror, open_journal
 from cifar_ray.space import Domain, optuna_distribution
 from cifar_ray.watch import main as watch_main
-from conftest import SLOWER_DATA, SweepProcess, assert_records_agree, journal_trials, wait_for, write_sweep
+from conftest import SLOWER_DATA, WAIT_S, SweepProcess, assert_records_agree, journal_trials, wait_for, write_sweep
 
 DISTRIBUTIONS = {"train.lr": optuna_distribution(Domain("loguniform", (1e-4, 1e-1))),
                  "train.optimizer": optuna_distribution(Domain("choice", ("sgd", "adam")))}
@@ -114,7 +114,7 @@ def test_watch_refuses_a_missing_folder_a_folder_without_journal_and_a_busy_port
 
 def get(url: str):
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(url, timeout=120) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
@@ -150,12 +150,12 @@ def test_watch_serves_read_only_and_stops_on_ctrl_c(tmp_path):
         assert [(v["step"], v["value"]) for v in trial["intermediate_values"]] == [(1, 0.2), (2, 0.4)]
         delete = urllib.request.Request(f"{base}/api/studies/0", method="DELETE")
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(delete, timeout=30)
+            urllib.request.urlopen(delete, timeout=120)
         assert refused.value.code == 403
         assert hashlib.sha256(journal.read_bytes()).hexdigest() == digest
     finally:
         proc.send_signal(signal.SIGINT)  # the process this test started
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=WAIT_S) == 0
     assert "Traceback" not in log.read_text()
 
 
@@ -168,8 +168,9 @@ def page_text(url: str, screenshot: Path | None = None) -> str:
     args = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
             "--virtual-time-budget=20000"]
     if screenshot is not None:
-        subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=180, check=True)
-    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True).stdout
+        subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=WAIT_S, check=True)
+    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=WAIT_S,
+                         check=True).stdout
     dom = re.sub(r"<(style|script|svg)\b.*?</\1>", " ", dom, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
@@ -212,7 +213,7 @@ def test_watch_a_running_sweep_in_a_real_browser(ray_session, tmp_path):
 def _raw_get(port: int, path: str, host_header: str, family=socket.AF_INET, address: str = "127.0.0.1"):
     """(status, body) of a GET with the Host header given (urllib always sends the URL's own)."""
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(30)
+        s.settimeout(120)
         s.connect((address, port))
         s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host_header}\r\n\r\n".encode())
         data = b""
@@ -271,7 +272,7 @@ def test_watch_keeps_serving_when_a_bad_line_is_appended_checks_the_host_and_ser
         wait_for(lambda: served_steps() == [(1, 0.2), (2, 0.4), (3, 0.6)], "the record after the bad lines")
     finally:
         proc.send_signal(signal.SIGINT)  # the process this test started
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=WAIT_S) == 0
     assert "Traceback" not in log.read_text()
     if not socket.has_ipv6:
         return
@@ -286,7 +287,7 @@ def test_watch_keeps_serving_when_a_bad_line_is_appended_checks_the_host_and_ser
         assert _raw_get(port, "/api/studies", f"[::1]:{port}", socket.AF_INET6, "::1")[0] == 200
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=WAIT_S) == 0
     assert "warning" not in log6.read_text()  # loopback: not exposed
 
 
