@@ -86,11 +86,15 @@ def last_per_epoch(rows: list[dict]) -> dict[int, dict]:
 
 
 def same_row(a: Optional[dict], b: dict) -> bool:
-    """W&B already holds `b` when it holds an equal row for that epoch (NaN equals NaN); None stands
-    for a row W&B holds whose values are not known here (an online run's summary names its epoch)."""
+    """W&B already holds `b` when it holds a row for that epoch with the same model numbers (NaN
+    equals NaN; timings, M.RUN_MEASUREMENTS, differ whenever an epoch is trained again and are not
+    compared); None stands for a row W&B holds whose values are not known here (an online run's
+    summary names its epoch)."""
     if a is None:
         return True
     for key, value in b.items():
+        if key in M.RUN_MEASUREMENTS:
+            continue
         other = a.get(key)
         both_nan = isinstance(value, float) and isinstance(other, float) and math.isnan(value) and math.isnan(other)
         if other != value and not both_nan:

@@ -17,6 +17,9 @@ WARNINGS = "warnings"  # a trial's warnings since its previous report ("; "-join
 # Scalar metrics reported every epoch; a sweep's `metric` must be one of these.
 EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, LR, EPOCH_SECONDS, IMAGES_PER_SECOND, PEAK_MEMORY_MB,
                  SETUP_SECONDS)
+# ... of which these measure the run, not the model: an epoch trained again (a resume, a retry) reports
+# other values for them even where the model's numbers are identical
+RUN_MEASUREMENTS = (EPOCH_SECONDS, IMAGES_PER_SECOND, PEAK_MEMORY_MB, SETUP_SECONDS)
 
 # Trial outcomes of the engine.
 RUNNING = "running"
