@@ -160,6 +160,14 @@ def tune_statuses(exp: Path) -> dict[str, str]:
     return {s["dir"]: s["status"] for s in _tune_states(exp).values()}
 
 
+def alive(pid) -> bool:
+    """A running process, not a zombie waiting to be reaped."""
+    try:
+        return isinstance(pid, int) and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def wait_for(condition, what: str, timeout: float = WAIT_S):
     """Poll until condition() is truthy and return its value."""
     import time

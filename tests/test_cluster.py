@@ -10,7 +10,7 @@ import pytest
 from cifar_ray.cluster import check_storage, check_sweep_tags, infeasible, node_type_offers, validate_cluster_file
 from cifar_ray.cluster import main as cluster_main
 from cifar_ray.config import ConfigError
-from conftest import WAIT_S
+from conftest import WAIT_S, alive
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "clusters" / "onprem.yaml", ROOT / "clusters" / "local.yaml"]
@@ -28,14 +28,6 @@ def _processes_with_env(key: str, value: str) -> dict[int, str]:
         except OSError:
             continue
     return found
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie waiting to be reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
@@ -212,5 +204,5 @@ def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp
         assert down.returncode == 0, down.stderr
         left = subprocess.run(["pgrep", "-f", "--", ray_tmp + "/"], capture_output=True, text=True)
         assert not left.stdout.strip(), f"processes of the local cluster left: {left.stdout}"
-        alive = {pid: name for pid, name in started.items() if _alive(pid)}
-        assert not alive, f"down returned while these of its processes still ran: {alive}"
+        running = {pid: name for pid, name in started.items() if alive(pid)}
+        assert not running, f"down returned while these of its processes still ran: {running}"

@@ -11,7 +11,7 @@ import pytest
 
 from cifar_ray import analysis
 from cifar_ray.sweep import main
-from conftest import SLOWER_DATA, SweepProcess, assert_same_as_straight_run, tune_statuses, wait_for, write_sweep
+from conftest import SLOWER_DATA, SweepProcess, alive, assert_same_as_straight_run, tune_statuses, wait_for, write_sweep
 
 EPOCHS = 6
 LRS = [0.02, 0.05]
@@ -50,17 +50,10 @@ def running_worker(exp: Path) -> int:
     def find():
         for history in sorted(exp.glob("base_*/history.jsonl")):
             rows = analysis.read_rows(history)
-            if rows and rows[-1].get("epoch", EPOCHS) < EPOCHS and _alive(rows[-1].get("pid")):
+            if rows and rows[-1].get("epoch", EPOCHS) < EPOCHS and alive(rows[-1].get("pid")):
                 return rows[-1]["pid"]
         return None
     return wait_for(find, "a trial worker with epochs left")
-
-
-def _alive(pid) -> bool:
-    try:
-        return isinstance(pid, int) and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def interrupt(proc: SweepProcess, how: str) -> tuple[int, str]:
