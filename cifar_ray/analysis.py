@@ -224,7 +224,7 @@ class Sweep:
 
     def trials(self, aggregate: bool = False) -> pd.DataFrame:
         """One row per trial: id, status, config (the sweep file's key names), final and best metrics,
-        epochs run, seconds, node/device, error."""
+        epochs run, seconds, node (address), host (hostname), device, error."""
         if aggregate:
             return self.trials_aggregated()
         rows = []
@@ -240,7 +240,7 @@ class Sweep:
             row[f"best_{self.metric}"] = _best(curve[self.metric], self.mode) if self.metric in curve else math.nan
             row["epochs"] = int(last.get(M.EPOCH, 0) or 0)
             row["seconds"] = float(last.get("time_total_s", math.nan))
-            for k in ("node", "node_id", "node_type", "device", "accelerator"):
+            for k in ("node", "host", "node_id", "node_type", "device", "accelerator"):
                 row[k] = last.get(k)  # node_type: the autoscaler node type; None on a plain Ray
             row["error"] = rec.error
             rows.append(row)

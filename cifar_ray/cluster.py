@@ -213,7 +213,9 @@ def node_type_offers(config: dict) -> dict[str, dict[str, float]]:
             continue
         offers[name] = _node_offers(spec.get("resources") or {})
     for host, tags in (config.get("_host_tags") or {}).items():
-        offers[f"host {host}"] = {"cpu": 1e9, "gpu": tags.get("cuda", 0), **tags}  # CPU count unknown offline
+        # a host file's "GPU" is its GPU count (ray start --num-gpus); without it, one per `cuda` tag
+        gpus = tags.get("GPU", tags.get("cuda", 0))
+        offers[f"host {host}"] = {"cpu": 1e9, "gpu": gpus, **{k: v for k, v in tags.items() if k != "GPU"}}
     return offers
 
 
@@ -236,6 +238,38 @@ def twin_of(path: str) -> Optional[Path]:
     """The cloud file a fake-multinode cluster file in clusters/ mirrors: the repository's cluster.yaml."""
     twin = Path(path).resolve().parent.parent / TWIN_OF
     return twin if twin.is_file() and twin != Path(path).resolve() else None
+
+
+LAB_FILE, ONPREM_FILE = "lab.yaml", "onprem.yaml"  # scripts/lab.sh writes the one from the other
+# what may differ between them: where the hosts are and how to log in to them
+LAB_KEYS = (("provider", "head_ip"), ("provider", "worker_ips"), ("auth", "ssh_user"), ("auth", "ssh_private_key"))
+
+
+def lab_twin_of(path: str) -> Optional[Path]:
+    """The on-prem file a lab file (clusters/lab.yaml, written by scripts/lab.sh) mirrors."""
+    p = Path(path).resolve()
+    twin = p.parent / ONPREM_FILE
+    return twin if p.name == LAB_FILE and twin.is_file() else None
+
+
+def _without_lab_keys(doc: dict) -> dict:
+    doc = copy.deepcopy(doc)
+    for section, key in LAB_KEYS:
+        (doc.get(section) or {}).pop(key, None)
+    return doc
+
+
+def lab_problems(lab_path: str, onprem_path: str) -> list[str]:
+    """A lab file must be its on-prem file with other addresses, SSH user and key, and nothing else:
+    then what runs on the lab (setup, start commands, file mounts, tags) is what runs on the real hosts."""
+    from cifar_ray.sweep_config import parse_yaml
+
+    lab, onprem = (_without_lab_keys(parse_yaml(Path(f).read_text(), f) or {}) for f in (lab_path, onprem_path))
+    differ = sorted(k for k in set(lab) | set(onprem) if lab.get(k) != onprem.get(k))
+    if not differ:
+        return []
+    return [f"{lab_path}: {', '.join(differ)} differ from {onprem_path} (only "
+            f"{', '.join('.'.join(k) for k in LAB_KEYS)} may); write it again with scripts/lab.sh yaml"]
 
 
 def tags_used(sweep: SweepConfig) -> set[str]:
@@ -287,14 +321,63 @@ def is_shared_path(path: Path) -> bool:
     return best[1] in SHARED_FILESYSTEMS
 
 
-def check_storage(storage: str, nodes: list[dict]) -> None:
-    """Multi-node sweeps checkpoint to shared storage (Ray >= 2.7); refuse a node-local path."""
+PROBE_TIMEOUT_S = 300  # a node's answer to the storage probe: a worker process may have to start there first
+
+
+def nodes_not_seeing(folder: Path, nodes: list[dict]) -> list[str]:
+    """The addresses of the nodes that do not see a file written here in `folder`: a zero-CPU Ray task
+    pinned to each node reads it back. The truth for any mount (NFS, a bind mount, sshfs), where the
+    filesystem's type is only a hint."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    probe = folder / f".cifar_ray-storage-probe-{token}"
+    probe.write_text(token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def read(path: str) -> Optional[str]:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return None
+
+    try:
+        answers = {n.get("NodeManagerAddress", "?"): read.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(probe))
+            for n in nodes}
+        missing = []
+        for address, ref in answers.items():
+            try:
+                seen = ray.get(ref, timeout=PROBE_TIMEOUT_S)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+                seen = None
+            if seen != token:
+                missing.append(address)
+        return sorted(missing)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def check_storage(storage: str, nodes: list[dict], not_seeing=nodes_not_seeing) -> None:
+    """Multi-node sweeps checkpoint to shared storage (Ray >= 2.7): a local path must be one folder that
+    every machine of the cluster sees (a network filesystem is taken on its type; any other mount is
+    probed from each machine)."""
     hosts = {n.get("NodeManagerAddress") for n in nodes}
-    if len(hosts) <= 1 or "://" in storage or is_shared_path(Path(storage).expanduser()):
+    path = Path(storage).expanduser()
+    if len(hosts) <= 1 or "://" in storage or is_shared_path(path):
         return
-    raise ConfigError(f"--storage-path {storage}: a local folder, but the cluster has {len(hosts)} machines; "
-                      "trials on other nodes could not save checkpoints there. Use shared storage: "
-                      "--storage-path s3://BUCKET/PATH (or gs://), or a folder on an NFS mount every node has")
+    one_per_host = list({n.get("NodeManagerAddress"): n for n in nodes}.values())
+    missing = not_seeing(path, one_per_host)
+    if not missing:
+        return
+    raise ConfigError(f"--storage-path {storage}: a local folder that {len(missing)} of the cluster's {len(hosts)} "
+                      f"machines do not see ({', '.join(missing)}); trials there could not save checkpoints. Use "
+                      "shared storage: --storage-path s3://BUCKET/PATH (or gs://), or a folder on a mount every "
+                      "node has (NFS)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -306,14 +389,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     v = sub.add_parser("validate", help="check cluster files offline, and the tags the sweeps ask for")
     v.add_argument("files", nargs="+")
     v.add_argument("--sweeps", default="sweeps", help="folder of sweep files whose tags must be offered")
+    v.add_argument("--no-sweeps", action="store_true",
+                   help="check the cluster files only (sweeps/lab.yaml asks for the lab's tags, cluster.yaml "
+                        "offers others)")
     args = p.parse_args(argv)
     try:
         configs = {f: validate_cluster_file(f) for f in args.files}
         for f, config in configs.items():
             for name, offers in node_type_offers(config).items():
                 print(f"{f}: {name}: {_short({k: v for k, v in offers.items() if v < 1e9})}")
-        problems = check_sweep_tags(sorted(Path(args.sweeps).glob("*.yaml")), configs)
+        problems = [] if args.no_sweeps else check_sweep_tags(sorted(Path(args.sweeps).glob("*.yaml")), configs)
         for f, config in configs.items():
+            onprem = lab_twin_of(f) if (config.get("provider") or {}).get("type") == "local" else None
+            if onprem is not None:
+                found = lab_problems(f, str(onprem))
+                problems += found
+                if not found:
+                    print(f"{f}: the twin of {onprem.name}: only the addresses, SSH user and key differ")
             twin = twin_of(f) if (config.get("provider") or {}).get("type") == FAKE_PROVIDER else None
             if twin is not None:
                 found = twin_problems(f, config, str(twin), validate_cluster_file(str(twin)))
@@ -326,7 +418,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     if not problems:
-        print(f"ok: {len(configs)} cluster files valid; every tag used in {args.sweeps}/ is offered")
+        tags = "" if args.no_sweeps else f"; every tag used in {args.sweeps}/ is offered"
+        print(f"ok: {len(configs)} cluster files valid{tags}")
     return 2 if problems else 0
 
 

@@ -25,7 +25,7 @@ from typing import Any, Optional
 from cifar_ray import metrics as M
 
 TUNE_TRIAL_ID = "tune_trial_id"  # user attribute naming the Tune trial
-USER_ATTRS = ("node", "device", "accelerator", "node_type")  # copied from a trial's reports when present
+USER_ATTRS = ("node", "host", "device", "accelerator", "node_type")  # copied from a trial's reports when present
 STATES = {M.COMPLETED: "COMPLETE", M.EARLY_STOPPED: "COMPLETE", M.STOPPED: "PRUNED", M.DIVERGED: "PRUNED",
           M.ERRORED: "FAIL"}
 

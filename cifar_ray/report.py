@@ -73,6 +73,8 @@ def trial_table(sweep: Sweep, trials: pd.DataFrame) -> pd.DataFrame:
     cols = ["trial_id", "status", *searched_keys(trials), best, sweep.metric, "epochs", "seconds"]
     if "train.seed" in trials and trials["train.seed"].nunique() > 1:
         cols.insert(2, "train.seed")
+    if "host" in trials and trials["host"].nunique() > 1:  # trials ran on several machines
+        cols.append("host")
     if "node_type" in trials and trials["node_type"].notna().any():  # on a cluster with node types
         cols.append("node_type")
     table = trials[[c for c in cols if c in trials]].copy()

@@ -98,7 +98,9 @@ def run_trial(config: dict, dataset: Dataset = None, checkpoint_every: int = 1, 
     torch.set_num_threads(trial_threads(cpus))
     device = select_device(cfg.train.device, ray_grant(), warn)
     resume = _checkpoint_state(tune.get_checkpoint(), warn)
-    where = {"node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
+    # node: the node's address; host: the machine's name (m1-laptop on the lab), as trials() shows them
+    where = {"node": ray.util.get_node_ip_address(), "host": socket.gethostname(),
+             "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
              "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
 
     def on_epoch(metrics: dict, make_state) -> None:

@@ -49,7 +49,7 @@ case "${1:-}" in
       echo "error: port $PORT is in use (another Ray head?); the local cluster needs it" >&2
       exit 2
     fi
-    "$PY" -m cifar_ray.cluster validate "$CONFIG" >/dev/null
+    "$PY" -m cifar_ray.cluster validate "$CONFIG" --no-sweeps >/dev/null
     mkdir -p -m 700 "$RAY_TMPDIR"
     # `ray up` needs the wheel's fake_multi_node/example.yaml to merge defaults; Ray 2.60's wheel lacks it,
     # so the head is started directly with the same autoscaling config (what `ray up` would run).

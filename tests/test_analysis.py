@@ -43,8 +43,12 @@ def test_trials_one_row_per_trial_with_searched_keys(grid_sweep):
     df = analysis.load(grid_sweep).trials()
     assert len(df) == 8 and df["trial_id"].is_unique
     for col in ("train.lr", "train.momentum", "train.seed", "status", "val_acc", "best_val_acc", "epochs", "seconds",
-                "node"):
+                "node", "host"):
         assert col in df
+    import socket
+
+    assert set(df["host"]) == {socket.gethostname()}  # the local Ray: every trial on this machine
+    assert df["node"].str.fullmatch(r"\d+\.\d+\.\d+\.\d+").all()  # the node's address
     assert set(zip(df["train.lr"], df["train.momentum"], df["train.seed"], strict=True)) == {
         (lr, m, s) for lr in (0.01, 0.05) for m in (0.5, 0.9) for s in (0, 1)}
     assert (df["status"] == "completed").all() and (df["epochs"] == 2).all()

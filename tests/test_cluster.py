@@ -79,12 +79,47 @@ def test_a_not_yet_started_node_type_makes_a_request_feasible():
     assert infeasible(req, live + [_unprefixed(o) for o in offers.values()]) == {}
 
 
-def test_multi_node_cluster_refuses_local_storage(tmp_path):
-    two_hosts = [{"NodeManagerAddress": "10.0.0.1"}, {"NodeManagerAddress": "10.0.0.2"}]
-    with pytest.raises(ConfigError, match="shared storage"):
-        check_storage(str(tmp_path), two_hosts)
-    check_storage("s3://bucket/results", two_hosts)
-    check_storage(str(tmp_path), [{"NodeManagerAddress": "10.0.0.1"}] * 3)  # one machine, several raylets
+def test_multi_node_cluster_refuses_storage_a_machine_does_not_see(tmp_path):
+    two_hosts = [{"NodeManagerAddress": "198.18.0.21"}, {"NodeManagerAddress": "198.18.0.22"}]
+    asked = []
+
+    def second_blind(path, nodes):
+        asked.append((path, [n["NodeManagerAddress"] for n in nodes]))
+        return ["198.18.0.22"]
+
+    with pytest.raises(ConfigError, match=r"1 of the cluster's 2 machines do not see \(198.18.0.22\).*shared storage"):
+        check_storage(str(tmp_path), two_hosts, second_blind)
+    assert asked == [(tmp_path, ["198.18.0.21", "198.18.0.22"])]
+    check_storage(str(tmp_path), two_hosts, lambda path, nodes: [])  # a mount every machine sees
+    check_storage("s3://bucket/results", two_hosts, second_blind)
+    check_storage(str(tmp_path), [{"NodeManagerAddress": "198.18.0.21"}] * 3, second_blind)  # one machine, 3 raylets
+
+
+def test_a_lab_file_may_differ_from_onprem_only_in_addresses_user_and_key(tmp_path, capsys):
+    import shutil
+
+    from cifar_ray.cluster import lab_problems
+
+    shutil.copytree(ROOT / "clusters", tmp_path / "clusters")
+    onprem = (ROOT / "clusters" / "onprem.yaml").read_text()
+    lab = tmp_path / "clusters" / "lab.yaml"
+    lab.write_text(onprem.replace("head_ip: 192.168.1.10", "head_ip: 198.18.0.10")
+                   .replace("ssh_user: student", "ssh_user: root"))
+    assert lab_problems(str(lab), str(tmp_path / "clusters" / "onprem.yaml")) == []
+    assert cluster_main(["validate", str(lab), "--no-sweeps"]) == 0
+    assert "the twin of onprem.yaml" in capsys.readouterr().out
+    lab.write_text(onprem.replace("head_ip: 192.168.1.10", "head_ip: 198.18.0.10").replace("min_workers: 3",
+                                                                                           "min_workers: 2"))
+    assert cluster_main(["validate", str(lab), "--no-sweeps"]) == 2
+    assert "min_workers differ from" in capsys.readouterr().err
+
+
+def test_the_storage_probe_reads_the_folder_from_each_node(ray_session, tmp_path):
+    from cifar_ray.cluster import cluster_nodes, nodes_not_seeing
+
+    nodes = cluster_nodes()
+    assert nodes_not_seeing(tmp_path / "results", nodes) == []
+    assert not list((tmp_path / "results").iterdir())  # the probe file is removed again
 
 
 @pytest.mark.slow
@@ -114,7 +149,8 @@ def test_placement_on_a_real_multi_node_cluster(tmp_path):
 def test_the_local_twin_mirrors_cluster_yaml_and_a_drift_is_named(tmp_path, capsys):
     from cifar_ray.cluster import twin_problems
 
-    assert cluster_main(["validate", str(ROOT / "cluster.yaml"), str(ROOT / "clusters" / "local.yaml")]) == 0
+    assert cluster_main(["validate", str(ROOT / "cluster.yaml"), str(ROOT / "clusters" / "local.yaml"),
+                         "--no-sweeps"]) == 0
     assert "the twin of cluster.yaml" in capsys.readouterr().out
     local = validate_cluster_file(str(ROOT / "clusters" / "local.yaml"))
     cloud = validate_cluster_file(str(ROOT / "cluster.yaml"))
