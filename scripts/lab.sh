@@ -84,7 +84,16 @@ python_home() {  # the folder of the interpreter the project's venv was made fro
 boot() {  # PID 1 of a host: its own /tmp, /run, home and /etc/hosts, the shared folder, and sshd
   local name="$1" dir="$LAB/$1"
   hostname "$name"
+  # the host's /tmp is its own, but the repository and its Python stay visible where they lie under /tmp
+  # (a clone there: the host's venv reads this machine's packages from it)
+  local keep=() path i venv
+  venv="$(cd "$(dirname "$PY")/.." && pwd)"
+  for path in "$REPO" "$venv"; do
+    case "$path" in "$REPO"/*) continue ;; /tmp | /tmp/*) keep+=("$path") ;; esac
+  done
+  for i in "${!keep[@]}"; do mkdir -p "$dir/keep$i"; mount --bind "${keep[$i]}" "$dir/keep$i"; done
   mount -t tmpfs -o mode=1777 tmpfs /tmp
+  for i in "${!keep[@]}"; do mkdir -p "${keep[$i]}"; mount --bind "$dir/keep$i" "${keep[$i]}"; done
   mount -t tmpfs -o mode=755 tmpfs /run
   mkdir -p /run/sshd
   mount --bind "$LAB/etc-hosts" /etc/hosts
@@ -221,6 +230,10 @@ up() {
   for h in $(all_hosts); do make_host "$h"; done
   write_lab_yaml
   "$PY" -m cifar_ray.cluster validate clusters/lab.yaml >/dev/null
+  if [ ! -f "$HOME/.ray/auth_token" ]; then  # the cluster file carries this machine's Ray token to every host
+    "$(dirname "$PY")/ray" get-auth-token --generate >/dev/null
+    echo "made a Ray token at ~/.ray/auth_token (yours, kept by down; the cluster file copies it to every host)"
+  fi
   echo "lab up: $(for h in $(all_hosts); do printf '%s=%s ' "$h" "$(host_ip "$h")"; done)"
   echo "shared folder: $SHARED (results: $SHARED/results); SSH key: $LAB/key"
   echo "next: PATH=$(dirname "$PY"):\$PATH ray up clusters/lab.yaml -y"
