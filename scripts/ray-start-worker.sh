@@ -21,15 +21,16 @@ PY
 )"
 # `ray start --block` stays beside the node's processes and, when one of them ends unexpectedly (the
 # raylet after it lost the head, or killed), stops the rest (plain `ray start` leaves Ray's log monitor
-# running forever). It runs in a session of its own so the SSH login that started it can end; this
-# script returns once Ray says it started, or fails with its output.
+# running forever). It runs in a session of its own (setsid, where there is one) so the SSH login that
+# started it can end; this script returns once Ray says it started, or fails with its output.
 log="${TMPDIR:-/tmp}/cifar_ray-worker-start.log"
 pidfile="${TMPDIR:-/tmp}/cifar_ray-worker-start.pid"
 # an earlier one outlives `ray stop` (which stops only its subprocesses): end it first
-if [ -f "$pidfile" ] && grep -qs -- "--block" "/proc/$(cat "$pidfile")/cmdline"; then
+if [ -f "$pidfile" ] && ps -p "$(cat "$pidfile")" -o args= 2>/dev/null | grep -q -- "--block"; then
   kill "$(cat "$pidfile")" 2>/dev/null || true
 fi
-eval "setsid nohup ray start --address=\"\$address\" $options --block" >"$log" 2>&1 </dev/null &
+detach="$(command -v setsid || true)"  # macOS (the M1 laptops) has no setsid: nohup alone ignores the hangup
+eval "$detach nohup ray start --address=\"\$address\" $options --block" >"$log" 2>&1 </dev/null &
 ray_start=$!
 echo "$ray_start" >"$pidfile"
 while kill -0 "$ray_start" 2>/dev/null; do
