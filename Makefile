@@ -1,5 +1,6 @@
 # Two entry points: `make quickstart` (set up, then run the quickstart sweep) and `make test`;
-# `make test-fast` skips the slow tests, `make lint` runs ruff (CI runs both lint and test).
+# `make test-fast` skips the slow tests, `make lint` runs ruff, `make typecheck` runs mypy and the import layers
+# (CI runs lint, typecheck and test).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -11,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: setup test test-fast lint quickstart
+.PHONY: setup test test-fast lint typecheck quickstart
 setup: $(VENV)/.installed
 
 test: setup
@@ -23,6 +24,11 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# mypy (pydantic plugin; strict on the pure modules) and import-linter's layer contracts, both in pyproject.toml
+typecheck: setup
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 quickstart: setup
 	$(PY) -m cifar_ray.sweep sweeps/quickstart.yaml

@@ -20,9 +20,10 @@ from pipeline import SETS, PILDataset  # the same baseline pipeline as bench/pip
 from cifar_ray import metrics as M
 from cifar_ray.config import AUGMENT_PRESETS, TrialConfig
 from cifar_ray.data import load_dataset, split_dataset
+from cifar_ray.device import amp_dtype, select_device
+from cifar_ray.engine import fit
 from cifar_ray.models import build_model
 from cifar_ray.models.stats import forward_gflops
-from cifar_ray.train import amp_dtype, fit, select_device
 
 LARGE_GFLOPS = 0.1  # forward GFLOPs per image above which a model counts as large
 

@@ -28,10 +28,12 @@ from cifar_ray import metrics as M
 from cifar_ray.batches import DeviceImages
 from cifar_ray.config import AUGMENT_PRESETS, AugmentConfig, TrialConfig
 from cifar_ray.data import load_dataset, split_dataset
+from cifar_ray.device import select_device
+from cifar_ray.engine import fit
+from cifar_ray.evaluation import evaluate_split
 from cifar_ray.models import build_model
 from cifar_ray.models.stats import forward_gflops
 from cifar_ray.retrain import from_sweep_file
-from cifar_ray.train import evaluate_split, fit, select_device
 
 SEED_VAL_ACC = 0.858
 PARTS = ("fast", "epochs", "batch_path", "seed_accuracy", "grid")

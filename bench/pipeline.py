@@ -20,7 +20,7 @@ from PIL import Image
 from cifar_ray.batches import DeviceImages
 from cifar_ray.config import AUGMENT_PRESETS, AugmentConfig, DataConfig
 from cifar_ray.data import load_dataset, split_dataset
-from cifar_ray.train import select_device
+from cifar_ray.device import select_device
 
 SETS = {
     "none": ("none", []),

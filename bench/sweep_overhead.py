@@ -34,7 +34,7 @@ def run(mode: str, data_cfg: DataConfig, trials: int, epochs: int) -> dict:
     measure what a trial process holds besides the data."""
     from ray import tune
 
-    from cifar_ray.train import fit
+    from cifar_ray.engine import fit
 
     def report(m, _state):
         tune.report({**{k: v for k, v in m.items() if k != M.VAL_CLASS_ACC}, "private_mib": private_mib()})

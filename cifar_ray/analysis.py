@@ -7,7 +7,6 @@ as data only (JSON, YAML, Parquet, weights-only checkpoints), without Ray, the t
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,22 +16,34 @@ from typing import Any, Optional
 import pandas as pd
 
 from cifar_ray import metrics as M
-from cifar_ray.files import LinkError, atomic_write, printable, read_text_nofollow
+from cifar_ray.files import atomic_write
+from cifar_ray.record import (  # the record's names, importable from here as before
+    CURVES_FILE,
+    ERROR_FILE,
+    HISTORY_FILE,
+    JOURNAL_FILE,
+    OUTCOME_FILE,
+    PARAMS_FILE,
+    RESULT_FILE,
+    STATE_FILE,
+    STATE_GLOB,
+    SWEEP_FILE,
+    TRIALS_FILE,
+    TUNE_ROW_KEYS,
+    AnalysisError,
+    TrialRecord,
+    ended_status,
+    read_rows,
+    read_stored_sweep,
+    read_text,
+    read_trials,
+    tune_outcome,
+)
 
-SWEEP_FILE = "sweep.yaml"
-TRIALS_FILE = "trials.parquet"
-CURVES_FILE = "curves.parquet"
-OUTCOME_FILE = "outcome.json"  # written by the driver when a trial ends (cifar_ray.callbacks)
-HISTORY_FILE = "history.jsonl"  # every report, appended by the driver as it arrives (cifar_ray.callbacks)
-RESULT_FILE = "result.json"  # Tune's rows, the same form; can lose rows when a trial restarts
-PARAMS_FILE = "params.json"  # the trial's starting config, as JSON
-ERROR_FILE = "error.txt"
-JOURNAL_FILE = "optuna.journal"  # the sweep mirrored for optuna-dashboard (cifar_ray.journal)
-STATE_FILE = "state.pt"  # in each checkpoint_* folder
-STATE_GLOB = "experiment_state-*.json"
-TUNE_ROW_KEYS = ("trial_id", "done", "training_iteration", "timestamp", "date", "time_this_iter_s", "time_total_s",
-                 "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name",
-                 "should_checkpoint", "config")
+__all__ = ["load", "Sweep", "BestTrial", "AnalysisError", "ranked", "write_parquet", "local_data", "read_stored_sweep",
+           "read_trials", "read_rows", "read_text", "TrialRecord", "ended_status", "tune_outcome", "SWEEP_FILE",
+           "TRIALS_FILE", "CURVES_FILE", "OUTCOME_FILE", "HISTORY_FILE", "RESULT_FILE", "PARAMS_FILE", "ERROR_FILE",
+           "JOURNAL_FILE", "STATE_FILE", "STATE_GLOB", "TUNE_ROW_KEYS"]
 
 
 @dataclass(frozen=True)
@@ -42,158 +53,6 @@ class BestTrial:
     config: dict  # the sweep file's keys
     metrics: dict  # its row of trials()
     checkpoint: Optional[Path]  # its best retained checkpoint folder
-
-
-class AnalysisError(ValueError):
-    """A path that is not a sweep, an unknown trial, a trial without a checkpoint, a link where a
-    plain file belongs."""
-
-
-def _read_text(path: Path) -> Optional[str]:
-    """A file of the results folder as text, None when absent; a link is refused, never followed."""
-    try:
-        return read_text_nofollow(path)
-    except FileNotFoundError:
-        return None
-    except LinkError:
-        raise AnalysisError(f"{path} is a symbolic link; a results folder holds plain files only "
-                            "(refusing to follow it)") from None
-
-
-def _read_json(path: Path) -> Optional[Any]:
-    text = _read_text(path)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None  # half-written by a running sweep, or damaged: treated as absent
-
-
-def read_rows(path: Path) -> list[dict]:
-    """result.json: one JSON object a line. A last line cut short by a running sweep is skipped."""
-    rows = []
-    for line in (_read_text(path) or "").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _tune_states(folder: Path) -> dict[str, dict]:
-    """Each trial's status, folder name and last result from Tune's newest experiment_state file,
-    read as plain JSON: the fields Tune pickles (results, resources, ...) are never decoded."""
-    files = sorted(folder.glob(STATE_GLOB))
-    doc = _read_json(files[-1]) if files else None
-    out: dict[str, dict] = {}
-    for entry in (doc or {}).get("trial_data", []) if isinstance(doc, dict) else []:
-        try:
-            trial = json.loads(entry[0])
-            meta = json.loads(entry[1])
-        except (ValueError, TypeError, IndexError):
-            continue
-        if not isinstance(trial, dict) or not isinstance(trial.get("trial_id"), str):
-            continue
-        last = meta.get("last_result") if isinstance(meta, dict) else None
-        out[trial["trial_id"]] = {"status": str(trial.get("status", "")), "dir": trial.get("relative_logdir"),
-                                  "config": trial.get("config") if isinstance(trial.get("config"), dict) else {},
-                                  "last": last if isinstance(last, dict) else {}}
-    return out
-
-
-def ended_status(last_result: Optional[dict]) -> str:
-    """The outcome of a trial Tune terminated without an error: what the engine reported last, or
-    `stopped` when the scheduler ended it while it was still running."""
-    reported = (last_result or {}).get(M.STATUS)
-    if reported in (M.COMPLETED, M.DIVERGED, M.EARLY_STOPPED, M.STOPPED):
-        return reported
-    return M.STOPPED if reported == M.RUNNING else M.COMPLETED
-
-
-def tune_outcome(tune_status: str, last: Optional[dict], has_error: bool) -> str:
-    """The user's outcome of a trial from Tune's status, for trials without an outcome file (a
-    running or interrupted sweep). Tune's state snapshot can lag behind a final error, so an error
-    file beside a trial that did not terminate also means errored."""
-    if tune_status == "ERROR" or (has_error and tune_status != "TERMINATED"):
-        return M.ERRORED
-    if tune_status == "TERMINATED":
-        return ended_status(last)
-    return M.UNFINISHED
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    """One trial as its folder records it: plain JSON files only."""
-
-    trial_id: str
-    folder: Optional[Path]  # None for a trial Tune has not started yet
-    status: str
-    config: dict  # flat sweep-file keys; PBT's latest values
-    rows: tuple[dict, ...]  # every report, in order
-    error: Optional[str]
-
-    @property
-    def last(self) -> dict:
-        return self.rows[-1] if self.rows else {}
-
-
-def _last_line(text: Optional[str]) -> Optional[str]:
-    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else None
-
-
-def _trial_folders(folder: Path, states: dict[str, dict]) -> dict[str, tuple[Path, list[dict]]]:
-    """trial id -> (folder, its reports), for each sub-folder Tune made for a trial (it holds params.json)."""
-    by_name = {state["dir"]: trial_id for trial_id, state in states.items() if isinstance(state.get("dir"), str)}
-    out = {}
-    for sub in sorted(folder.iterdir()):
-        if not any((sub / name).exists() for name in (PARAMS_FILE, RESULT_FILE, HISTORY_FILE)):
-            continue
-        if sub.is_symlink():
-            raise AnalysisError(f"{sub} is a symbolic link; a results folder holds plain folders only "
-                                "(refusing to follow it)")
-        rows = _rows_of(sub)
-        trial_id = next((r["trial_id"] for r in rows if isinstance(r.get("trial_id"), str)), None)
-        # <model>_<experiment>_<index>, Tune's trial id being the last two parts
-        out[trial_id or by_name.get(sub.name) or "_".join(sub.name.split("_")[-2:])] = (sub, rows)
-    return out
-
-
-def _rows_of(trial_folder: Path) -> list[dict]:
-    """The trial's reports: the driver's history where it kept one, else Tune's result.json (folders
-    written before the history existed, or by plain Ray Tune)."""
-    history = trial_folder / HISTORY_FILE
-    return read_rows(history if history.exists() or history.is_symlink() else trial_folder / RESULT_FILE)
-
-
-def read_trials(folder: Path) -> list[TrialRecord]:
-    states = _tune_states(folder)
-    folders = _trial_folders(folder, states)
-    records = []
-    for trial_id in sorted(set(folders) | set(states)):
-        sub, rows = folders.get(trial_id, (None, []))
-        state = states.get(trial_id, {})
-        last_state = state.get("last") or {}
-        # Tune's state can hold a final report that result.json lost when a trial was restarted
-        if M.EPOCH in last_state and (not rows or last_state[M.EPOCH] > max(r.get(M.EPOCH, 0) for r in rows)):
-            rows.append(last_state)
-        config = dict(state.get("config") or {})
-        params = _read_json(sub / PARAMS_FILE) if sub else None
-        config.update(params if isinstance(params, dict) else {})
-        if rows and isinstance(rows[-1].get("config"), dict):
-            config.update(rows[-1]["config"])
-        outcome = _read_json(sub / OUTCOME_FILE) if sub else None
-        error = _last_line(_read_text(sub / ERROR_FILE)) if sub else None
-        if isinstance(outcome, dict) and isinstance(outcome.get("status"), str):
-            status = outcome["status"]
-            error = outcome.get("error") or error if status == M.ERRORED else error
-        else:
-            status = tune_outcome(state.get("status", ""), rows[-1] if rows else None, error is not None)
-        records.append(TrialRecord(trial_id, sub, status, config, tuple(rows), error))
-    return records
 
 
 def ranked(df: pd.DataFrame, column: str, mode: str) -> pd.DataFrame:
@@ -287,7 +146,7 @@ class Sweep:
 
     def checkpoints(self, trial_id: str) -> list[tuple[Path, int]]:
         """(folder, epoch) of every checkpoint the trial still has; links and damaged files are skipped."""
-        from cifar_ray.train import load_state
+        from cifar_ray.engine import load_state
 
         rec = self._record(trial_id)
         out = []
@@ -297,7 +156,7 @@ class Sweep:
                 continue
             try:
                 out.append((ckpt, int(load_state(state_file)["epoch"])))  # weights_only=True
-            except Exception:  # noqa: BLE001 - a damaged checkpoint is skipped, not fatal
+            except Exception:  # a damaged checkpoint is skipped, not fatal
                 continue
         return out
 
@@ -331,8 +190,10 @@ class Sweep:
 
         from cifar_ray.config import TrialConfig
         from cifar_ray.data import load_dataset
+        from cifar_ray.device import select_device
+        from cifar_ray.engine import load_state
+        from cifar_ray.evaluation import evaluate_split
         from cifar_ray.models import build_model
-        from cifar_ray.train import evaluate_split, load_state, select_device
 
         if trial_id is None:
             best = self.best()
@@ -445,26 +306,6 @@ def write_parquet(df: pd.DataFrame, path: Path) -> Path:
     return atomic_write(path, lambda f: pq.write_table(table, f))
 
 
-def read_stored_sweep(folder: Path) -> dict:
-    """A results folder's sweep.yaml as a mapping ({} when absent), read like a sweep file: bounded in
-    size, YAML's safe loader, alias bombs refused (cifar_ray.sweep_config.parse_yaml)."""
-    from cifar_ray.config import ConfigError
-    from cifar_ray.sweep_config import MAX_SWEEP_BYTES, parse_yaml
-
-    path = folder / SWEEP_FILE
-    text = _read_text(path)
-    if text is None:
-        return {}
-    if len(text) > MAX_SWEEP_BYTES:
-        raise AnalysisError(f"{path}: {len(text) / 2**20:.1f} MiB; a stored sweep file is at most "
-                            f"{MAX_SWEEP_BYTES // 1024} KiB")
-    try:
-        doc = parse_yaml(text, str(path))
-    except ConfigError as err:
-        raise AnalysisError(printable(err)) from None
-    return doc if isinstance(doc, dict) else {}
-
-
 def load(path: str | os.PathLike, metric: Optional[str] = None, mode: Optional[str] = None) -> Sweep:
     """Open a sweep folder (`<storage>/<name>`); metric and mode default to the sweep file's. Only
     plain JSON, YAML (safe_load, size- and alias-bounded), Parquet and weights-only checkpoints are
@@ -472,7 +313,7 @@ def load(path: str | os.PathLike, metric: Optional[str] = None, mode: Optional[s
     p = Path(path)
     if not p.is_dir():
         raise AnalysisError(f"{path}: no such folder")
-    stored_text = _read_text(p / SWEEP_FILE)
+    stored_text = read_text(p / SWEEP_FILE)
     if stored_text is None and not list(p.glob(STATE_GLOB)):
         raise AnalysisError(f"{path}: not a sweep folder (no {SWEEP_FILE} or experiment_state-*.json); "
                             "expected <storage>/<name>")

@@ -41,9 +41,11 @@ class DeviceImages:
 
     def batch(self, idx: torch.Tensor, augment_cfg=None, gen: Optional[torch.Generator] = None):
         x = self.x[idx]  # (B, 3, 32, 32) uint8
-        if augment_cfg is not None and (augment_cfg.hflip or augment_cfg.crop_padding):
+        if augment_cfg is not None and gen is None:
+            raise ValueError("augmented batches draw from the run's generator: pass gen")
+        if augment_cfg is not None and gen is not None and (augment_cfg.hflip or augment_cfg.crop_padding):
             x = flip_crop(x, augment_cfg.hflip, augment_cfg.crop_padding, gen)  # on uint8: a quarter of the bytes
-        if augment_cfg is not None and augment_cfg.needs_float():
+        if augment_cfg is not None and gen is not None and augment_cfg.needs_float():
             x = augment(x.float().div_(255), augment_cfg, gen, flip_crop_done=True)  # on [0, 1]
             x = x.sub_(self.mean).div_(self.std)
         else:

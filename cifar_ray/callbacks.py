@@ -23,8 +23,8 @@ from typing import Callable, Optional
 from ray import tune
 
 from cifar_ray import metrics as M
-from cifar_ray.analysis import HISTORY_FILE, OUTCOME_FILE, ended_status, read_rows
 from cifar_ray.files import atomic_write_text, read_text_nofollow
+from cifar_ray.record import HISTORY_FILE, OUTCOME_FILE, ended_status, read_rows
 from cifar_ray.storage import disk_full, disk_full_text
 from cifar_ray.tracking import TrialTracker, run_id
 
@@ -108,7 +108,7 @@ def never_fails(method):
     def guarded(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if not self._warned:
                 self._warned = True
                 print(f"warning: the sweep's record keeper failed ({type(exc).__name__}: {exc}); "
@@ -150,7 +150,8 @@ class TrialRecorder(tune.Callback):
                 "record_root": self.record_root}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["wandb_settings"], state["sweep_name"], state.get("node_types"), state.get("record_root"))
+        TrialRecorder.__init__(self, state["wandb_settings"], state["sweep_name"], state.get("node_types"),
+                               state.get("record_root"))
 
     def folder(self, trial) -> Path:
         """Where the trial's history and outcome live: its folder in the results folder itself."""
@@ -173,7 +174,7 @@ class TrialRecorder(tune.Callback):
         """Log one epoch's row unless the run already holds it; a row that differs from the one the
         run holds (PBT restored another trial's checkpoint) is logged again: the later one stands."""
         logged = self._logged[trial.trial_id]
-        epoch = row.get(M.EPOCH)
+        epoch = int(row.get(M.EPOCH, 0))
         if epoch in logged and same_row(logged[epoch], row):
             return False
         tracker.log(row)
@@ -201,7 +202,7 @@ class TrialRecorder(tune.Callback):
         if self.node_types and NODE_TYPE not in result:  # the autoscaler node type the trial ran on
             result[NODE_TYPE] = self._nodes.of(result.get("node_id"))
         self._append(trial, result)
-        if result.get(M.WARNINGS):  # the worker's own console is not forwarded (see sweep.start_ray)
+        if result.get(M.WARNINGS):  # the worker's own console is not forwarded (see ray_process.start_ray)
             print(f"warning: trial {trial.trial_id}: {result[M.WARNINGS]}", file=sys.stderr)
         tracker = self._tracker(trial, result)
         if dict(trial.config) != self._configs[trial.trial_id]:  # PBT explored new values
@@ -279,14 +280,14 @@ class JournalCallback(tune.Callback):
     def __setstate__(self, state: dict) -> None:
         from cifar_ray.journal import JournalMirror
 
-        self.__init__(JournalMirror(**state["settings"]))
+        JournalCallback.__init__(self, JournalMirror(**state["settings"]))
 
     def _guard(self, write, *args) -> None:
         if self._broken:
             return
         try:
             write(*args)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._broken = True
             print(f"warning: the Optuna journal mirror stopped ({type(exc).__name__}: {exc}); the sweep and its "
                   "other records go on", file=sys.stderr)

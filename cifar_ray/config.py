@@ -244,9 +244,9 @@ def _schema_at(model: type[BaseModel], path: list[str]) -> Optional[type[BaseMod
     return model
 
 
-def unflatten(flat: dict[str, Any]) -> dict:
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     """{"train.lr": 0.1} -> {"train": {"lr": 0.1}}."""
-    tree: dict = {}
+    tree: dict[str, Any] = {}
     for key, value in flat.items():
         node = tree
         *parents, leaf = key.split(".")
@@ -264,7 +264,7 @@ def default(key: str) -> Any:
     return node
 
 
-def trial_config(data: dict, where: str = "config") -> TrialConfig:
+def trial_config(data: dict[str, Any], where: str = "config") -> TrialConfig:
     """Validate a nested dict into a TrialConfig, raising ConfigError with readable lines."""
     try:
         return TrialConfig.model_validate(data)

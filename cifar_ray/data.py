@@ -119,9 +119,9 @@ def make_synthetic(size: int, seed: int = 0) -> Dataset:
     images.sub_(0.5).mul_(contrast).add_(0.5 + brightness)
     images.add_(torch.randn(images.shape, generator=g), alpha=0.35)
     pixels = images.mul_(255).clamp_(0, 255).to(torch.uint8).numpy()
-    labels = labels.numpy().astype(np.int64)
+    targets = labels.numpy().astype(np.int64)
     n_test = max(size // 6, n_classes)
-    return Dataset(pixels[n_test:], labels[n_test:], pixels[:n_test], labels[:n_test], CIFAR10_CLASSES)
+    return Dataset(pixels[n_test:], targets[n_test:], pixels[:n_test], targets[:n_test], CIFAR10_CLASSES)
 
 
 # ---------------------------------------------------------------- decoding
@@ -230,7 +230,8 @@ def _image_folder(entries: Iterator[tuple[str, Optional[bytes]]], where: Path, t
             xs.extend(found[split][cls])
             ys.extend([label] * len(found[split][cls]))
         arrays += [np.stack(xs), np.asarray(ys, dtype=np.int64)]
-    return Dataset(*arrays, classes=classes)
+    train_x, train_y, test_x, test_y = arrays
+    return Dataset(train_x, train_y, test_x, test_y, classes)
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -288,10 +289,10 @@ def _decode_path(path: Path) -> Dataset:
         raise DataError(f"{path}: not a folder or a .tar/.tar.gz archive")
     batches: dict[str, bytes] = {}
 
-    def entries() -> Iterator[tuple[str, bytes]]:
+    def entries() -> Iterator[tuple[str, Optional[bytes]]]:
         for name, raw in _iter_archive(path):
             base = PurePosixPath(name).name
-            if base in BATCH_NAMES:
+            if base in BATCH_NAMES and raw is not None:
                 batches[base] = raw
             else:
                 yield name, raw
@@ -372,9 +373,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     src = resolve_source(cfg)
     if src == "synthetic":
         return make_synthetic(cfg.synthetic_size, seed=0)
-    if src == "download":
-        src = _download(cfg)
-    target = cache_path(src, cfg)
+    path = _download(cfg) if src == "download" else Path(src)
+    target = cache_path(path, cfg)
     ds = _load_cache(target)
     if ds is not None:
         return ds
@@ -382,7 +382,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     with FileLock(str(target) + ".lock"):
         ds = _load_cache(target)  # another process may have built it while we waited
         if ds is None:
-            ds = _decode_path(src)
+            ds = _decode_path(path)
             _save_cache(ds, target)
     return ds
 

@@ -85,7 +85,7 @@ def split_sizes(cfg: TrialConfig) -> tuple[int, int]:
 def _precision(cfg: TrialConfig, device) -> str:
     import torch
 
-    from cifar_ray.train import amp_dtype
+    from cifar_ray.device import amp_dtype
 
     amp = amp_dtype(cfg.train.amp, device)
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, str(amp))
@@ -96,7 +96,8 @@ def measure(flat: dict, threads: int) -> Rate:
     import torch
 
     from cifar_ray.data import make_synthetic
-    from cifar_ray.train import _Run, select_device
+    from cifar_ray.device import select_device
+    from cifar_ray.engine import Run
 
     cfg = TrialConfig.from_flat(flat)
     bs = min(cfg.train.batch_size, TIMED_BATCH_CAP)
@@ -113,7 +114,7 @@ def measure(flat: dict, threads: int) -> Rate:
         device = select_device(cfg.train.device)
         dataset = make_synthetic(size, seed=0)
         t0 = time.perf_counter()
-        run = _Run.build(timing, dataset, device)
+        run = Run.build(timing, dataset, device)
         build_s = time.perf_counter() - t0
         run.model.train()
         first = run.train_epoch()
@@ -140,13 +141,13 @@ def slots(sweep: SweepConfig, space: Space, available: dict[str, float]) -> int:
     max_concurrent_trials. With no GPU at all, GPU requests are left out (timed as if on the CPU)."""
     from cifar_ray.cluster import requests_by_model
 
-    fit = math.inf
+    fit: float = math.inf
     for req in requests_by_model(sweep, space).values():
         for res in ("cpu", "gpu"):
             if req.get(res) and (res == "cpu" or available.get("GPU")):
                 fit = min(fit, math.floor(available.get(res.upper(), 0) / req[res] + 1e-9))
-    fit = max(1, fit if fit != math.inf else 1)
-    return min(fit, sweep.max_concurrent_trials or fit)
+    fits = max(1, int(fit) if fit != math.inf else 1)
+    return min(fits, sweep.max_concurrent_trials or fits)
 
 
 def schedule(durations: list[float], n_slots: int) -> float:
@@ -198,7 +199,7 @@ def estimate(sweep: SweepConfig, space: Space, trials: Optional[list[dict]], n_t
              available: Optional[dict[str, float]] = None, where: str = "this machine") -> list[str]:
     """The estimate's lines; the last starts with `estimated wall time:`."""
     from cifar_ray.cluster import requests_by_model
-    from cifar_ray.train import trial_threads
+    from cifar_ray.device import trial_threads
 
     available = available or machine()
     requests = requests_by_model(sweep, space)

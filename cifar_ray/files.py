@@ -26,7 +26,7 @@ def new_file_mode() -> int:
     return 0o644
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fsync: bool = False,
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object], fsync: bool = False,
                  mode: Optional[int] = None) -> Path:
     """Call write(f) on a new temporary file beside `path` (created exclusively, never through a link),
     then rename it over `path`: readers see the old file or the new one, never half of one. A link at
@@ -48,11 +48,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fs
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def read_bytes_nofollow(path: str | os.PathLike) -> bytes:
+def read_bytes_nofollow(path: str | os.PathLike[str]) -> bytes:
     """The file's bytes; LinkError when `path` itself is a symbolic link (O_NOFOLLOW)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -64,7 +64,7 @@ def read_bytes_nofollow(path: str | os.PathLike) -> bytes:
         return f.read()
 
 
-def read_text_nofollow(path: str | os.PathLike) -> str:
+def read_text_nofollow(path: str | os.PathLike[str]) -> str:
     return read_bytes_nofollow(path).decode("utf-8", errors="replace")
 
 

@@ -87,7 +87,7 @@ def importance(trials: pd.DataFrame, domains: dict[str, Domain], metric: str, mo
         except ImportError:
             raise ValueError("method='fanova' needs scikit-learn (pip install scikit-learn); the default "
                              "method='ped_anova' needs nothing more") from None
-        evaluator = FanovaImportanceEvaluator(seed=0)
+        evaluator = FanovaImportanceEvaluator(seed=0)  # type: ignore[assignment]  # both are evaluators
     else:
         raise ValueError(f"method={method!r}: use 'ped_anova' or 'fanova'")
     dists, columns = {}, {}

@@ -105,12 +105,12 @@ def check_journal(path: str | os.PathLike) -> None:
                 raise ValueError(f"line {number} is not an Optuna journal record")
     try:
         JournalStorage(JournalFileBackend(str(path), lock_obj=_backend_lock()(str(path)))).get_all_studies()
-    except Exception as exc:  # noqa: BLE001 - whatever Optuna raises on a record it cannot apply
+    except Exception as exc:  # whatever Optuna raises on a record it cannot apply
         raise ValueError(f"Optuna cannot replay it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") \
             from None
 
 
-def _tolerant_backend(base):
+def _tolerant_backend(base: Any) -> Any:  # base: Optuna's file backend class, chosen at run time
     """A file backend that reads every complete line as one record and gives None for a line that is
     not a JSON object (Optuna's own reader refuses the whole file from such a line on)."""
     class TolerantFileBackend(base):
@@ -137,7 +137,7 @@ def _tolerant_backend(base):
     return TolerantFileBackend
 
 
-def _tolerant(base):
+def _tolerant(base: Any) -> Any:  # base: Optuna's JournalStorage
     """A storage that, while it serves, skips a record it cannot read or apply (a bad line appended to
     a journal being watched) and goes on from the state it had, instead of failing every request."""
     class TolerantJournalStorage(base):
@@ -152,7 +152,7 @@ def _tolerant(base):
                     continue
                 try:
                     replay.apply_logs([log])  # counts the record as read before applying it
-                except Exception:  # noqa: BLE001 - a record Optuna cannot apply is passed over
+                except Exception:  # a record Optuna cannot apply is passed over
                     type(self).skipped += 1
 
     return TolerantJournalStorage
@@ -211,7 +211,7 @@ class JournalMirror:
         self.metric = metric
         self.mode = mode
         self.distributions = distributions  # flat key -> optuna distribution
-        self._storage = None
+        self._storage: Any = None  # optuna JournalStorage once open()ed
         self._study_id: Optional[int] = None
         self._ids: dict[str, int] = {}  # Tune trial id -> Optuna trial id
         self._done: set[str] = set()  # Tune trials whose (newest) Optuna trial has ended

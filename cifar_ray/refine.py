@@ -47,10 +47,10 @@ def _round(v: float) -> float:
 
 def _valid(key: str, value: Any, base: dict) -> bool:
     """Whether the trial configuration accepts `value` for `key` (bounds of the schema and the model)."""
-    from cifar_ray.space import _trial_from
+    from cifar_ray.space import trial_from
 
     try:
-        _trial_from(base | {key: value}, "refine")
+        trial_from(base | {key: value}, "refine")
         return True
     except ConfigError:
         return False
@@ -183,7 +183,9 @@ def drop_machine_settings(doc: dict) -> list[str]:
     gone = []
     for section, keys in DROPPED.items():
         tree = doc.get(section)
-        for key in keys if isinstance(tree, dict) else ():
+        if not isinstance(tree, dict):
+            continue
+        for key in keys:
             if key in tree:
                 del tree[key]
                 gone.append(f"{section}.{key}")

@@ -13,8 +13,10 @@ from typing import Optional
 import pandas as pd
 
 from cifar_ray import metrics as M
-from cifar_ray.analysis import CURVES_FILE, TRIALS_FILE, AnalysisError, Sweep, load, ranked, write_parquet
-from cifar_ray.files import atomic_write, atomic_write_text, printable
+from cifar_ray.analysis import AnalysisError, Sweep, load, ranked, write_parquet
+from cifar_ray.figures import format_cell, markdown_table, md, pyplot, save_figure
+from cifar_ray.files import atomic_write_text, printable
+from cifar_ray.record import CURVES_FILE, TRIALS_FILE
 
 TOP_CURVES = 5  # trials drawn in the learning-curve figure
 REPORT_FILE = "report.md"
@@ -22,50 +24,13 @@ TEST_REPORT_FILE = "test_report.txt"
 FIGURES = ("curves.png", "heatmap.png", "architectures.png", "per_class.png", "confusion.png", "importance.png",
            "seeds.png", "parallel.png", "early_vs_final.png")
 WRITTEN = (REPORT_FILE, TEST_REPORT_FILE, TRIALS_FILE, CURVES_FILE, *FIGURES)  # every name the report writes
-MD_ESCAPES = {"\\": "\\\\", "&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "`": "\\`", "[": "\\[",
-              "]": "\\]", "*": "\\*", "\r": " ", "\n": " "}
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    matplotlib.rcParams["text.parse_math"] = False  # labels carry the folder's values: `$` is just a dollar
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def md(value) -> str:
-    """A value from the results folder as inert Markdown text: no table breaks, code spans, links,
-    HTML or line breaks of its own."""
-    return "".join(MD_ESCAPES.get(ch, ch) for ch in _fmt(value))
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Into a new file renamed over `path`: a link planted there is replaced, never written through."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    _plt().close(fig)
-    return path
 
 
 def searched_keys(trials: pd.DataFrame) -> list[str]:
     """Config columns that vary between trials (train.seed aside)."""
     cols = [c for c in trials.columns if "." in c and c != "train.seed"]
     return [c for c in cols if trials[c].astype(str).nunique() > 1]
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(md(c) for c in df.columns) + " |"
-    rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    rows = ["| " + " | ".join(md(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, rule, *rows])
 
 
 def trial_table(sweep: Sweep, trials: pd.DataFrame) -> pd.DataFrame:
@@ -84,14 +49,14 @@ def trial_table(sweep: Sweep, trials: pd.DataFrame) -> pd.DataFrame:
 def plot_curves(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Optional[Path]:
     if curves.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     top = trial_table(sweep, trials)["trial_id"].head(TOP_CURVES)
     keys = searched_keys(trials)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, trial_id in enumerate(top):
         c = curves[curves["trial_id"] == trial_id].drop_duplicates(M.EPOCH, keep="last")
         row = trials.set_index("trial_id").loc[trial_id]
-        label = ", ".join(f"{k.split('.', 1)[1]}={_fmt(row[k])}" for k in keys) or trial_id
+        label = ", ".join(f"{k.split('.', 1)[1]}={format_cell(row[k])}" for k in keys) or trial_id
         color = f"C{i}"
         ax_acc.plot(c[M.EPOCH], 100 * c[M.VAL_ACC], color=color, marker="o", label=f"{label} (val)")
         ax_acc.plot(c[M.EPOCH], 100 * c[M.TRAIN_ACC], color=color, linestyle="--", alpha=0.7)
@@ -113,14 +78,14 @@ def plot_heatmap(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Path
     keys = [k for k in searched_keys(trials) if pd.api.types.is_numeric_dtype(trials[k])]
     if len(keys) != 2 or len(searched_keys(trials)) != 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     best = f"best_{sweep.metric}"
     grid = trials.pivot_table(index=keys[0], columns=keys[1], values=best, aggfunc="mean")
     scale = 100 if sweep.metric.endswith("acc") else 1
     fig, ax = plt.subplots(figsize=(1.2 * len(grid.columns) + 3, 0.8 * len(grid.index) + 2))
     im = ax.imshow(grid.values * scale, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(grid.columns)), [_fmt(v) for v in grid.columns])
-    ax.set_yticks(range(len(grid.index)), [_fmt(v) for v in grid.index])
+    ax.set_xticks(range(len(grid.columns)), [format_cell(v) for v in grid.columns])
+    ax.set_yticks(range(len(grid.index)), [format_cell(v) for v in grid.index])
     lo, hi = im.get_clim()
     for i in range(len(grid.index)):
         for j in range(len(grid.columns)):
@@ -142,7 +107,7 @@ def plot_architectures(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame,
     from cifar_ray.models import ModelError, build_model
     from cifar_ray.models.stats import count_parameters
 
-    plt = _plt()
+    plt = pyplot()
     best = f"best_{sweep.metric}"
     per_epoch = (curves.groupby("trial_id")[M.EPOCH_SECONDS].mean() if M.EPOCH_SECONDS in curves
                  else pd.Series(dtype=float))
@@ -177,7 +142,7 @@ def plot_architectures(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame,
 
 
 def plot_evaluation(ev, out: Path) -> tuple[Path, Path]:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = list(ev.class_accuracy)
     ax.bar(names, [100 * v for v in ev.class_accuracy.values()], color="C2")
@@ -211,11 +176,8 @@ def decision_sections(sweep: Sweep, trials: pd.DataFrame, out: Path) -> list[str
     """What mattered, is the winner real, all trials at once, when the ranking settled."""
     from cifar_ray import report_sections as R
 
-    plt = _plt()
-    return [*R.importance_section(sweep, out, plt, save_figure, md),
-            *R.seeds_section(sweep, trials, out, plt, save_figure, md),
-            *R.parallel_section(sweep, trials, out, plt, save_figure, md),
-            *R.settled_section(sweep, trials, out, plt, save_figure, md)]
+    return [*R.importance_section(sweep, out), *R.seeds_section(sweep, trials, out),
+            *R.parallel_section(sweep, trials, out), *R.settled_section(sweep, trials, out)]
 
 
 class ReportError(ValueError):
@@ -241,7 +203,7 @@ def output_folder(sweep: Sweep, out: Optional[str]) -> Path:
 
 def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = False,
                  data: Optional[str] = None) -> Path:
-    from cifar_ray.train import format_report
+    from cifar_ray.evaluation import format_report
 
     sweep = load(results)
     out_dir = output_folder(sweep, out)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from cifar_ray import metrics as M
 from cifar_ray.analysis import Sweep
+from cifar_ray.figures import md, pyplot, save_figure
 from cifar_ray.insight import SETTLED, config_keys, settled_epoch
 from cifar_ray.space import Domain, is_log
 
@@ -26,16 +27,17 @@ def _pct(sweep: Sweep, value: float) -> str:
     return f"{100 * value:.1f}%" if sweep.metric.endswith("acc") else f"{value:.4g}"
 
 
-def _config_text(row: pd.Series, keys: list[str], md: Callable) -> str:
+def _config_text(row: pd.Series, keys: list[str]) -> str:
     return ", ".join(f"{md(k)}={md(row[k])}" for k in keys) or "the only configuration"
 
 
-def importance_section(sweep: Sweep, out: Path, plt, save, md) -> list[str]:
+def importance_section(sweep: Sweep, out: Path) -> list[str]:
     lines = ["## What mattered", ""]
     try:
         imp = sweep.importance()
     except ValueError as err:
         return lines + [f"Not enough to say: {md(err)}.", ""]
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(imp) + 1.8))
     shown = imp.iloc[::-1]
     ax.barh(shown["key"], 100 * shown["importance"], color="C0")
@@ -45,7 +47,7 @@ def importance_section(sweep: Sweep, out: Path, plt, save, md) -> list[str]:
            title=f"Importance of each searched key (PED-ANOVA, {len(sweep.trials())} trials)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    path = save(fig, out / "importance.png")
+    path = save_figure(fig, out / "importance.png")
     top, rest = imp.iloc[0], imp.iloc[1:]
     others = ", ".join(f"{md(r.key)} {100 * r.importance:.0f}%" for r in rest.itertuples())
     refine = f"`python -m cifar_ray.refine {md(sweep.path)}`"
@@ -61,7 +63,7 @@ def importance_section(sweep: Sweep, out: Path, plt, save, md) -> list[str]:
     return lines + [text, "", f"![What mattered]({path.name})", ""]
 
 
-def seeds_section(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save, md) -> list[str]:
+def seeds_section(sweep: Sweep, trials: pd.DataFrame, out: Path) -> list[str]:
     lines = ["## Is the winner real", ""]
     cmp = sweep.compare()
     keys = [c for c in cmp.columns if c not in ("mean", "std", "n", "ci_low", "ci_high", "p_vs_best")]
@@ -74,6 +76,7 @@ def seeds_section(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save, md) 
     scale = 100 if sweep.metric.endswith("acc") else 1
     top = cmp.head(TOP_CONFIGS).iloc[::-1]
     labels = [", ".join(f"{k.split('.', 1)[-1]}={_short(r[k])}" for k in keys) or "all" for _, r in top.iterrows()]
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(top) + 1.8))
     y = np.arange(len(top))
     low = (top["mean"] - top["ci_low"]).fillna(0) * scale
@@ -87,18 +90,18 @@ def seeds_section(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save, md) 
            title="Configurations over their seeds (best in red)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    path = save(fig, out / "seeds.png")
+    path = save_figure(fig, out / "seeds.png")
     best = cmp.iloc[0]
     ci = (best["ci_high"] - best["mean"]) if not math.isnan(best["ci_high"]) else math.nan
     half = f" ± {_pct(sweep, ci)}" if not math.isnan(ci) else ""
-    text = (f"Best configuration ({_config_text(best, keys, md)}): {md(sweep.metric)} {_pct(sweep, best['mean'])}"
+    text = (f"Best configuration ({_config_text(best, keys)}): {md(sweep.metric)} {_pct(sweep, best['mean'])}"
             f"{half} (95% interval, {int(best['n'])} seeds).")
     if len(cmp) < 2:
         text += " It is the only configuration."
     else:
         second = cmp.iloc[1]
         p = second["p_vs_best"]
-        runner = f"the runner-up ({_config_text(second, keys, md)}, {_pct(sweep, second['mean'])})"
+        runner = f"the runner-up ({_config_text(second, keys)}, {_pct(sweep, second['mean'])})"
         if math.isnan(p):
             text += f" Against {runner} there is no test: one of them ran with fewer than 2 seeds."
         elif p < 0.05:
@@ -131,7 +134,7 @@ def _axis(values: pd.Series, domain: Optional[Domain]) -> tuple[np.ndarray, list
     return labels.map(where).to_numpy(float), [(where[c], c[:18]) for c in cats], False
 
 
-def plot_parallel(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save) -> Optional[Path]:
+def plot_parallel(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Path]:
     """One line per trial across the searched keys and the metric, coloured by the metric."""
     best = f"best_{sweep.metric}"
     domains = sweep.domains()
@@ -147,6 +150,7 @@ def plot_parallel(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save) -> O
     scale = 100 if sweep.metric.endswith("acc") else 1
     metric_ticks = [(p, _short(float(t) * scale) if scale == 100 else t) for p, t in metric_ticks]
     axes.append((f"best {sweep.metric}" + (" (%)" if scale == 100 else ""), metric_pos, metric_ticks, False))
+    plt = pyplot()
     cmap = plt.get_cmap("viridis")
     values = df[best].to_numpy(float)
     lo, hi = float(values.min()), float(values.max())
@@ -172,11 +176,11 @@ def plot_parallel(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save) -> O
                                norm=plt.Normalize(lo * scale, hi * scale))
     fig.colorbar(sm, ax=ax, label=f"best {sweep.metric}" + (" (%)" if scale == 100 else ""), fraction=0.03)
     fig.tight_layout()
-    return save(fig, out / "parallel.png")
+    return save_figure(fig, out / "parallel.png")
 
 
-def parallel_section(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save, md) -> list[str]:
-    path = plot_parallel(sweep, trials, out, plt, save)
+def parallel_section(sweep: Sweep, trials: pd.DataFrame, out: Path) -> list[str]:
+    path = plot_parallel(sweep, trials, out)
     if path is None:
         return []
     return ["## All trials at once", "",
@@ -186,7 +190,7 @@ def parallel_section(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save, m
             f"![All trials at once]({path.name})", ""]
 
 
-def settled_section(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save, md) -> list[str]:
+def settled_section(sweep: Sweep, trials: pd.DataFrame, out: Path) -> list[str]:
     lines = ["## When the ranking settled", ""]
     table = sweep.early_vs_final()
     finite = table.dropna(subset=["spearman"]) if not table.empty else table
@@ -194,6 +198,7 @@ def settled_section(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save, md
         return lines + ["Too few trials reached the last epoch (3 needed, with different final values) to tell.", ""]
     last = int(table[M.EPOCH].max())
     n = int(table["n"].iloc[-1])
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4))
     ax.plot(table[M.EPOCH], table["spearman"], marker="o", color="C0", label="Spearman with the final ranking")
     ax.axhline(SETTLED, color="C3", linestyle="--", label=f"threshold {SETTLED}")
@@ -206,7 +211,7 @@ def settled_section(sweep: Sweep, trials: pd.DataFrame, out: Path, plt, save, md
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path = save(fig, out / "early_vs_final.png")
+    path = save_figure(fig, out / "early_vs_final.png")
     if epoch is None:
         text = (f"The ranking never correlated above {SETTLED} with the final one before the end: judging these "
                 "trials early would have picked the wrong ones; train as long as this sweep did.")

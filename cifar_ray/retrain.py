@@ -9,10 +9,10 @@ from typing import Optional
 
 from cifar_ray import metrics as M
 from cifar_ray.config import ConfigError, TrialConfig, default
+from cifar_ray.device import trial_threads
 from cifar_ray.files import printable
 from cifar_ray.space import build_space, expand_grid, flatten, format_value
 from cifar_ray.sweep_config import apply_overrides, read_sweep
-from cifar_ray.train import trial_threads
 
 
 @dataclass

@@ -29,9 +29,9 @@ FULL_CHECK_LIMIT = 4096  # combinations of candidate values checked exhaustively
 @dataclass(frozen=True)
 class Domain:
     kind: str  # one of DOMAIN_KINDS
-    values: tuple  # grid/choice: the values; uniform/loguniform/randint: (lo, hi), randint inclusive
+    values: tuple[Any, ...]  # grid/choice: the values; uniform/loguniform/randint: (lo, hi), randint inclusive
 
-    def candidates(self) -> list:
+    def candidates(self) -> list[Any]:
         """Values that stand for the domain when checking it: every listed value, or both ends."""
         if self.kind in ("grid", "choice"):
             return list(self.values)
@@ -64,7 +64,7 @@ class Space:
         n = math.prod(len(d.values) for d in self.domains().values() if d.kind == "grid")
         return n * (len(self.seeds) if self.seeds else 1)
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self) -> dict[str, Any]:
         """What must not change between a sweep and its --resume."""
         return {k: (v.describe() if isinstance(v, Domain) else v) for k, v in sorted(self.values.items())} | {
             "seeds": list(self.seeds) if self.seeds else None}
@@ -93,7 +93,7 @@ def is_domain(value: Any) -> bool:
     return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DOMAIN_KINDS
 
 
-def flatten(tree: dict, prefix: str) -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
     """{'lr': 1, 'augment': {'hflip': 0.5}} -> {'train.lr': 1, 'train.augment.hflip': 0.5}; domains stay leaves."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -109,7 +109,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def parse_domain(key: str, spec: dict, where: str) -> Domain:
+def parse_domain(key: str, spec: dict[str, Any], where: str) -> Domain:
     kind, raw = next(iter(spec.items()))
     at = f"{where}: {key}.{kind}"
     if kind in ("grid", "choice"):
@@ -155,7 +155,9 @@ def build_space(sweep: SweepConfig, where: str) -> Space:
     return space
 
 
-def _trial_from(flat: dict[str, Any], where: str) -> TrialConfig:
+def trial_from(flat: dict[str, Any], where: str) -> TrialConfig:
+    """One trial's flat sweep-file keys as a checked TrialConfig (schema and model options); a
+    ConfigError naming `where` and the key otherwise."""
     try:
         cfg = TrialConfig.model_validate(unflatten(flat))
     except ValidationError as err:
@@ -170,7 +172,7 @@ def _trial_from(flat: dict[str, Any], where: str) -> TrialConfig:
 def _check_candidates(space: Space, where: str) -> None:
     domains = space.domains()
     first = first_candidate(space)
-    _trial_from(first, where)
+    trial_from(first, where)
     combos = math.prod(len(d.candidates()) for d in domains.values())
     if combos <= FULL_CHECK_LIMIT:  # every combination, so model x option clashes are found
         keys = list(domains)
@@ -182,9 +184,9 @@ def _check_candidates(space: Space, where: str) -> None:
                 _check_one(first | {key: v}, {key: v}, domains, where)
 
 
-def _check_one(flat: dict, picked: dict, domains: dict[str, Domain], where: str) -> None:
+def _check_one(flat: dict[str, Any], picked: dict[str, Any], domains: dict[str, Domain], where: str) -> None:
     try:
-        _trial_from(flat, where)
+        trial_from(flat, where)
     except ConfigError as err:
         shown = ", ".join(f"{k}={format_value(v)} from {domains[k].kind}" for k, v in picked.items())
         raise ConfigError(f"{err} (with {shown})" if shown else str(err)) from None
@@ -241,52 +243,7 @@ def expand_grid(space: Space, sweep: SweepConfig) -> Optional[list[dict[str, Any
     return [constants | point for point in grid_points(space, sweep)] or [constants] * sweep.search.samples
 
 
-def to_tune(dom: Domain):
-    from ray import tune
-
-    if dom.kind == "grid":
-        return tune.grid_search(list(dom.values))
-    if dom.kind == "choice":
-        return tune.choice(list(dom.values))
-    if dom.kind == "uniform":
-        return tune.uniform(*dom.values)
-    if dom.kind == "loguniform":
-        return tune.loguniform(*dom.values)
-    return tune.randint(dom.values[0], dom.values[1] + 1)  # Tune's upper bound is exclusive
-
-
-def param_space(space: Space) -> dict[str, Any]:
-    """Tune's param_space: flat dotted keys, domains as Tune search objects."""
-    from ray import tune
-
-    out = {k: to_tune(v) if isinstance(v, Domain) else v for k, v in space.values.items()}
-    if space.seeds:
-        out["train.seed"] = tune.grid_search(list(space.seeds))
-    return out
-
-
-def mutations(sweep: SweepConfig, space: Space, where: str) -> dict[str, Any]:
-    """PBT's hyperparam_mutations: each key must be a searched numeric train key."""
-    from ray import tune
-
-    out = {}
-    for key, spec in sweep.scheduler.mutations.items():
-        if key not in space.values:
-            raise ConfigError(f"{where}: scheduler.mutations.{key}: not a key of the sweep; searched keys: "
-                              f"{', '.join(space.searched_keys()) or 'none'}")
-        if isinstance(spec, list):
-            out[key] = tune.choice(spec) if spec else None
-        elif is_domain(spec):
-            out[key] = to_tune(parse_domain(f"scheduler.mutations.{key}", spec, where))
-        else:
-            raise ConfigError(f"{where}: scheduler.mutations.{key}: give a list or a domain such as "
-                              "{uniform: [0.1, 1]}")
-        if out[key] is None:
-            raise ConfigError(f"{where}: scheduler.mutations.{key}: empty list")
-    return out
-
-
-def stored_domains(doc: dict) -> dict[str, Domain]:
+def stored_domains(doc: dict[str, Any]) -> dict[str, Domain]:
     """The searched keys' domains of a stored sweep copy (results/NAME/sweep.yaml), seeds included as a
     grid, read without building trials: what an analysis of a finished folder needs to know of them.
     Entries that do not parse are left out."""
@@ -333,10 +290,10 @@ def is_log(dom: Domain) -> bool:
     if dom.kind not in ("grid", "choice") or not all(_is_number(v) for v in dom.values):
         return False
     lo, hi = min(dom.values), max(dom.values)
-    return lo > 0 and hi >= 10 * lo
+    return bool(lo > 0 and hi >= 10 * lo)
 
 
-def optuna_distribution(dom: Domain):
+def optuna_distribution(dom: Domain) -> Any:  # an optuna BaseDistribution
     """The Optuna distribution of a domain: uniform/loguniform -> float (log for loguniform), randint
     -> int (inclusive both ends, like the sweep file); a grid/choice of numbers -> int or float over
     their range (log when they are positive and span a factor of 10 or more, as lr grids do), so

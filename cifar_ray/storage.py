@@ -234,9 +234,10 @@ def free_bytes(path: str | os.PathLike) -> Optional[int]:
         return None
 
 
-def human_bytes(n: Optional[int]) -> str:
-    if n is None:
+def human_bytes(count: Optional[int]) -> str:
+    if count is None:
         return "unknown"
+    n = float(count)
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

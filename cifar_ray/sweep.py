@@ -17,17 +17,17 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
 from cifar_ray import metrics as M
-from cifar_ray.analysis import SWEEP_FILE
 from cifar_ray.config import ConfigError, TrialConfig, default
 from cifar_ray.files import atomic_write_text, printable
+from cifar_ray.ray_process import exit_at_once_on_ctrl_c, forward_sigterm, keep_secrets_out, quiet_logs, start_ray
+from cifar_ray.record import SWEEP_FILE
 from cifar_ray.space import (
     Space,
     build_space,
@@ -36,13 +36,12 @@ from cifar_ray.space import (
     format_value,
     grid_points,
     max_epochs,
-    mutations,
-    param_space,
     shuffles,
     trial_count,
 )
 from cifar_ray.storage import disk_full
 from cifar_ray.sweep_config import SweepConfig, read_sweep
+from cifar_ray.tune_space import mutations, param_space
 
 EXIT_OK, EXIT_DISK_FULL, EXIT_INVALID, EXIT_ERRORED, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 SPACE_KEY = "space"  # the search-space fingerprint stored in the results' sweep.yaml
@@ -201,7 +200,7 @@ def estimate_lines(plan: Plan, args: argparse.Namespace) -> list[str]:
 
 def stored_sweep(results: Path) -> Optional[dict]:
     """The results folder's sweep.yaml, through the guarded reader (analysis.read_stored_sweep)."""
-    from cifar_ray.analysis import AnalysisError, read_stored_sweep
+    from cifar_ray.record import AnalysisError, read_stored_sweep
 
     path = results / SWEEP_FILE
     if not (path.exists() or path.is_symlink()):
@@ -250,7 +249,8 @@ def check_results_folder(plan: Plan, resume: bool) -> None:
 def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False,
                 node_types: Optional[dict] = None, on_disk_full=None):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
+    from ray.tune.search import SearchAlgorithm, Searcher
 
     from cifar_ray.callbacks import JournalCallback, TrialRecorder
     from cifar_ray.cluster import requests_by_model
@@ -262,8 +262,9 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
                                      quiet=not verbose)
     requests = requests_by_model(sweep, space)
     default_model = next(iter(requests))
+    # a callable giving a resource dict per config: Tune accepts it (its annotation names only factories)
     trainable = tune.with_resources(
-        trainable, lambda config: requests.get(config.get("model.name"), requests[default_model]))
+        trainable, lambda config: requests.get(str(config.get("model.name")), requests[default_model]))  # type: ignore[arg-type,return-value]
     wandb_dir = str(plan.results / "wandb")  # local even with cloud storage: W&B writes files as it runs
     recorder = TrialRecorder(preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir, verbose)), sweep.name,
                              node_types, record_root=str(plan.results))
@@ -278,6 +279,7 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
         return tuner
 
     s = sweep.scheduler
+    scheduler: TrialScheduler
     if s.kind == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=s.max_t or plan.max_epochs,
                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets)
@@ -288,6 +290,7 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     else:
         scheduler = FIFOScheduler()
     num_samples = sweep.search.samples
+    search_alg: SearchAlgorithm | Searcher
     if sweep.search.kind == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -403,143 +406,13 @@ def summarize(plan: Plan, trials) -> tuple[str, int]:
     return "\n".join(lines), code
 
 
-CLOUD_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
-
-
-def keep_secrets_out(plan: Plan) -> None:
-    """Ray Tune copies these variables into every trial actor's runtime environment, which Ray's
-    runtime-env agent writes to its log in plain text. Local storage needs none of them: drop them
-    from this process (and so from a local Ray it starts). Cloud storage: say how to do without."""
-    present = [k for k in CLOUD_SECRET_ENV if k in os.environ]
-    if not present:
-        return
-    if not plan.remote:
-        for key in present:
-            del os.environ[key]
-        return
-    print(f"warning: {', '.join(present)} set: Ray Tune passes them to every trial, and Ray's runtime-env agent "
-          "logs them in plain text; prefer an instance role or AWS_PROFILE (README: security notes)", file=sys.stderr)
-
-
-RAY_TMPDIR = "RAY_TMPDIR"  # where Ray keeps its session folders (sockets, logs)
-
-
-def private_folder(path: Path) -> Path:
-    """`path` as a folder only this user can enter: made 0700, or an existing one of ours closed to
-    others. Someone else's folder, or a link, there is refused."""
-    path.mkdir(mode=0o700, exist_ok=True)
-    info = path.lstat()
-    if path.is_symlink() or not path.is_dir() or info.st_uid != os.getuid():
-        raise ConfigError(f"{path}: not a folder of this user's (a link or someone else's); remove it or set "
-                          f"{RAY_TMPDIR} to another folder")
-    path.chmod(0o700)
-    return path
-
-
-def start_ray(address: Optional[str], verbose: bool) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env = {"worker_process_setup_hook": "cifar_ray.trainable.warm_worker"}
-    # Without --verbose the workers' console is not forwarded: Ray's per-checkpoint lines and the
-    # "Exception ignored" noise of workers SIGTERMed at shutdown stay in Ray's log files. A trial's
-    # own warnings reach the console through its reports (cifar_ray.callbacks).
-    options = dict(include_dashboard=False, runtime_env=runtime_env, log_to_driver=verbose)
-    if not verbose:
-        options["logging_level"] = logging.WARNING
-    if address:
-        ray.init(address=address, **options)
-        return
-    # A Ray started here keeps its session folder, logs and auth token to this user. Ray makes its
-    # folders 0777 for sharing (and makes them so again as it runs), so its temporary root goes inside
-    # a folder of this user's alone; files are made under umask 077 (the processes it starts keep it).
-    root = Path(os.environ.get(RAY_TMPDIR) or tempfile.gettempdir())
-    if not root.is_dir():
-        raise ConfigError(f"{RAY_TMPDIR}={printable(root)}: no such folder; create it, or unset {RAY_TMPDIR} to use "
-                          f"{tempfile.gettempdir()}")
-    os.environ[RAY_TMPDIR] = str(private_folder(root / f"cifar_ray-{os.getuid()}"))
-    old = os.umask(0o077)
-    try:
-        ray.init(**options)
-    finally:
-        os.umask(old)
-    token = Path.home() / ".ray" / "auth_token"
-    if token.is_file() and not token.is_symlink() and token.stat().st_uid == os.getuid():
-        token.chmod(0o600)
-
-
-class QuietTune(logging.Filter):
-    """Without --verbose: no worker tracebacks repeated by Tune (the summary names each error and
-    error.txt keeps it whole), and no lines that point at Tune's own resume API instead of --resume."""
-
-    # Ray's own advice on token authentication (which stays on) is an invitation to turn it off
-    HIDDEN = ("Trials did not complete", "Experiment has been interrupted", "Token authentication is enabled")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.startswith(self.HIDDEN):
-            return False
-        if record.exc_info:
-            error = record.exc_info[1]
-            last = str(error).strip().splitlines()[-1:] if error is not None else []
-            record.msg, record.args = f"{message}: {' '.join(last)[:300]}", ()
-            record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
-
-
-def quiet_logs(verbose: bool) -> None:
-    """Tune's warning about frequent state snapshots (they are forced by checkpoint.keep and cost
-    nothing on local storage) and the filter above, on every handler of Ray's loggers."""
-    if verbose:
-        return
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    quiet = QuietTune()
-    for name in ("ray", "ray.tune", ""):
-        for handler in logging.getLogger(name).handlers:
-            if not any(isinstance(f, QuietTune) for f in handler.filters):
-                handler.addFilter(quiet)
-
-
-def exit_at_once_on_ctrl_c(plan: Plan) -> None:
-    """Tune takes the first Ctrl-C of a running sweep (it saves its state, then returns) and puts this
-    handler back; any Ctrl-C that reaches it (a second one, or one before or after Tune's loop: the
-    summary, Ray's shutdown) ends the process at once with the resume line and no traceback."""
-    def handler(signum, frame):
-        try:
-            sys.stdout.flush()
-        except Exception:  # noqa: BLE001 - interrupted in the middle of a write
-            pass
-        started = any(plan.results.glob("experiment_state-*.json"))
-        line = f"resume with:\n  {resume_command(plan)}" if started else "no trial had started"
-        os.write(2, f"\ninterrupted; {line}\n".encode())
-        os._exit(EXIT_INTERRUPTED)  # no atexit: Ray's and W&B's shutdown hooks are what it interrupts
-
-    signal.signal(signal.SIGINT, handler)
-    forward_sigterm()
-
-
-def forward_sigterm() -> None:
-    """SIGTERM (`kill`, systemd, a batch scheduler) does what Ctrl-C does at that moment: Tune's
-    clean stop with the summary and the resume line while trials run, else the exit-at-once handler.
-    Called again after ray.init, which installs a SIGTERM handler of its own."""
-    def handler(signum, frame):
-        current = signal.getsignal(signal.SIGINT)
-        if callable(current):
-            current(signal.SIGINT, frame)
-        else:
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def open_mirror(plan: Plan):
     """The sweep's Optuna journal (cifar_ray.journal), created or reopened before the first trial so
     a dashboard has the study to show at once. A journal that cannot be opened warns; the sweep runs."""
     import optuna
 
-    from cifar_ray.analysis import JOURNAL_FILE
     from cifar_ray.journal import JournalMirror
+    from cifar_ray.record import JOURNAL_FILE
     from cifar_ray.space import optuna_distribution, searched_domains
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" line is not news here
@@ -548,13 +421,13 @@ def open_mirror(plan: Plan):
                            distributions)
     try:
         mirror.open()
-    except Exception as exc:  # noqa: BLE001 - the journal is a view of the record, never a reason to stop
+    except Exception as exc:  # the journal is a view of the record, never a reason to stop
         print(f"warning: could not open {mirror.path} ({type(exc).__name__}: {exc}); the sweep runs without "
               "its Optuna journal", file=sys.stderr)
     return mirror
 
 
-def bind_watch(args: argparse.Namespace):
+def bind_watch(args: argparse.Namespace) -> tuple[Any, str]:
     """--watch: take the port before anything is written, so a port in use costs nothing."""
     from cifar_ray.watch import WatchError, bind
 
@@ -584,17 +457,18 @@ def watch_beside(plan: Plan, server, url: str, host: str) -> None:
 
 def run(plan: Plan, args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live table, with our columns
-    from cifar_ray.analysis import TRIALS_FILE, load, write_parquet
+    from cifar_ray.analysis import load, write_parquet
     from cifar_ray.cluster import autoscaler_node_types, check_feasible, check_storage, cluster_nodes, requests_by_model
+    from cifar_ray.record import TRIALS_FILE
 
-    exit_at_once_on_ctrl_c(plan)
+    exit_at_once_on_ctrl_c(plan.results, resume_command(plan), EXIT_INTERRUPTED)
     watch = bind_watch(args) if args.watch else None
     # This driver's W&B runs use a W&B service of its own: one inherited from a parent process outlives
     # a killed driver and holds its runs open, and the resumed sweep's run of the same id then hangs.
     os.environ.pop("WANDB_SERVICE", None)
     check_results_folder(plan, args.resume)
     dataset = load_sweep_data(plan.space)
-    keep_secrets_out(plan)
+    keep_secrets_out(plan.remote)
     import ray  # noqa: F401 - configures Ray's log handlers, which quiet_logs filters
 
     quiet_logs(args.verbose)
@@ -692,7 +566,7 @@ def exit_cli(code: int) -> None:
             sys.modules["ray"].shutdown()
         if "wandb" in sys.modules:
             sys.modules["wandb"].teardown()
-    except Exception as exc:  # noqa: BLE001 - the sweep's result stands; say why shutdown was untidy
+    except Exception as exc:  # the sweep's result stands; say why shutdown was untidy
         print(f"warning: shutdown: {type(exc).__name__}: {exc}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -148,7 +148,7 @@ def parse_yaml(text: str, where: str) -> Any:
         loader.dispose()
 
 
-def read_sweep_tree(path: str) -> dict:
+def read_sweep_tree(path: str) -> dict[str, Any]:
     """The sweep file as a plain mapping, or ConfigError naming the problem."""
     p = Path(path)
     if not p.is_file():
@@ -169,7 +169,7 @@ def read_sweep_tree(path: str) -> dict:
     return tree
 
 
-def apply_overrides(tree: dict, sets: list[str], where: str = "--set") -> dict:
+def apply_overrides(tree: dict[str, Any], sets: list[str], where: str = "--set") -> dict[str, Any]:
     """`KEY.PATH=VALUE` overrides, VALUE read as YAML (so `{grid: [0.1, 0.01]}` works)."""
     tree = copy.deepcopy(tree)
     for item in sets:
@@ -187,7 +187,7 @@ def apply_overrides(tree: dict, sets: list[str], where: str = "--set") -> dict:
     return tree
 
 
-def read_sweep(path: str, sets: list[str] = (), data: Optional[str] = None) -> SweepConfig:
+def read_sweep(path: str, sets: Sequence[str] = (), data: Optional[str] = None) -> SweepConfig:
     """Read, override and validate a sweep file's schema (the search space is checked by space.py)."""
     tree = apply_overrides(read_sweep_tree(path), list(sets))
     if data is not None:

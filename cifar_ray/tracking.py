@@ -61,7 +61,7 @@ def preflight(settings: dict) -> dict:
     try:
         pool.submit(login).result(timeout=PREFLIGHT_TIMEOUT_S)
         return settings
-    except Exception as exc:  # noqa: BLE001 - timeouts, network errors, a bad key
+    except Exception as exc:  # timeouts, network errors, a bad key
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         print(f"warning: W&B is not usable ({reason}); logging offline instead "
               f"(upload later with `wandb sync {settings['dir']}/wandb`)", file=sys.stderr)
@@ -103,7 +103,7 @@ class TrialTracker:
             # Rows are logged in the order Tune records them, with W&B's own step; charts use the epoch
             # as their x axis (a restored trial can report an epoch again).
             self.run.define_metric("*", step_metric=M.EPOCH)
-        except Exception as exc:  # noqa: BLE001 - W&B must never fail a trial
+        except Exception as exc:  # W&B must never fail a trial
             self._warn(f"W&B init failed ({type(exc).__name__}: {exc}); continuing without W&B for this trial")
             self.run = None
 
@@ -113,7 +113,7 @@ class TrialTracker:
             return
         try:
             call()
-        except Exception as exc:  # noqa: BLE001 - W&B must never fail a trial
+        except Exception as exc:  # W&B must never fail a trial
             self._warn(f"W&B {what} failed ({type(exc).__name__}: {exc})"
                        + ("; continuing without W&B for this trial" if drop else ""))
             if drop:
@@ -137,7 +137,7 @@ class TrialTracker:
                 last = self.run.summary.get(M.EPOCH)
                 if isinstance(last, int):
                     held = {e: None for e in range(1, last + 1)}
-        except Exception as exc:  # noqa: BLE001 - an unreadable earlier file: log every epoch again
+        except Exception as exc:  # an unreadable earlier file: log every epoch again
             self._warn(f"W&B: could not read what run {self.run.id} already holds ({type(exc).__name__}: {exc})")
         return held
 
@@ -158,7 +158,7 @@ class TrialTracker:
         try:
             self.run.summary.update(summary)
             self.run.finish(exit_code=exit_code)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._warn(f"W&B finish failed ({type(exc).__name__}: {exc})")
         self.run = None
 
@@ -225,10 +225,10 @@ def offline_history(path: str | os.PathLike) -> list[dict]:
 
     rows = []
     for raw in offline_records(path):
-        rec = pb.Record()
+        rec = pb.Record()  # type: ignore[attr-defined]  # generated protobuf module: no stubs
         try:
             rec.ParseFromString(raw)
-        except Exception:  # noqa: BLE001 - a damaged record ends what can be read
+        except Exception:  # a damaged record ends what can be read
             break
         if rec.WhichOneof("record_type") == "history":
             rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})

@@ -17,10 +17,11 @@ from typing import Callable, Optional
 import torch
 
 from cifar_ray import metrics as M
-from cifar_ray.analysis import STATE_FILE
 from cifar_ray.config import TrialConfig
 from cifar_ray.data import Dataset
-from cifar_ray.train import Grant, fit, group_settings, load_state, save_state, select_device, trial_threads
+from cifar_ray.device import Grant, select_device, trial_threads
+from cifar_ray.engine import fit, group_settings, load_state, save_state
+from cifar_ray.record import STATE_FILE
 
 MPS_TAG = "mps"  # custom resource a node advertises when its trials should use Apple's MPS
 
@@ -55,7 +56,7 @@ def _checkpoint_state(checkpoint, warn: Callable[[str], None] = _stderr) -> Opti
         path = folder / STATE_FILE
         try:
             state = load_state(path)
-        except Exception as exc:  # noqa: BLE001 - missing, truncated or corrupt file
+        except Exception as exc:  # missing, truncated or corrupt file
             warn(f"checkpoint {path} is unreadable ({type(exc).__name__}); trying an older one")
             continue
         if folder != newest:
@@ -75,7 +76,7 @@ def _flat_metrics(metrics: dict) -> dict:
     return out
 
 
-def run_trial(config: dict, dataset: Dataset = None, checkpoint_every: int = 1, quiet: bool = True) -> None:
+def run_trial(config: dict, dataset: Optional[Dataset] = None, checkpoint_every: int = 1, quiet: bool = True) -> None:
     """Tune function trainable; `dataset` arrives once through the object store (tune.with_parameters).
     W&B is written by the driver from what this reports (cifar_ray.callbacks), not here: Tune stops,
     pauses and reuses this worker without waiting for anything it runs to finish."""

@@ -16,8 +16,8 @@ from socketserver import ThreadingMixIn
 from typing import Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from cifar_ray.analysis import JOURNAL_FILE
 from cifar_ray.files import printable
+from cifar_ray.record import JOURNAL_FILE
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -33,7 +33,7 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+    def log_message(self, format, *args):  # `format`: the base class's parameter name
         pass  # one line per request would drown the sweep's table
 
 
@@ -96,7 +96,7 @@ def check_host(app, allowed: Optional[set[str]]):
     return guarded
 
 
-def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
+def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> tuple[WSGIServer, str]:
     """Listen on host:port (port 0: any free port) before anything is served; returns (server, url)."""
     def not_yet(environ, start_response):
         start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
@@ -105,9 +105,11 @@ def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("_Server6" if family == socket.AF_INET6 else "_Server4", (_Server,), {"address_family": family})
+    server_class = type("_Server6" if family == socket.AF_INET6 else "_Server4", (_Server,),
+                        {"address_family": family})
     try:
-        server = make_server(host.strip("[]"), port, not_yet, server_class=server_class, handler_class=_QuietHandler)
+        server: WSGIServer = make_server(host.strip("[]"), port, not_yet, server_class=server_class,
+                                         handler_class=_QuietHandler)
     except OSError as exc:
         raise WatchError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another port or "
                          "--host") from None

@@ -155,9 +155,9 @@ def trial_dirs(exp: Path, prefix: str) -> list[Path]:
 
 def tune_statuses(exp: Path) -> dict[str, str]:
     """trial folder name -> status, from Tune's newest experiment state snapshot (plain JSON)."""
-    from cifar_ray.analysis import _tune_states
+    from cifar_ray.record import tune_states
 
-    return {s["dir"]: s["status"] for s in _tune_states(exp).values()}
+    return {s["dir"]: s["status"] for s in tune_states(exp).values()}
 
 
 def alive(pid) -> bool:

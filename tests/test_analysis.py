@@ -93,7 +93,7 @@ def test_aggregate_over_seeds(grid_sweep):
 def test_evaluate_reproduces_the_reported_accuracy(grid_sweep):
     sweep = analysis.load(grid_sweep)
     best = sweep.best()
-    from cifar_ray.train import load_state
+    from cifar_ray.engine import load_state
 
     epoch = load_state(best.checkpoint / "state.pt")["epoch"]
     curves = sweep.curves()
@@ -339,7 +339,7 @@ def test_reading_a_folder_needs_no_ray(grid_sweep, tmp_path):
 
 
 def _epoch_of(checkpoint: Path) -> int:
-    from cifar_ray.train import load_state
+    from cifar_ray.engine import load_state
 
     return int(load_state(Path(checkpoint) / "state.pt")["epoch"])
 

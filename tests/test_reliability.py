@@ -86,7 +86,7 @@ def test_killed_worker_without_retries_errors_and_exits_3(ray_session, tmp_path)
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     from ray import tune
 
-    from cifar_ray.train import save_state
+    from cifar_ray.engine import save_state
     from cifar_ray.trainable import _checkpoint_state
 
     for i, epoch in enumerate((1, 2)):
@@ -101,8 +101,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from cifar_ray import train
-    from cifar_ray.train import load_state, save_state
+    from cifar_ray import engine
+    from cifar_ray.engine import load_state, save_state
 
     path = tmp_path / "state.pt"
     save_state({"epoch": 1}, path)
@@ -111,7 +111,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"x" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train.torch, "save", full_disk)
+    monkeypatch.setattr(engine.torch, "save", full_disk)
     with pytest.raises(OSError, match="disk full while writing checkpoint .* previous checkpoint is intact"):
         save_state({"epoch": 2}, path)
     monkeypatch.undo()
@@ -275,7 +275,7 @@ def _assert_intact(before: dict[Path, bytes]) -> None:
     a file may be gone only where Tune rotates it (older checkpoints beyond `keep`)."""
     import json
 
-    from cifar_ray.train import load_state
+    from cifar_ray.engine import load_state
 
     for path, old in before.items():
         if not path.exists():

@@ -10,16 +10,9 @@ import torch
 from cifar_ray import metrics as M
 from cifar_ray.config import Optimizer, TrialConfig
 from cifar_ray.data import load_dataset, make_synthetic
-from cifar_ray.train import (
-    amp_dtype,
-    cpu_has_native_bf16,
-    evaluate_split,
-    fit,
-    format_report,
-    has_diverged,
-    load_state,
-    save_state,
-)
+from cifar_ray.device import amp_dtype, cpu_has_native_bf16
+from cifar_ray.engine import fit, has_diverged, load_state, save_state
+from cifar_ray.evaluation import evaluate_split, format_report
 from conftest import REAL_DATA, WAIT_S
 
 
@@ -156,7 +149,7 @@ def test_state_file_is_replaced_atomically(tmp_path):
 def test_report_format():
     import numpy as np
 
-    from cifar_ray.train import Evaluation
+    from cifar_ray.evaluation import Evaluation
 
     cm = np.array([[9, 1], [2, 8]])
     ev = Evaluation(0.85, 0.4, {"plane": 0.9, "car": 0.8}, cm, ("plane", "car"))
@@ -227,9 +220,9 @@ def test_cpu_precision_follows_the_cpu():
 
 def _one_step(c, synthetic):
     """The model after building (data init included) and after one optimizer step of run c."""
-    from cifar_ray.train import _Run
+    from cifar_ray.engine import Run
 
-    run = _Run.build(c, synthetic, torch.device("cpu"))
+    run = Run.build(c, synthetic, torch.device("cpu"))
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     run.model.train()
     x, y = next(run.images.batches(run.train_idx, c.train.batch_size, gen=run.gen))
@@ -256,7 +249,7 @@ def test_bias_lr_factor_scales_only_the_1d_parameters_step(synthetic):
 
 
 def test_bias_decay_factor_changes_only_the_biases_decay(synthetic):
-    from cifar_ray.train import param_groups
+    from cifar_ray.engine import param_groups
 
     c = cfg("netconv", weight_decay=0.01, bias_decay_factor=0.0)
     model = build_model_for(c)
@@ -275,7 +268,7 @@ def build_model_for(c):
 
 
 def test_frozen_parameters_are_not_given_to_the_optimizer():
-    from cifar_ray.train import param_groups
+    from cifar_ray.engine import param_groups
 
     c = cfg("whitened_cnn", bias_lr_factor=64.0)
     model = build_model_for(c)
@@ -286,11 +279,11 @@ def test_frozen_parameters_are_not_given_to_the_optimizer():
 
 @pytest.mark.parametrize("schedule", ["triangle", "onecycle"])
 def test_schedules_keep_the_groups_ratio_and_triangle_follows_its_formula(synthetic, schedule):
-    from cifar_ray.train import _Run, triangle
+    from cifar_ray.engine import Run, triangle
 
     c = cfg("netconv", epochs=3, schedule=schedule, bias_lr_factor=4.0, warmup_fraction=0.25, start_factor=0.2,
             end_factor=0.1, batch_size=256)
-    run = _Run.build(c, synthetic, torch.device("cpu"))
+    run = Run.build(c, synthetic, torch.device("cpu"))
     total = 3 * run.steps_per_epoch
     seen = []
     for _ in range(total):
@@ -309,13 +302,13 @@ def test_schedules_keep_the_groups_ratio_and_triangle_follows_its_formula(synthe
 
 
 def test_data_init_whitens_patches_and_changes_nothing_else(synthetic):
-    from cifar_ray.train import _Run
+    from cifar_ray.engine import Run
 
     c = cfg("whitened_cnn", data_init_images=2000)
     off = cfg("whitened_cnn", data_init_images=0)
     torch.manual_seed(0)
-    run = _Run.build(c, synthetic, torch.device("cpu"))
-    run_off = _Run.build(off, synthetic, torch.device("cpu"))
+    run = Run.build(c, synthetic, torch.device("cpu"))
+    run_off = Run.build(off, synthetic, torch.device("cpu"))
     on_state, off_state = run.model.state_dict(), run_off.model.state_dict()
     changed = [k for k in on_state if not torch.equal(on_state[k], off_state[k])]
     assert changed == ["0.weight"]  # the whitening filters, and nothing else
@@ -335,7 +328,7 @@ def test_data_init_whitens_patches_and_changes_nothing_else(synthetic):
 
 
 def test_lookahead_pulls_the_weights_to_their_average_at_its_steps():
-    from cifar_ray.train import Lookahead
+    from cifar_ray.engine import Lookahead
 
     model = torch.nn.Linear(2, 1, bias=False)
     la = Lookahead(decay=0.5, every=2, start=2, total=4)
@@ -409,7 +402,7 @@ def _images(n=64):
 
 
 def test_flip_tta_on_a_mirror_invariant_model_gives_the_same_predictions():
-    from cifar_ray.train import evaluate
+    from cifar_ray.evaluation import evaluate
 
     torch.manual_seed(0)
     model = _MirrorInvariant()
@@ -421,7 +414,7 @@ def test_flip_tta_on_a_mirror_invariant_model_gives_the_same_predictions():
 
 
 def test_tta_views_are_the_mirror_and_one_pixel_shifts():
-    from cifar_ray.train import shifted, tta_logits
+    from cifar_ray.evaluation import shifted, tta_logits
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
@@ -447,6 +440,6 @@ def test_tta_applies_to_the_final_evaluation_not_the_epochs(synthetic):
 
 
 def test_trial_threads_are_the_whole_cpus_granted():
-    from cifar_ray.train import trial_threads
+    from cifar_ray.device import trial_threads
 
     assert [trial_threads(c) for c in (0, 0.5, 1, 1.9, 2, 4.0)] == [1, 1, 1, 1, 2, 4]

@@ -21,7 +21,7 @@ def conv_bn(cin: int, cout: int, k: int, act: str, **kw) -> nn.Sequential:
 
 
 class Inception(nn.Module):
-    def __init__(self, cin, n1, n3r, n3, n5r, n5, pool, act):
+    def __init__(self, cin: int, n1: int, n3r: int, n3: int, n5r: int, n5: int, pool: int, act: str):
         super().__init__()
         self.b1 = conv_bn(cin, n1, 1, act)
         self.b2 = nn.Sequential(conv_bn(cin, n3r, 1, act), conv_bn(n3r, n3, 3, act, padding=1))
@@ -69,8 +69,9 @@ class GoogLeNet(nn.Module):
         else:  # native 32x32 kept until after 3b, as kuangliu/pytorch-cifar does
             self.stem = conv_bn(3, c192, 3, activation, padding=1)
 
-        def block(cin, key):
-            return Inception(cin, *[scaled(v, width) for v in BLOCKS[key]], activation)
+        def block(cin: int, key: str) -> Inception:
+            n1, n3r, n3, n5r, n5, pool = (scaled(v, width) for v in BLOCKS[key])
+            return Inception(cin, n1, n3r, n3, n5r, n5, pool, activation)
 
         self.i3a = block(c192, "3a")
         self.i3b = block(self.i3a.out_channels, "3b")

@@ -29,6 +29,7 @@ class WhiteningConv(nn.Conv2d):
     def __init__(self, cin: int = 3, kernel: int = WHITEN_KERNEL):
         super().__init__(cin, 2 * cin * kernel * kernel, kernel, padding=0, bias=True)
         self.weight.requires_grad_(False)
+        assert self.bias is not None  # made with bias=True above
         nn.init.zeros_(self.bias)
 
     @torch.no_grad()

@@ -1,0 +1,146 @@
+"""The sweep driver's Ray process plumbing: a private folder for a local Ray, secrets kept out of trial
+environments, Ray started quietly, and Ctrl-C / SIGTERM turned into a clean stop with a resume line.
+The sweep CLI (cifar_ray.sweep) calls these around Tuner.fit()."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from cifar_ray.config import ConfigError
+from cifar_ray.files import printable
+from cifar_ray.record import STATE_GLOB
+
+CLOUD_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_secrets_out(remote: bool) -> None:
+    """Ray Tune copies these variables into every trial actor's runtime environment, which Ray's
+    runtime-env agent writes to its log in plain text. Local storage needs none of them: drop them
+    from this process (and so from a local Ray it starts). Cloud storage: say how to do without."""
+    present = [k for k in CLOUD_SECRET_ENV if k in os.environ]
+    if not present:
+        return
+    if not remote:
+        for key in present:
+            del os.environ[key]
+        return
+    print(f"warning: {', '.join(present)} set: Ray Tune passes them to every trial, and Ray's runtime-env agent "
+          "logs them in plain text; prefer an instance role or AWS_PROFILE (README: security notes)", file=sys.stderr)
+
+
+RAY_TMPDIR = "RAY_TMPDIR"  # where Ray keeps its session folders (sockets, logs)
+
+
+def private_folder(path: Path) -> Path:
+    """`path` as a folder only this user can enter: made 0700, or an existing one of ours closed to
+    others. Someone else's folder, or a link, there is refused."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if path.is_symlink() or not path.is_dir() or info.st_uid != os.getuid():
+        raise ConfigError(f"{path}: not a folder of this user's (a link or someone else's); remove it or set "
+                          f"{RAY_TMPDIR} to another folder")
+    path.chmod(0o700)
+    return path
+
+
+def start_ray(address: Optional[str], verbose: bool) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"worker_process_setup_hook": "cifar_ray.trainable.warm_worker"}
+    # Without --verbose the workers' console is not forwarded: Ray's per-checkpoint lines and the
+    # "Exception ignored" noise of workers SIGTERMed at shutdown stay in Ray's log files. A trial's
+    # own warnings reach the console through its reports (cifar_ray.callbacks).
+    options: dict[str, Any] = dict(include_dashboard=False, runtime_env=runtime_env, log_to_driver=verbose)
+    if not verbose:
+        options["logging_level"] = logging.WARNING
+    if address:
+        ray.init(address=address, **options)
+        return
+    # A Ray started here keeps its session folder, logs and auth token to this user. Ray makes its
+    # folders 0777 for sharing (and makes them so again as it runs), so its temporary root goes inside
+    # a folder of this user's alone; files are made under umask 077 (the processes it starts keep it).
+    root = Path(os.environ.get(RAY_TMPDIR) or tempfile.gettempdir())
+    if not root.is_dir():
+        raise ConfigError(f"{RAY_TMPDIR}={printable(root)}: no such folder; create it, or unset {RAY_TMPDIR} to use "
+                          f"{tempfile.gettempdir()}")
+    os.environ[RAY_TMPDIR] = str(private_folder(root / f"cifar_ray-{os.getuid()}"))
+    old = os.umask(0o077)
+    try:
+        ray.init(**options)
+    finally:
+        os.umask(old)
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and not token.is_symlink() and token.stat().st_uid == os.getuid():
+        token.chmod(0o600)
+
+
+class QuietTune(logging.Filter):
+    """Without --verbose: no worker tracebacks repeated by Tune (the summary names each error and
+    error.txt keeps it whole), and no lines that point at Tune's own resume API instead of --resume."""
+
+    # Ray's own advice on token authentication (which stays on) is an invitation to turn it off
+    HIDDEN = ("Trials did not complete", "Experiment has been interrupted", "Token authentication is enabled")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.HIDDEN):
+            return False
+        if record.exc_info:
+            error = record.exc_info[1]
+            last = str(error).strip().splitlines()[-1:] if error is not None else []
+            record.msg, record.args = f"{message}: {' '.join(last)[:300]}", ()
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Tune's warning about frequent state snapshots (they are forced by checkpoint.keep and cost
+    nothing on local storage) and the filter above, on every handler of Ray's loggers."""
+    if verbose:
+        return
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    quiet = QuietTune()
+    for name in ("ray", "ray.tune", ""):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, QuietTune) for f in handler.filters):
+                handler.addFilter(quiet)
+
+
+def exit_at_once_on_ctrl_c(results: Path, resume: str, code: int) -> None:
+    """Tune takes the first Ctrl-C of a running sweep (it saves its state, then returns) and puts this
+    handler back; any Ctrl-C that reaches it (a second one, or one before or after Tune's loop: the
+    summary, Ray's shutdown) ends the process at once with exit `code`, the resume command `resume`
+    (once Tune has saved a state under `results`) and no traceback."""
+    def handler(signum, frame):
+        try:
+            sys.stdout.flush()
+        except Exception:  # interrupted in the middle of a write
+            pass
+        started = any(results.glob(STATE_GLOB))
+        line = f"resume with:\n  {resume}" if started else "no trial had started"
+        os.write(2, f"\ninterrupted; {line}\n".encode())
+        os._exit(code)  # no atexit: Ray's and W&B's shutdown hooks are what it interrupts
+
+    signal.signal(signal.SIGINT, handler)
+    forward_sigterm()
+
+
+def forward_sigterm() -> None:
+    """SIGTERM (`kill`, systemd, a batch scheduler) does what Ctrl-C does at that moment: Tune's
+    clean stop with the summary and the resume line while trials run, else the exit-at-once handler.
+    Called again after ray.init, which installs a SIGTERM handler of its own."""
+    def handler(signum, frame):
+        current = signal.getsignal(signal.SIGINT)
+        if callable(current):
+            current(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
