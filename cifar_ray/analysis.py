@@ -24,6 +24,7 @@ from cifar_ray.record import (  # the record's names, importable from here as be
     JOURNAL_FILE,
     OUTCOME_FILE,
     PARAMS_FILE,
+    PROVENANCE_FILE,
     RESULT_FILE,
     STATE_FILE,
     STATE_GLOB,
@@ -33,6 +34,7 @@ from cifar_ray.record import (  # the record's names, importable from here as be
     AnalysisError,
     TrialRecord,
     ended_status,
+    read_json,
     read_rows,
     read_stored_sweep,
     read_text,
@@ -43,7 +45,7 @@ from cifar_ray.record import (  # the record's names, importable from here as be
 __all__ = ["load", "Sweep", "BestTrial", "AnalysisError", "ranked", "write_parquet", "local_data", "read_stored_sweep",
            "read_trials", "read_rows", "read_text", "TrialRecord", "ended_status", "tune_outcome", "SWEEP_FILE",
            "TRIALS_FILE", "CURVES_FILE", "OUTCOME_FILE", "HISTORY_FILE", "RESULT_FILE", "PARAMS_FILE", "ERROR_FILE",
-           "JOURNAL_FILE", "STATE_FILE", "STATE_GLOB", "TUNE_ROW_KEYS"]
+           "JOURNAL_FILE", "STATE_FILE", "STATE_GLOB", "TUNE_ROW_KEYS", "PROVENANCE_FILE"]
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,14 @@ class Sweep:
             return read_stored_sweep(self.path)
         except AnalysisError:
             return {}
+
+    def provenance(self) -> dict:
+        """What made the folder (provenance.json): `commit`, `dirty`, `changed`, `versions` (cifar_ray, torch,
+        torchvision, ray, wandb, optuna, numpy, pydantic, python), `at`, `driver_host`, `platform`, and
+        `resumed`, one such entry per --resume. {} for a folder written before provenance was kept.
+        Per trial, `trials()` has the host and device it ran on."""
+        doc = read_json(self.path / PROVENANCE_FILE)
+        return doc if isinstance(doc, dict) else {}
 
     def domains(self) -> dict:
         """The searched keys' domains (cifar_ray.space.Domain) from the stored sweep file, seeds as a grid."""

@@ -198,6 +198,13 @@ def machine() -> dict[str, float]:
 def estimate(sweep: SweepConfig, space: Space, trials: Optional[list[dict]], n_trials: int,
              available: Optional[dict[str, float]] = None, where: str = "this machine") -> list[str]:
     """The estimate's lines; the last starts with `estimated wall time:`."""
+    return estimate_epochs(sweep, space, trials, n_trials, available, where)[0]
+
+
+def estimate_epochs(sweep: SweepConfig, space: Space, trials: Optional[list[dict]], n_trials: int,
+                    available: Optional[dict[str, float]] = None,
+                    where: str = "this machine") -> tuple[list[str], float]:
+    """The estimate's lines and its mean seconds per epoch over the trials (the console's first ETA)."""
     from cifar_ray.cluster import requests_by_model
     from cifar_ray.device import trial_threads
 
@@ -246,6 +253,7 @@ def estimate(sweep: SweepConfig, space: Space, trials: Optional[list[dict]], n_t
             lines.append(f"  {who}: {epochs} epochs x {epoch:.1f} s = {duration(total)}"
                          + (" each" if len(ids) > 1 else ""))
         flats = trials
+        mean_epoch = sum(e for e, _ in per) / max(len(per), 1)
     else:  # a random space: every trial the mean of its time-relevant candidates
         mean_epoch = sum(trial_seconds(v)[0] for v in variants) / len(variants)
         mean_total = sum(trial_seconds(v)[1] for v in variants) / len(variants)
@@ -276,4 +284,4 @@ def estimate(sweep: SweepConfig, space: Space, trials: Optional[list[dict]], n_t
     else:
         lines.append(f"estimated wall time: {duration(worst)} (including {FIXED_S:.0f} s to start Ray, load the "
                      "data and shut down)")
-    return lines
+    return lines, mean_epoch

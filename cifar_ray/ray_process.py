@@ -87,10 +87,13 @@ class QuietTune(logging.Filter):
 
     # Ray's own advice on token authentication (which stays on) is an invitation to turn it off
     HIDDEN = ("Trials did not complete", "Experiment has been interrupted", "Token authentication is enabled")
+    # Tune's note that its loop took over a second (a busy machine, the driver's record on a slow disk):
+    # advice to report less often, which a per-epoch report cannot take
+    SLOW = "may be a performance bottleneck"
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message.startswith(self.HIDDEN):
+        if message.startswith(self.HIDDEN) or self.SLOW in message:
             return False
         if record.exc_info:
             error = record.exc_info[1]

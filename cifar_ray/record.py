@@ -20,6 +20,7 @@ HISTORY_FILE = "history.jsonl"  # every report, appended by the driver as it arr
 RESULT_FILE = "result.json"  # Tune's rows, the same form; can lose rows when a trial restarts
 PARAMS_FILE = "params.json"  # the trial's starting config, as JSON
 ERROR_FILE = "error.txt"
+PROVENANCE_FILE = "provenance.json"  # the commit and library versions that made the folder (cifar_ray.provenance)
 JOURNAL_FILE = "optuna.journal"  # the sweep mirrored for optuna-dashboard (cifar_ray.journal)
 STATE_FILE = "state.pt"  # in each checkpoint_* folder
 STATE_GLOB = "experiment_state-*.json"

@@ -238,8 +238,31 @@ def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = 
         if path is not None:
             md_lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
     md_lines += decision_sections(sweep, trials, out_dir)
+    md_lines += provenance_lines(sweep.provenance())
     md_lines += [f"Tables: `{TRIALS_FILE}`, `{CURVES_FILE}` (read with `pandas.read_parquet`)."]
     return atomic_write_text(out_dir / REPORT_FILE, "\n".join(md_lines) + "\n")
+
+
+def provenance_lines(record: dict) -> list[str]:
+    """The report's account of what made the folder: commit, changes, versions, each resume's."""
+    lines = ["## Provenance", ""]
+    if not record:
+        return lines + ["Not recorded: the folder was written before sweeps kept provenance.json.", ""]
+
+    def entry(e: dict) -> str:
+        commit = md(str(e.get("commit"))[:12]) if e.get("commit") else "not a git checkout"
+        dirty = f", with {md(e.get('changed_count', 0))} uncommitted change(s)" if e.get("dirty") else ""
+        versions = e.get("versions")
+        versions = versions if isinstance(versions, dict) else {}
+        shown = ", ".join(f"{md(k)} {md(v)}" for k, v in versions.items() if v is not None)
+        return f"{md(e.get('at'))} on {md(e.get('driver_host'))}: commit {commit}{dirty}; {shown}"
+
+    first = "started" if record.get("kind", "start") == "start" else "resumed (the first run kept no record)"
+    lines.append(f"- {first} {entry(record)}")
+    for resumed in record.get("resumed") or []:
+        if isinstance(resumed, dict):
+            lines.append(f"- resumed {entry(resumed)}")
+    return lines + [""]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -24,6 +24,8 @@ class Chosen:
     threads: Optional[int] = None  # the CPU threads the recorded trial had (resources.cpu)
     recorded: list[dict] = field(default_factory=list)  # the trial's reports, one per epoch
     warnings: list[str] = field(default_factory=list)
+    provenance: Optional[dict] = None  # the folder's provenance.json ({} when it kept none); None for a file
+    device: Optional[str] = None  # the device the recorded trial trained on
 
 
 def from_source(path: str, trial: Optional[str], sets: list[str], data: Optional[str]) -> Chosen:
@@ -89,7 +91,8 @@ def from_results(folder: str, trial: Optional[str], sets: list[str], data: Optio
     rows = _by_epoch(rec.rows)
     label = f"{printable(folder)} trial {printable(rec.trial_id)}"  # a folder's ids are never printed raw
     cfg = TrialConfig.from_flat(flat, where=label)
-    return Chosen(cfg, label, threads, rows, warnings)
+    device = next((r.get("device") for r in reversed(rows) if isinstance(r.get("device"), str)), None)
+    return Chosen(cfg, label, threads, rows, warnings, sweep.provenance(), device)
 
 
 def _pick(records, trial: Optional[str], folder: str):

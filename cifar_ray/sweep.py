@@ -76,7 +76,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("file", help="the sweep YAML file")
     p.add_argument("--dry-run", action="store_true", help="validate and list the trials; start nothing")
     p.add_argument("--estimate", action="store_true",
-                   help="with --dry-run: time a few training steps of each model here and estimate the wall time")
+                   help="time a few training steps of each model here and estimate the wall time; with --dry-run "
+                        "only that, else the sweep then runs with the estimate as its first ETA")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep in its results folder; Ray reads the folder's pickled state, "
                         "so resume only folders written by you or your own cluster (open anyone else's with "
@@ -100,8 +101,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.watch_port <= 65535:
         p.error(f"--watch-port {args.watch_port}: must be 0-65535")
-    if args.estimate and not args.dry_run:
-        p.error("--estimate goes with --dry-run: python -m cifar_ray.sweep FILE --dry-run --estimate")
     return args
 
 
@@ -180,20 +179,22 @@ def describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def estimate_lines(plan: Plan, args: argparse.Namespace) -> list[str]:
-    """--estimate: the resources of the connected cluster where an address is given, else this machine's."""
-    from cifar_ray.estimate import estimate, machine
+def estimate_lines(plan: Plan, args: argparse.Namespace) -> tuple[list[str], float]:
+    """--estimate: its lines and mean seconds per epoch, for the resources of the Ray this process is
+    connected to, else of the cluster at --address, else this machine's."""
+    import ray
+
+    from cifar_ray.estimate import estimate_epochs, machine
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     available, where = machine(), "this machine"
-    if address:
-        import ray
-
+    if address and not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        available, where = dict(ray.cluster_resources()), f"the cluster at {address}"
+    if ray.is_initialized():
+        available, where = dict(ray.cluster_resources()), f"the cluster at {address}" if address else "the local Ray"
     space = plan.space
-    return estimate(plan.sweep, space, expand_grid(space, plan.sweep), trial_count(space, plan.sweep), available,
-                    where)
+    return estimate_epochs(plan.sweep, space, expand_grid(space, plan.sweep), trial_count(space, plan.sweep),
+                           available, where)
 
 
 # ---------------------------------------------------------------- running
@@ -215,6 +216,18 @@ def write_sweep_copy(plan: Plan) -> None:
     plan.results.mkdir(parents=True, exist_ok=True)
     doc = plan.sweep.model_dump(mode="json") | {SPACE_KEY: plan.space.fingerprint(), "source_file": str(plan.file)}
     atomic_write_text(plan.results / SWEEP_FILE, yaml.safe_dump(doc, sort_keys=False))
+
+
+def write_provenance(plan: Plan, resume: bool) -> None:
+    """provenance.json: this run's commit, versions and machine; a resume adds its entry to the first's."""
+    import json
+
+    from cifar_ray.provenance import collect, recorded
+    from cifar_ray.record import PROVENANCE_FILE, read_json
+
+    path = plan.results / PROVENANCE_FILE
+    entry = collect("resume" if resume else "start")
+    atomic_write_text(path, json.dumps(recorded(read_json(path), entry), indent=1) + "\n")
 
 
 def storage_filesystem(plan: Plan):
@@ -247,7 +260,7 @@ def check_results_folder(plan: Plan, resume: bool) -> None:
 
 
 def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False,
-                node_types: Optional[dict] = None, on_disk_full=None):
+                node_types: Optional[dict] = None, on_disk_full=None, prior_epoch_s: Optional[float] = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
     from ray.tune.search import SearchAlgorithm, Searcher
@@ -271,11 +284,12 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     recorder.on_disk_full = on_disk_full
     # the recorder goes first: it adds the node type to the result the journal mirror records too
     callbacks = [recorder, JournalCallback(mirror)]
+    reporter = console_reporter(plan, verbose, prior_epoch_s)
     if resume:
         tuner = tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, param_space=param_space(space),
                                    storage_filesystem=storage_filesystem(plan))
-        _use_callbacks(tuner, callbacks)
+        _use_callbacks(tuner, callbacks, reporter)
         return tuner
 
     s = sweep.scheduler
@@ -309,10 +323,6 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     def name_of(trial) -> str:
         return f"{trial.config.get('model.name', 'trial')}_{trial.trial_id}"
 
-    keys = space.searched_keys()
-    reporter = tune.CLIReporter(metric_columns={M.EPOCH: "epoch", sweep.metric: sweep.metric, M.STATUS: "outcome"},
-                                parameter_columns={k: k.split(".", 1)[1] for k in keys} or None,
-                                max_report_frequency=15)
     return tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
@@ -332,16 +342,35 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     )
 
 
-def _use_callbacks(tuner, callbacks: list) -> None:
-    """A restored Tuner brings back the callbacks pickled at the start; use this run's (with this run's
-    W&B preflight, --verbose and results folder) instead. Tuner.restore takes no run config: this
-    reaches into its one attribute for it."""
+def console_reporter(plan: Plan, verbose: bool, prior_epoch_s: Optional[float] = None):
+    """Tune's tables under --verbose; otherwise the sweep's own progress lines (cifar_ray.console)."""
+    from ray import tune
+
+    sweep = plan.sweep
+    if verbose:
+        keys = plan.space.searched_keys()
+        return tune.CLIReporter(metric_columns={M.EPOCH: "epoch", sweep.metric: sweep.metric, M.STATUS: "outcome"},
+                                parameter_columns={k: k.split(".", 1)[1] for k in keys} or None,
+                                max_report_frequency=15)
+    from cifar_ray.console import SweepProgress
+
+    asha = sweep.scheduler.kind == "asha"
+    return SweepProgress(trial_count(plan.space, sweep), sweep.metric, sweep.mode,
+                         (sweep.scheduler.max_t or plan.max_epochs) if asha else None, prior_epoch_s, upper_bound=asha)
+
+
+def _use_callbacks(tuner, callbacks: list, reporter=None) -> None:
+    """A restored Tuner brings back the callbacks (and console reporter) pickled at the start; use this
+    run's (with this run's W&B preflight, --verbose and results folder) instead. Tuner.restore takes no
+    run config: this reaches into its one attribute for it."""
     run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
     if run_config is None:  # a Ray without that attribute: the pickled callbacks (same sweep) carry on
         return
     kinds = tuple(type(c) for c in callbacks)
     others = [c for c in (run_config.callbacks or []) if not isinstance(c, kinds)]
     run_config.callbacks = [*callbacks, *others]
+    if reporter is not None:
+        run_config.progress_reporter = reporter
 
 
 def load_sweep_data(space: Space):
@@ -479,6 +508,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     if not args.allow_pending:
         check_feasible(requests_by_model(plan.sweep, plan.space), node_types)
     write_sweep_copy(plan)
+    write_provenance(plan, args.resume)
     mirror = open_mirror(plan)
     if watch is not None:
         watch_beside(plan, *watch, args.watch_host)
@@ -489,7 +519,12 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
             full.append(True)
             os.kill(os.getpid(), signal.SIGINT)
 
-    tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types, stop_on_full_disk)
+    prior_epoch_s = None
+    if args.estimate:  # timed before the first trial starts, so nothing else shares the CPU
+        lines, prior_epoch_s = estimate_lines(plan, args)
+        print("\n".join(lines), flush=True)
+    tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types, stop_on_full_disk,
+                        prior_epoch_s)
     grid = tuner.fit()
     if plan.remote:
         return summarize_remote(plan, grid)
@@ -527,7 +562,7 @@ def command(argv: Optional[list[str]] = None) -> int:
         if args.dry_run:
             print(describe(plan), flush=True)
             if args.estimate:
-                print("\n".join(estimate_lines(plan, args)))
+                print("\n".join(estimate_lines(plan, args)[0]))
             return EXIT_OK
         return run(plan, args)
     except KeyboardInterrupt:  # a Ctrl-C before the handler was installed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -33,6 +33,9 @@ from cifar_ray.engine import (
 from cifar_ray.evaluation import Evaluation, evaluate, evaluate_split, format_report
 from cifar_ray.files import printable
 from cifar_ray.models import ModelError
+
+if TYPE_CHECKING:  # retrain reads results folders (pandas): imported only for --from
+    from cifar_ray.retrain import Chosen
 
 TrainError = DeviceError  # its earlier name
 
@@ -61,7 +64,7 @@ def flag_overrides(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list
 def choose(args: argparse.Namespace):
     """The configuration to train: from --from FILE|RESULTS_DIR [--trial], else from the flags; flags and
     --set override the keys they name either way."""
-    from cifar_ray.retrain import Chosen, from_source
+    from cifar_ray.retrain import from_source
     from cifar_ray.sweep_config import apply_overrides
 
     if args.source is not None:
@@ -73,8 +76,22 @@ def choose(args: argparse.Namespace):
     return Chosen(trial_config(apply_overrides(nested, args.sets), where="options"), "options")
 
 
-def compare_line(history: list[dict], recorded: list[dict]) -> str:
-    """How this run's validation accuracy compares with the recorded trial's, epoch by epoch."""
+def run_differences(chosen: Chosen, device: str) -> Optional[list[str]]:
+    """What differs between the recorded trial's run and this one: commit, library versions (the folder's
+    provenance.json), the device; None when the folder recorded no provenance."""
+    from cifar_ray.provenance import collect, differences
+
+    if not chosen.provenance:
+        return None
+    out = [printable(d) for d in differences(chosen.provenance, collect())]
+    if chosen.device is not None and chosen.device != device:
+        out.append(f"device {printable(chosen.device)} -> {device}")
+    return out
+
+
+def compare_line(history: list[dict], recorded: list[dict], differ: Optional[list[str]] = None) -> str:
+    """How this run's validation accuracy compares with the recorded trial's, epoch by epoch; `differ`:
+    what run_differences found (None: nothing recorded to compare with)."""
     ours = {m[M.EPOCH]: m[M.VAL_ACC] for m in history}
     pairs = [(r[M.EPOCH], ours[r[M.EPOCH]], r[M.VAL_ACC]) for r in recorded
              if r[M.EPOCH] in ours and isinstance(r.get(M.VAL_ACC), (int, float))]
@@ -83,8 +100,14 @@ def compare_line(history: list[dict], recorded: list[dict]) -> str:
     worst = max(abs(a - b) for _, a, b in pairs)
     if worst == 0:
         return f"recorded run: val_acc identical at all {len(pairs)} recorded epochs"
-    return (f"recorded run: val_acc differs by up to {worst:.4f} over {len(pairs)} epochs (expected where the "
-            "device, the thread count or library versions differ from the sweep's)")
+    head = f"recorded run: val_acc differs by up to {worst:.4f} over {len(pairs)} epochs"
+    if differ is None:
+        return (f"{head} (the folder records no provenance; expected where the device, the thread count or "
+                "library versions differ from the sweep's)")
+    if differ:
+        return f"{head}; this run differs from the sweep's in: {', '.join(differ)}"
+    return (f"{head}, with the sweep's commit, library versions and device (provenance.json): "
+            "the difference comes from elsewhere (thread count, CPU, nondeterministic kernels)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -125,7 +148,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = fit(cfg, dataset, on_epoch=show, started_at=started)
         print(f"status: {result.status}")
         if chosen.recorded:
-            print(compare_line(result.history, chosen.recorded))
+            assert result.model is not None  # fit() always returns the model it trained
+            device = str(next(result.model.parameters()).device)
+            print(compare_line(result.history, chosen.recorded, run_differences(chosen, device)))
         tta = f" (test-time augmentation: {cfg.train.tta})" if cfg.train.tta != "none" else ""
         assert result.model is not None  # fit() always returns the model it trained
         print(format_report(evaluate_split(result.model, cfg, dataset, "test"), "test") + tta)

@@ -146,3 +146,43 @@ def test_compare_line_names_the_largest_difference():
     assert "differs by up to 0.0300 over 2 epochs" in compare_line(ours, [{"epoch": 1, "val_acc": 0.52},
                                                                           {"epoch": 2, "val_acc": 0.63}])
     assert compare_line(ours, [{"epoch": 5, "val_acc": 0.5}]) == "recorded run: no epoch to compare"
+    differ = ["torch 2.4.0 -> 2.14.1"]
+    assert compare_line(ours, [{"epoch": 1, "val_acc": 0.52}], differ).endswith(
+        "this run differs from the sweep's in: torch 2.4.0 -> 2.14.1")
+    same = compare_line(ours, [{"epoch": 1, "val_acc": 0.52}], [])
+    assert "with the sweep's commit, library versions and device" in same
+    assert "the folder records no provenance" in compare_line(ours, [{"epoch": 1, "val_acc": 0.52}], None)
+
+
+def test_train_from_compares_against_the_folders_provenance(finished, tmp_path, capsys):
+    """What `train --from` says differs comes from what the folder recorded: another torch, another
+    commit, another device, named; a folder that recorded nothing is said to have no record."""
+    import json
+    import shutil
+    from importlib import metadata
+
+    from cifar_ray import analysis
+    from cifar_ray.retrain import from_results
+    from cifar_ray.train import run_differences
+
+    copy = tmp_path / "again"
+    shutil.copytree(finished, copy)
+    record = analysis.load(copy).provenance()
+    assert record["commit"] and record["versions"]["torch"] == metadata.version("torch")
+    trial = analysis.load(copy).trials()["trial_id"].iloc[0]
+    record["dirty"] = False  # as on a clean checkout (this one may have changes)
+    (copy / "provenance.json").write_text(json.dumps(record))
+    assert run_differences(from_results(str(copy), trial, [], None), "cpu") == []  # the same code, here
+    record["dirty"] = True
+    (copy / "provenance.json").write_text(json.dumps(record))
+    assert run_differences(from_results(str(copy), trial, [], None), "cpu") == [
+        "the sweep ran with uncommitted changes"]
+    record["dirty"] = False
+    commit = record["commit"]
+    record["commit"], record["versions"]["torch"] = "0" * 40, "2.4.0"
+    (copy / "provenance.json").write_text(json.dumps(record))
+    found = run_differences(from_results(str(copy), trial, [], None), "cuda")
+    assert found == [f"commit 0000000000 -> {commit[:10]}", f"torch 2.4.0 -> {metadata.version('torch')}",
+                     "device cpu -> cuda"]
+    (copy / "provenance.json").unlink()
+    assert run_differences(from_results(str(copy), trial, [], None), "cpu") is None

@@ -1,5 +1,7 @@
 """Sweeps on a real local Ray (2 CPUs), synthetic data, W&B offline."""
 import json
+import re
+import subprocess
 
 import pytest
 import yaml
@@ -42,6 +44,18 @@ def test_grid_of_four_completes_with_results_checkpoints_and_wandb(ray_session, 
     assert len(list(exp.glob("wandb/wandb/offline-run-*/run-*.wandb"))) == 4
     assert_records_agree(exp)
     assert "Traceback" not in out
+    # what made the folder: this checkout's commit and the versions imported here
+    from importlib import metadata
+
+    from cifar_ray import analysis
+
+    made = analysis.load(exp).provenance()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert made["commit"] == head and made["kind"] == "start" and made["resumed"] == []
+    assert isinstance(made["dirty"], bool)
+    for name in ("cifar_ray", "torch", "ray", "wandb", "optuna"):
+        assert made["versions"][name] == metadata.version(name)
+    assert made["versions"]["python"] == ".".join(map(str, __import__("sys").version_info[:3]))
 
 
 def test_asha_stops_a_bad_trial_early(ray_session, tmp_path):
@@ -67,22 +81,32 @@ def test_asha_stops_a_bad_trial_early(ray_session, tmp_path):
 
 
 def test_a_sweep_console_is_quiet(ray_session, tmp_path):
-    """As a user runs it: the live table shows `stopped` for trials ASHA ended, and the console has no
-    traceback, no per-checkpoint line and no state-snapshot warning."""
+    """As a user runs it, piped to a file: a 4-trial sweep's console fits on a screen, with a line per
+    trial event (`stopped` for trials ASHA ended), progress lines with an ETA, no Tune status table and no
+    traceback, per-checkpoint line or state-snapshot warning."""
     path = write_sweep(tmp_path, "quiet", train__epochs=3, train__lr={"grid": [0.05, 1e-6, 1e-6, 1e-6]},
                        data__synthetic_size=2400, scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
                        search={"order": "given"})  # the good trial first: see test_asha_stops_a_bad_trial_early
     code, out = SweepProcess(path, tmp_path, ray_session).finish()
     assert code == 0, out
-    for noise in ("Traceback", "Checkpoint successfully created", "snapshotting", "Exception ignored"):
+    for noise in ("Traceback", "Checkpoint successfully created", "snapshotting", "Exception ignored", "== Status ==",
+                  "Result logdir", "driver_artifacts", "\r", "\x1b["):
         assert noise not in out, noise
+    lines = out.splitlines()
+    assert len(lines) < 40, out
     df = results_of(tmp_path, "quiet")
     stopped = df[df["status"] == "stopped"]
     assert len(stopped) >= 1
-    final_table = out[out.rindex("== Status =="):]
-    for trial_id in stopped["trial_id"]:
-        row = next(line for line in final_table.splitlines() if trial_id in line)
-        assert row.rstrip(" |").endswith("stopped"), row
+    for trial_id in df["trial_id"]:
+        assert sum(line.startswith("started  ") and trial_id in line for line in lines) == 1, trial_id
+        ended = [line for line in lines if line.startswith("ended    ") and trial_id in line]
+        outcome = df.set_index("trial_id").loc[trial_id, "status"]
+        assert len(ended) == 1 and f": {outcome} after " in ended[0], (ended, outcome)
+    # the first trial's end gives a progress line with a measured ETA (at most: ASHA may stop trials)
+    assert any(re.fullmatch(r"\d/4 done, \d running, \d pending \| best val_acc [\d.]+ \(base_\w+\) \| .* "
+                            r"elapsed, ETA at most (\d+ min )?\d+ s", line) for line in lines), out
+    assert re.fullmatch(r"4/4 done, 0 running, 0 pending \| .* elapsed, finished", next(
+        line for line in lines if line.startswith("4/4 done"))), out
 
 
 def test_diverging_trial_is_diverged_while_others_finish(ray_session, tmp_path):
@@ -180,6 +204,11 @@ def test_optuna_search_with_asha_resumes_without_trying_a_configuration_twice(ra
     for name, n in rows_before.items():
         assert len(result_rows(exp / name)) == n, f"{name} was trained again"
     assert_records_agree(exp)
+    from cifar_ray import analysis
+
+    made = analysis.load(exp).provenance()  # the resume's entry beside the first run's
+    assert made["kind"] == "start" and [r["kind"] for r in made["resumed"]] == ["resume"]
+    assert made["resumed"][0]["commit"] == made["commit"] and made["resumed"][0]["versions"] == made["versions"]
 
 
 def test_max_concurrent_trials_holds_for_grid_search(ray_session, tmp_path, capsys):

@@ -443,3 +443,16 @@ def test_trial_threads_are_the_whole_cpus_granted():
     from cifar_ray.device import trial_threads
 
     assert [trial_threads(c) for c in (0, 0.5, 1, 1.9, 2, 4.0)] == [1, 1, 1, 1, 2, 4]
+
+
+def test_the_train_cli_runs_once_and_the_engine_needs_no_cli():
+    """`python -m cifar_ray.train` runs train.py once (as __main__, never imported again through a module
+    that imports it back), and the engine imports neither the CLI nor anything that reads results."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "cifar_ray.train", "--help"], capture_output=True,
+                          text=True, timeout=WAIT_S, check=True)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert "cifar_ray.train" not in imported and "cifar_ray.engine" in imported
+    engine = subprocess.run([sys.executable, "-c", "import sys, cifar_ray.engine; print(' '.join(sys.modules))"],
+                            capture_output=True, text=True, timeout=WAIT_S, check=True).stdout.split()
+    for name in ("cifar_ray.train", "cifar_ray.retrain", "cifar_ray.analysis", "pandas", "ray"):
+        assert name not in engine, name
