@@ -74,7 +74,9 @@ class SweepProgress(ProgressReporter):
         live = sys.stdout.isatty()
         every = LIVE_EVERY_S if live else max(PIPED_EVERY_S, (now - self.started) / 10)
         ended = any(e.startswith(("ended", "errored")) for e in events)
-        due = now - self._printed >= every or ended
+        last_one = all(v.state in ("TERMINATED", "ERROR") for v in views) and len(views) >= total
+        # the last trial's end: the closing report (done) prints the final line, once
+        due = (now - self._printed >= every or ended) and not (last_one and not done)
         if not (events or due or done):
             return
         eta = eta_seconds(views, total, self.prior_epoch_s, self._slots)
