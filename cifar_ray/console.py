@@ -44,8 +44,9 @@ class SweepProgress(ProgressReporter):
     """Tune's progress_reporter for the sweep CLI (see the module's text)."""
 
     def __init__(self, total: int, metric: str, mode: str, max_t: Optional[int] = None,
-                 prior_epoch_s: Optional[float] = None, upper_bound: bool = False):
+                 prior_epoch_s: Optional[float] = None, upper_bound: bool = False, epochs: int = 1):
         self.total = total
+        self.epochs = epochs  # a trial's epochs (the sweep's longest, capped by max_t) before any trial exists
         self.metric, self.mode = metric, mode
         self.max_t = max_t  # ASHA's cap on a trial's epochs
         self.prior_epoch_s = prior_epoch_s  # seconds per epoch from --estimate, before anything has run
@@ -79,7 +80,7 @@ class SweepProgress(ProgressReporter):
         due = (now - self._printed >= every or ended) and not (last_one and not done)
         if not (events or due or done):
             return
-        eta = eta_seconds(views, total, self.prior_epoch_s, self._slots)
+        eta = eta_seconds(views, total, self.prior_epoch_s, self._slots, self.epochs)
         line = progress_line(views, total, self.metric, self.mode, now - self.started, eta, self.upper_bound, done)
         if live:
             width = shutil.get_terminal_size((120, 24)).columns
@@ -94,7 +95,8 @@ class SweepProgress(ProgressReporter):
             self._printed = now
 
     def __getstate__(self) -> dict[str, Any]:  # pickled with the run config: the settings, not the live state
-        return {k: getattr(self, k) for k in ("total", "metric", "mode", "max_t", "prior_epoch_s", "upper_bound")}
+        return {k: getattr(self, k) for k in ("total", "metric", "mode", "max_t", "prior_epoch_s", "upper_bound",
+                                              "epochs")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         SweepProgress.__init__(self, **state)

@@ -58,11 +58,12 @@ def best_so_far(views: list[TrialView], mode: str) -> Optional[TrialView]:
 
 
 def eta_seconds(views: list[TrialView], total: int, prior_epoch_s: Optional[float] = None,
-                slots: Optional[int] = None) -> Optional[float]:
-    """Seconds until the sweep ends (see the module's text); None when nothing yet says how fast it goes."""
+                slots: Optional[int] = None, epochs: int = 1) -> Optional[float]:
+    """Seconds until the sweep ends (see the module's text); None when nothing yet says how fast it goes.
+    epochs: a trial's planned epochs while no trial exists yet to say (the sweep's longest)."""
     measured = [v.epoch_seconds for v in views if v.epoch_seconds is not None and v.epoch_seconds > 0]
     fallback = sum(measured) / len(measured) if measured else prior_epoch_s
-    planned = [v.epochs_planned for v in views] or [0]
+    planned = [v.epochs_planned for v in views] or [epochs]
     remaining = 0.0
     for v in views:
         if v.state in DONE_STATES:

@@ -179,18 +179,18 @@ def describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def estimate_lines(plan: Plan, args: argparse.Namespace) -> tuple[list[str], float]:
-    """--estimate: its lines and mean seconds per epoch, for the resources of the Ray this process is
-    connected to, else of the cluster at --address, else this machine's."""
-    import ray
-
+def estimate_lines(plan: Plan, args: argparse.Namespace, running: bool = False) -> tuple[list[str], float]:
+    """--estimate: its lines and mean seconds per epoch, for the resources of the cluster at --address
+    (or, for a sweep about to run, of the Ray it started), else this machine's."""
     from cifar_ray.estimate import estimate_epochs, machine
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     available, where = machine(), "this machine"
-    if address and not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    if ray.is_initialized():
+    if address or running:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         available, where = dict(ray.cluster_resources()), f"the cluster at {address}" if address else "the local Ray"
     space = plan.space
     return estimate_epochs(plan.sweep, space, expand_grid(space, plan.sweep), trial_count(space, plan.sweep),
@@ -355,8 +355,9 @@ def console_reporter(plan: Plan, verbose: bool, prior_epoch_s: Optional[float] =
     from cifar_ray.console import SweepProgress
 
     asha = sweep.scheduler.kind == "asha"
-    return SweepProgress(trial_count(plan.space, sweep), sweep.metric, sweep.mode,
-                         (sweep.scheduler.max_t or plan.max_epochs) if asha else None, prior_epoch_s, upper_bound=asha)
+    max_t = (sweep.scheduler.max_t or plan.max_epochs) if asha else None
+    return SweepProgress(trial_count(plan.space, sweep), sweep.metric, sweep.mode, max_t, prior_epoch_s,
+                         upper_bound=asha, epochs=min(plan.max_epochs, max_t or plan.max_epochs))
 
 
 def _use_callbacks(tuner, callbacks: list, reporter=None) -> None:
@@ -521,7 +522,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
 
     prior_epoch_s = None
     if args.estimate:  # timed before the first trial starts, so nothing else shares the CPU
-        lines, prior_epoch_s = estimate_lines(plan, args)
+        lines, prior_epoch_s = estimate_lines(plan, args, running=True)
         print("\n".join(lines), flush=True)
     tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types, stop_on_full_disk,
                         prior_epoch_s)

@@ -35,6 +35,8 @@ def test_no_eta_before_anything_says_how_fast_unless_the_estimate_does():
     assert eta_seconds(views, 2) is None
     assert eta_seconds(views, 2, prior_epoch_s=5.0) == pytest.approx(8 * 5.0)
     assert eta_seconds([view(0, "TERMINATED", 4, per_epoch=1.0)], 1) == 0
+    # before the search has created a trial: the sweep's epochs per trial at the estimate's speed
+    assert eta_seconds([], 3, prior_epoch_s=2.0, epochs=6) == pytest.approx(3 * 6 * 2.0)
 
 
 def test_best_so_far_follows_the_mode_and_breaks_ties_by_trial_id():
@@ -146,9 +148,9 @@ def test_the_reporter_pickles_its_settings_not_its_state():
 
     from cifar_ray.console import SweepProgress
 
-    reporter = SweepProgress(20, "val_loss", "min", max_t=8, prior_epoch_s=3.5, upper_bound=True)
+    reporter = SweepProgress(20, "val_loss", "min", max_t=8, prior_epoch_s=3.5, upper_bound=True, epochs=8)
     reporter._states = {"x": "RUNNING"}
     copy = pickle.loads(pickle.dumps(reporter))
-    assert (copy.total, copy.metric, copy.mode, copy.max_t, copy.prior_epoch_s, copy.upper_bound) == \
-        (20, "val_loss", "min", 8, 3.5, True)
+    assert (copy.total, copy.metric, copy.mode, copy.max_t, copy.prior_epoch_s, copy.upper_bound, copy.epochs) == \
+        (20, "val_loss", "min", 8, 3.5, True, 8)
     assert copy._states == {}

@@ -225,3 +225,16 @@ def test_max_concurrent_trials_holds_for_grid_search(ray_session, tmp_path, caps
     order = [name for _, name in rows]
     runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
     assert len(runs) == 3, f"trials ran side by side: {order}"  # each trial's reports all together
+
+
+def test_estimate_on_a_real_run_prints_it_and_gives_the_first_eta(ray_session, tmp_path, capsys):
+    """`--estimate` without --dry-run: the estimate's lines, then the sweep, whose first progress line
+    already has an ETA from the estimate's seconds per epoch."""
+    path = write_sweep(tmp_path, "eta", train__epochs=2, train__lr={"grid": [0.01, 0.05]})
+    assert main([str(path), "--estimate", "--storage-path", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    wall = next(i for i, line in enumerate(out) if line.startswith("estimated wall time: "))
+    assert any("2 at a time (the local Ray: 2 CPUs" in line for line in out[:wall]), out
+    first = next(line for line in out[wall:] if " done, " in line)
+    assert re.search(r"elapsed, ETA (\d+ min )?\d+ s$", first), first
+    assert len(results_of(tmp_path, "eta")) == 2
