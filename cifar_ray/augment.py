@@ -6,6 +6,7 @@ so one seeded generator makes a run's augmentation reproducible (and resumable f
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +37,31 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     return padded.gather(2, idx).view(b, c, h, w)
 
 
-def flip_crop(x: torch.Tensor, flip_p: float, padding: int, gen: torch.Generator) -> torch.Tensor:
+def reflect_index(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices past either edge of 0..n-1 mirrored back inside, the edge itself not repeated (torch's
+    `reflect` padding: -1 -> 1, n -> n-2); valid up to n-1 past the edge."""
+    return (n - 1) - ((n - 1) - i.abs()).abs()
+
+
+def flip_crop(x: torch.Tensor, flip_p: float, padding: int, gen: torch.Generator,
+              flip: Optional[torch.Tensor] = None, reflect: bool = False) -> torch.Tensor:
     """hflip(p=flip_p) then random_crop(padding) as one flat gather: the same random draws and the
     same pixels as the two calls, on any dtype, so the batch path runs it on uint8 before the float
-    conversion (4x fewer bytes than on float, and no flipped copy of the batch)."""
+    conversion (4x fewer bytes than on float, and no flipped copy of the batch).
+    flip: which images to mirror (B,) bool, given instead of drawn (alternating flips); reflect: the
+    padding mirrors the image's edge (torch's `reflect`) instead of zeros, read by index, not padded."""
     b, c, h, w = x.shape
-    flip = torch.rand(b, generator=gen, device=x.device) < flip_p if flip_p else None
+    if flip is None:
+        flip = torch.rand(b, generator=gen, device=x.device) < flip_p if flip_p else None
+    if reflect and padding:
+        oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
+        ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
+        cols = reflect_index(ox[:, None] + torch.arange(w, device=x.device) - padding, w)  # (B, W)
+        if flip is not None:  # the flipped image's column j is the original's w-1-j
+            cols = torch.where(flip[:, None], w - 1 - cols, cols)
+        rows = reflect_index(oy[:, None] + torch.arange(h, device=x.device) - padding, h) * w  # (B, H)
+        idx = (rows[:, :, None] + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        return x.flatten(2).gather(2, idx).view(b, c, h, w)
     if padding:
         x = F.pad(x, (padding, padding, padding, padding))
         oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
@@ -154,8 +174,8 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
 def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, *, flip_crop_done: bool = False) -> torch.Tensor:
     """Apply every enabled augmentation of cfg to a float batch (B, 3, H, W) in [0, 1].
     flip_crop_done: the caller already ran flip_crop(cfg.hflip, cfg.crop_padding) (on uint8)."""
-    if (cfg.hflip or cfg.crop_padding) and not flip_crop_done:
-        x = flip_crop(x, cfg.hflip, cfg.crop_padding, gen)
+    if (cfg.hflip or cfg.crop_padding) and not flip_crop_done:  # alternate_flip: only the batch path knows the epoch
+        x = flip_crop(x, cfg.hflip, cfg.crop_padding, gen, reflect=cfg.crop_reflect)
     if cfg.rotation or cfg.perspective:
         m = torch.eye(3, device=x.device).expand(x.shape[0], 3, 3)
         if cfg.rotation:

@@ -39,12 +39,17 @@ class DeviceImages:
         std = torch.tensor(split.std, device=device).view(1, 3, 1, 1)
         return cls(tx.to(device), ty.to(device), mean, std, channels_last)
 
-    def batch(self, idx: torch.Tensor, augment_cfg=None, gen: Optional[torch.Generator] = None):
+    def batch(self, idx: torch.Tensor, augment_cfg=None, gen: Optional[torch.Generator] = None,
+              flips: Optional[torch.Tensor] = None):
+        """flips: the images to mirror (alternate_flip), indexed like the data set: (N,) bool."""
         x = self.x[idx]  # (B, 3, 32, 32) uint8
         if augment_cfg is not None and gen is None:
             raise ValueError("augmented batches draw from the run's generator: pass gen")
-        if augment_cfg is not None and gen is not None and (augment_cfg.hflip or augment_cfg.crop_padding):
-            x = flip_crop(x, augment_cfg.hflip, augment_cfg.crop_padding, gen)  # on uint8: a quarter of the bytes
+        flip = flips[idx] if flips is not None and augment_cfg is not None and augment_cfg.alternate_flip else None
+        if augment_cfg is not None and gen is not None and (augment_cfg.hflip or augment_cfg.crop_padding
+                                                            or flip is not None):
+            x = flip_crop(x, augment_cfg.hflip, augment_cfg.crop_padding, gen, flip,  # on uint8: a quarter of the bytes
+                          augment_cfg.crop_reflect)
         if augment_cfg is not None and gen is not None and augment_cfg.needs_float():
             x = augment(x.float().div_(255), augment_cfg, gen, flip_crop_done=True)  # on [0, 1]
             x = x.sub_(self.mean).div_(self.std)
@@ -55,9 +60,9 @@ class DeviceImages:
         return x, self.y[idx]
 
     def batches(self, idx: torch.Tensor, batch_size: int, *, gen: Optional[torch.Generator] = None,
-                augment_cfg=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                augment_cfg=None, flips: Optional[torch.Tensor] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches over idx; shuffled on the device when gen is given."""
         if gen is not None:
             idx = idx[torch.randperm(len(idx), generator=gen, device=idx.device)]
         for i in range(0, len(idx), batch_size):
-            yield self.batch(idx[i:i + batch_size], augment_cfg, gen)
+            yield self.batch(idx[i:i + batch_size], augment_cfg, gen, flips)

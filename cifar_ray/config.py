@@ -37,6 +37,21 @@ class AugmentConfig(Strict):
     saturation: float = Field(0.0, ge=0, le=1)
     hue: float = Field(0.0, ge=0, le=0.5, description="hue shift, fraction of a full turn")
     cutout: int = Field(0, ge=0, le=32, description="side of the square zeroed at a random place, px")
+    # airbench's alternating flip: each image is mirrored at random in the first epoch, then the other
+    # way round every epoch after, so every two epochs see both views of every image (no repeat draws)
+    alternate_flip: bool = Field(False, description="mirror each image at random in the first epoch, then "
+                                 "alternate its view every epoch (in place of hflip)")
+    crop_reflect: bool = Field(False, description="crop_padding pads by reflection (the image's own edge) "
+                               "instead of zeros")
+
+    @model_validator(mode="after")
+    def _one_flip(self) -> "AugmentConfig":
+        if self.alternate_flip and self.hflip:
+            raise ValueError("alternate_flip and hflip both set; keep one (alternate_flip mirrors every other "
+                             "epoch, hflip draws each epoch anew)")
+        if self.crop_reflect and not self.crop_padding:
+            raise ValueError("crop_reflect needs crop_padding > 0 (it says how the padding is filled)")
+        return self
 
     def enabled(self) -> bool:
         return self != AugmentConfig()
@@ -140,6 +155,14 @@ class TrainConfig(Strict):
     lookahead_decay: float = Field(0.0, ge=0, lt=1, description="per-step decay of the weights' average; 0: off")
     lookahead_every: int = Field(5, ge=1, description="steps between lookahead updates")
     lookahead_start: float = Field(0.3, ge=0, lt=1, description="fraction of the run's steps before lookahead starts")
+    # The whitening layer's bias trained for the first epochs only (airbench: 3), then frozen: early on it
+    # centres the whitened patches, later its large lr (bias_lr_factor) only adds noise.
+    whiten_bias_epochs: Optional[int] = Field(None, ge=0, description="epochs the whitening layer's bias "
+                                              "trains, then it is frozen; unset: throughout (whitened_cnn)")
+    # torch's convention: the weight of each new batch in the running statistics (airbench's 0.6 is 0.4
+    # here); a run of a few hundred steps needs faster statistics than the default 0.1
+    bn_momentum: Optional[float] = Field(None, gt=0, le=1, description="BatchNorm running-statistics momentum "
+                                         "of every BN layer (torch's convention); unset: the model's own")
     data_init_images: int = Field(5000, ge=0, description="training images a model's data-dependent initialisation "
                                   "(a whitening layer) sees before the first step; 0 skips it")
     # Test-time views cost a forward pass each (flip_translate: 6), so the per-epoch validation stays
@@ -190,6 +213,16 @@ class TrialConfig(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _whitening(self) -> "TrialConfig":
+        from cifar_ray.models import list_models, model_spec
+
+        if self.train.whiten_bias_epochs is not None and not model_spec(self.model.name).whitening:
+            having = [m for m in list_models() if model_spec(m).whitening]
+            raise ValueError(f"train.whiten_bias_epochs: model {self.model.name!r} has no whitening layer; "
+                             f"models with one: {', '.join(having)}")
+        return self
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any], where: str = "config") -> "TrialConfig":

@@ -24,12 +24,15 @@ from cifar_ray.evaluation import Evaluation, evaluate, logits_of
 from cifar_ray.files import atomic_write
 from cifar_ray.models import build_model, check_device
 from cifar_ray.models.googlenet import AUX_WEIGHT
+from cifar_ray.models.whitened import WhiteningConv
 
 DIVERGENCE_CHECK_STEPS = 20  # check the running loss every N steps (a host sync each time)
 # A run has diverged when its running mean training loss is NaN/inf or above this many times the loss
 # of a uniform guess (ln of the class count: 2.3 for CIFAR-10). bf16 rarely reaches inf: a blown-up run
 # measured at a mean loss of 8.8e9 in its first epoch, then sat at ~55 with chance accuracy.
 DIVERGENCE_LOSS_FACTOR = 100.0
+
+FLIP_SEED_OFFSET = 7919  # alternate_flip's generator: seeded apart from the run's and data_init's (seed itself)
 
 OnEpoch = Callable[[dict, Callable[[], dict]], None]  # (metrics, make_state) after every epoch
 
@@ -153,6 +156,7 @@ class Run:
     loss_limit: float  # a running mean training loss above this has diverged
     steps_per_epoch: int
     lookahead: Optional["Lookahead"]
+    flips: Optional[torch.Tensor] = None  # alternate_flip: each image's first-epoch mirror, (N,) bool
     first_step_at: Optional[float] = None  # time.perf_counter() of the first training step
     step: int = 0  # optimizer steps taken in the run, across resumes
 
@@ -167,6 +171,10 @@ class Run:
         model = build_model(cfg.model.name, num_classes=len(dataset.classes), **cfg.model.options()).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if t.bn_momentum is not None:
+            for m in model.modules():
+                if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+                    m.momentum = t.bn_momentum
         data_init(model, images, train_idx, t.data_init_images, t.seed)
         opt = build_optimizer(cfg, model)
         steps_per_epoch = math.ceil(len(train_idx) / t.batch_size)
@@ -177,7 +185,8 @@ class Run:
                    model, torch.compile(model) if (t.compile and device.type == "cuda") else model, opt, sched,
                    per_step, amp, torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
                    torch.Generator(device=device).manual_seed(t.seed),
-                   DIVERGENCE_LOSS_FACTOR * math.log(len(dataset.classes)), steps_per_epoch, lookahead)
+                   DIVERGENCE_LOSS_FACTOR * math.log(len(dataset.classes)), steps_per_epoch, lookahead,
+                   first_flips(len(images.x), t.seed, device) if cfg.data.augment.alternate_flip else None)
 
     def restore(self, state: dict) -> tuple[int, dict, Optional[dict]]:
         """Load a saved state; returns its epoch, early-stopping bookkeeping and that epoch's metrics."""
@@ -219,7 +228,11 @@ class Run:
         seen, diverged = 0, False
         augment_cfg = self.cfg.data.augment if self.cfg.data.augment.enabled() else None
         autocast = torch.autocast(device.type, dtype=self.amp) if self.amp else nullcontext()
-        batches = self.images.batches(self.train_idx, t.batch_size, gen=self.gen, augment_cfg=augment_cfg)
+        epoch = self.step // self.steps_per_epoch + 1
+        flips = None if self.flips is None else self.flips ^ (epoch % 2 == 0)  # every other epoch the other view
+        freeze_whitening_bias(self.model, t.whiten_bias_epochs, epoch)
+        batches = self.images.batches(self.train_idx, t.batch_size, gen=self.gen, augment_cfg=augment_cfg,
+                                      flips=flips)
         for step, (x, y) in enumerate(batches, 1):
             if self.first_step_at is None:
                 self.first_step_at = time.perf_counter()
@@ -255,6 +268,24 @@ class Run:
     def validate(self) -> Evaluation:
         t = self.cfg.train
         return evaluate(self.model, self.images, self.val_idx, self.classes, t.eval_batch_size, self.amp)
+
+
+def first_flips(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """alternate_flip's first-epoch mirror of each of n images, (n,) bool: its own generator, so the
+    run's shuffling and augmentation draws are those of the run without it."""
+    gen = torch.Generator().manual_seed(seed + FLIP_SEED_OFFSET)
+    return (torch.rand(n, generator=gen) < 0.5).to(device)
+
+
+def freeze_whitening_bias(model: nn.Module, epochs: Optional[int], epoch: int) -> None:
+    """train.whiten_bias_epochs: from the epoch after the last of them, the whitening layer's bias takes
+    no gradient (so no optimizer step, momentum or decay moves it); set again at each epoch's start, so a
+    resumed run freezes it at the same epoch."""
+    if epochs is None or epoch <= epochs:
+        return
+    for m in model.modules():
+        if isinstance(m, WhiteningConv) and m.bias is not None:
+            m.bias.requires_grad_(False)
 
 
 def data_init(model: nn.Module, images: DeviceImages, train_idx: torch.Tensor, count: int, seed: int) -> None:

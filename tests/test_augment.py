@@ -132,3 +132,45 @@ def test_batch_path_equals_augment_then_normalise(preset):
         ref = augment(ref, cfg, torch.Generator().manual_seed(5))
     ref = (ref - images.mean) / images.std
     assert torch.allclose(got, ref, atol=1e-5) and torch.equal(labels, torch.from_numpy(y[7:71]))
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 0.5, 1.0])
+def test_reflect_crop_is_a_window_of_the_reflect_padded_image_with_the_same_draws(flip_p):
+    """crop_reflect: the same offsets (and flips) as the zero-padded crop, the border filled by torch's
+    `reflect` padding, read by index on uint8."""
+    import torch.nn.functional as F
+
+    from cifar_ray.augment import reflect_index
+
+    x8 = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    got = flip_crop(x8, flip_p, 4, torch.Generator().manual_seed(3), reflect=True)
+    g = torch.Generator().manual_seed(3)  # the draws flip_crop makes, in its order
+    flip = torch.rand(32, generator=g) < flip_p if flip_p else torch.zeros(32, dtype=torch.bool)
+    oy, ox = torch.randint(0, 9, (32,), generator=g), torch.randint(0, 9, (32,), generator=g)
+    source = torch.where(flip[:, None, None, None], x8.flip(3), x8)
+    padded = F.pad(source.float(), (4, 4, 4, 4), mode="reflect")
+    expected = torch.stack([padded[i, :, oy[i]:oy[i] + 32, ox[i]:ox[i] + 32] for i in range(32)])
+    assert torch.equal(got.float(), expected)
+    zeros = flip_crop(x8, flip_p, 4, torch.Generator().manual_seed(3))
+    inside = (oy == 4) & (ox == 4)  # a crop that needs no border is the same either way
+    assert torch.equal(got[inside], zeros[inside])
+    assert reflect_index(torch.tensor([-2, -1, 0, 31, 32, 33]), 32).tolist() == [2, 1, 0, 31, 30, 29]
+
+
+def test_alternate_flip_mirrors_exactly_the_images_it_is_told_to():
+    x8 = np.random.default_rng(1).integers(0, 256, (50, 3, 32, 32), dtype=np.uint8)
+    split = Split(np.arange(50), np.arange(0), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    images = DeviceImages.create(x8, np.zeros(50, dtype=np.int64), split, torch.device("cpu"), channels_last=False)
+    flips = torch.arange(50) % 3 == 0
+    idx = torch.tensor([3, 4, 9, 10])
+    cfg = AugmentConfig(alternate_flip=True)
+    got, _ = images.batch(idx, cfg, torch.Generator().manual_seed(0), flips)
+    plain, _ = images.batch(idx, None)
+    assert torch.equal(got[[0, 2]], plain[[0, 2]].flip(3)) and torch.equal(got[[1, 3]], plain[[1, 3]])
+
+
+def test_flip_and_crop_options_that_contradict_are_refused():
+    with pytest.raises(ValueError, match="alternate_flip and hflip both set"):
+        AugmentConfig(alternate_flip=True, hflip=0.5)
+    with pytest.raises(ValueError, match="crop_reflect needs crop_padding"):
+        AugmentConfig(crop_reflect=True)

@@ -456,3 +456,90 @@ def test_the_train_cli_runs_once_and_the_engine_needs_no_cli():
                             capture_output=True, text=True, timeout=WAIT_S, check=True).stdout.split()
     for name in ("cifar_ray.train", "cifar_ray.retrain", "cifar_ray.analysis", "pandas", "ray"):
         assert name not in engine, name
+
+
+# ---------------------------------------------------------------- airbench's remaining options
+
+def test_alternate_flip_shows_each_image_both_ways_every_two_epochs(synthetic):
+    from cifar_ray.engine import Run
+
+    c = cfg(epochs=3, data={"augment": {"alternate_flip": True}})
+    run = Run.build(c, synthetic, torch.device("cpu"))
+    first = run.flips.clone()
+    assert 0.4 < first.float().mean() < 0.6  # a fair coin per image
+    assert torch.equal(Run.build(c, synthetic, torch.device("cpu")).flips, first)  # seeded: the same draws
+    assert not torch.equal(Run.build(cfg(epochs=3, seed=1, data={"augment": {"alternate_flip": True}}), synthetic,
+                                     torch.device("cpu")).flips, first)
+    seen = []
+    original = run.images.batch
+
+    def spy(idx, augment_cfg=None, gen=None, flips=None):
+        seen.append(flips.clone())
+        return original(idx, augment_cfg, gen, flips)
+
+    run.images.batch = spy
+    for _ in range(3):
+        run.train_epoch()
+    per_epoch = [seen[0], seen[run.steps_per_epoch], seen[2 * run.steps_per_epoch]]
+    assert torch.equal(per_epoch[0], first) and torch.equal(per_epoch[1], ~first) and torch.equal(per_epoch[2], first)
+
+
+def test_bn_momentum_sets_every_batch_norm_and_unset_keeps_the_models(synthetic):
+    from cifar_ray.engine import Run
+
+    def momenta(c):
+        model = Run.build(c, synthetic, torch.device("cpu")).model
+        return {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+    assert momenta(cfg("whitened_cnn", model_opts={"width": 0.25})) == {0.4}  # the model's own
+    assert momenta(cfg("whitened_cnn", bn_momentum=0.2, model_opts={"width": 0.25})) == {0.2}
+    assert momenta(cfg("resnet18", bn_momentum=0.3, model_opts={"width": 0.125})) == {0.3}
+    # set to the model's own value: the same run, epoch for epoch
+    plain = fit(cfg("whitened_cnn", model_opts={"width": 0.25}), synthetic)
+    same = fit(cfg("whitened_cnn", bn_momentum=0.4, model_opts={"width": 0.25}), synthetic)
+    assert [h[M.VAL_LOSS] for h in plain.history] == [h[M.VAL_LOSS] for h in same.history]
+    other = fit(cfg("whitened_cnn", bn_momentum=0.05, model_opts={"width": 0.25}), synthetic)
+    assert [h[M.VAL_LOSS] for h in plain.history] != [h[M.VAL_LOSS] for h in other.history]
+
+
+def test_whitening_bias_trains_for_its_epochs_then_stays(synthetic):
+    from cifar_ray.models.whitened import WhiteningConv
+
+    biases = []
+
+    def keep(metrics, make_state):
+        biases.append(next(v for k, v in make_state()["model"].items() if k.endswith("0.bias")).clone())
+
+    c = cfg("whitened_cnn", epochs=3, bias_lr_factor=64.0, whiten_bias_epochs=1, model_opts={"width": 0.25})
+    result = fit(c, synthetic, on_epoch=keep)
+    whiten = next(m for m in result.model.modules() if isinstance(m, WhiteningConv))
+    assert torch.equal(biases[-1], whiten.bias.detach())
+    assert biases[0].abs().sum() > 0  # it trained in epoch 1 (it starts at zero)
+    assert torch.equal(biases[0], biases[1]) and torch.equal(biases[1], biases[2])  # then it stayed
+    # a limit past the last epoch: the run without one
+    plain = fit(cfg("whitened_cnn", epochs=2, model_opts={"width": 0.25}), synthetic)
+    late = fit(cfg("whitened_cnn", epochs=2, whiten_bias_epochs=2, model_opts={"width": 0.25}), synthetic)
+    assert [h[M.VAL_LOSS] for h in plain.history] == [h[M.VAL_LOSS] for h in late.history]
+    with pytest.raises(ValueError, match="model 'base' has no whitening layer; models with one: whitened_cnn"):
+        cfg("base", whiten_bias_epochs=1)
+
+
+def test_airbench_options_resume_exactly(tmp_path, synthetic):
+    """Alternating flips, reflection-padded crops, the whitening bias frozen after epoch 1 and a BN
+    momentum, through a checkpoint at epoch 2: epoch 3 as in the straight run."""
+    c = cfg("whitened_cnn", epochs=3, batch_size=128, lr=0.2, momentum=0.85, nesterov=True, weight_decay=1e-3,
+            bias_lr_factor=64.0, bias_decay_factor=1 / 64, schedule="triangle", whiten_bias_epochs=1, bn_momentum=0.5,
+            label_smoothing=0.2, model_opts={"width": 0.25},
+            data={"augment": {"alternate_flip": True, "crop_padding": 2, "crop_reflect": True},
+                  "synthetic_size": 1200, "val_size": 400})
+
+    def keep(metrics, make_state):
+        if metrics[M.EPOCH] == 2:
+            save_state(make_state(), tmp_path / "epoch2.pt")
+
+    full = fit(c, synthetic, on_epoch=keep)
+    resumed = fit(c, synthetic, resume=load_state(tmp_path / "epoch2.pt"))
+    for key in (M.TRAIN_LOSS, M.TRAIN_ACC, M.VAL_LOSS, M.VAL_ACC, M.LR):
+        assert full.history[-1][key] == resumed.history[0][key], key
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

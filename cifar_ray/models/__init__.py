@@ -19,6 +19,7 @@ class ModelSpec:
     stems: tuple[str, ...]  # input layouts it supports: "cifar" (32x32) and/or "imagenet" (224x224)
     unsupported_devices: frozenset[str]  # device types it cannot run on, e.g. {"mps"}
     summary: str
+    whitening: bool = False  # has a data-initialised whitening layer (train.whiten_bias_epochs applies)
 
     def options(self) -> tuple[str, ...]:
         params = inspect.signature(self.factory).parameters
@@ -32,9 +33,9 @@ class ModelError(ValueError):
     """An unknown model, option, stem or device, phrased for the user."""
 
 
-def register_model(name: str, *, stems=("cifar",), unsupported_devices=(), summary: str = ""):
+def register_model(name: str, *, stems=("cifar",), unsupported_devices=(), summary: str = "", whitening: bool = False):
     def wrap(factory: Callable[..., nn.Module]):
-        _REGISTRY[name] = ModelSpec(name, factory, tuple(stems), frozenset(unsupported_devices), summary)
+        _REGISTRY[name] = ModelSpec(name, factory, tuple(stems), frozenset(unsupported_devices), summary, whitening)
         return factory
 
     return wrap

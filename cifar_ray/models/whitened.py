@@ -81,8 +81,9 @@ class Scale(nn.Module):
         return x * self.factor
 
 
-@register_model("whitened_cnn", summary="2x2 whitening conv (set from training patches), conv blocks 64, 256, 256 "
-                                        "with BN and GELU, 3x3 max-pool, linear (airbench)")
+@register_model("whitened_cnn", whitening=True,
+                summary="2x2 whitening conv (set from training patches), conv blocks 64, 256, 256 with BN and GELU, "
+                        "3x3 max-pool, linear (airbench)")
 def whitened_cnn(num_classes: int = 10, activation: str = "gelu", width: float = 1.0):
     whiten = WhiteningConv()
     widths = [scaled(c, width) for c in (64, 256, 256)]
