@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "sigmoid"]
-Optimizer = Literal["sgd", "adam", "adamw"]
+Optimizer = Literal["sgd", "adam", "adamw", "muon"]  # muon: Muon on conv filters, SGD on the rest
 Schedule = Literal["none", "step", "cosine", "onecycle", "triangle"]
 Tta = Literal["none", "flip", "flip_translate"]
 Stem = Literal["cifar", "imagenet"]
@@ -133,6 +133,10 @@ class TrainConfig(Strict):
     lr_reference_batch: Optional[int] = Field(None, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
+    # optimizer muon: the conv filters' Muon group (the rest takes lr, momentum and nesterov as SGD);
+    # Jordan's defaults for Muon, whose orthogonalised step has a fixed size: its lr is not SGD's
+    muon_lr: float = Field(0.02, gt=0, le=10, description="optimizer muon: lr of the conv filters' Muon steps")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="optimizer muon: momentum (Nesterov) of Muon's steps")
     weight_decay: float = Field(0.0, ge=0, le=1)
     schedule: Schedule = "none"
     step_size: int = Field(10, ge=1, description="epochs between lr drops for schedule=step")
@@ -199,8 +203,8 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _nesterov(self) -> "TrainConfig":
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov needs optimizer sgd with momentum > 0")
+        if self.nesterov and (self.optimizer not in ("sgd", "muon") or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer sgd (or muon, for its SGD part) with momentum > 0")
         return self
 
     def effective_lr(self) -> float:

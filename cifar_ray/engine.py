@@ -25,6 +25,7 @@ from cifar_ray.files import atomic_write
 from cifar_ray.models import build_model, check_device
 from cifar_ray.models.googlenet import AUX_WEIGHT
 from cifar_ray.models.whitened import WhiteningConv
+from cifar_ray.optim import MuonSGD
 
 DIVERGENCE_CHECK_STEPS = 20  # check the running loss every N steps (a host sync each time)
 # A run has diverged when its running mean training loss is NaN/inf or above this many times the loss
@@ -68,22 +69,30 @@ class FitResult:
 def param_groups(cfg: TrialConfig, model: nn.Module) -> list[dict]:
     """The trained parameters as optimizer groups: the weights first (their lr is the one reported),
     then, when train.bias_lr_factor or bias_decay_factor is set, the biases and normalisation
-    parameters (every 1-D tensor) with their own lr and weight decay. Frozen parameters are left out."""
+    parameters (every 1-D tensor) with their own lr and weight decay; with train.optimizer muon, the
+    convolution filters (4-D) last, as Muon's group. Frozen parameters are left out."""
     trained = [p for p in model.parameters() if p.requires_grad]
     settings = group_settings(cfg.train)
-    if len(settings) == 1:
-        return [{"params": trained, **settings[0]}]
-    weights, vectors = [p for p in trained if p.ndim > 1], [p for p in trained if p.ndim <= 1]
-    return [{"params": weights, **settings[0]}, {"params": vectors, **settings[1]}]
+    muon = cfg.train.optimizer == "muon"
+    filters = [p for p in trained if muon and p.ndim == 4]
+    trained = [p for p in trained if not (muon and p.ndim == 4)]
+    if len(settings) - muon == 1:
+        groups = [{"params": trained, **settings[0]}]
+    else:
+        weights, vectors = [p for p in trained if p.ndim > 1], [p for p in trained if p.ndim <= 1]
+        groups = [{"params": weights, **settings[0]}, {"params": vectors, **settings[1]}]
+    return groups + ([{"params": filters, **settings[-1]}] if muon else [])
 
 
 def group_settings(t) -> list[dict]:
     """lr and weight_decay of each parameter group param_groups makes (t: a TrainConfig)."""
     lr = t.effective_lr()
+    muon = [{"lr": t.muon_lr, "weight_decay": 0.0, "momentum": t.muon_momentum, "nesterov": True, "muon": True}] \
+        if t.optimizer == "muon" else []
     if t.bias_lr_factor == 1 and t.bias_decay_factor == 1:
-        return [{"lr": lr, "weight_decay": t.weight_decay}]
+        return [{"lr": lr, "weight_decay": t.weight_decay}, *muon]
     return [{"lr": lr, "weight_decay": t.weight_decay},
-            {"lr": lr * t.bias_lr_factor, "weight_decay": t.weight_decay * t.bias_decay_factor}]
+            {"lr": lr * t.bias_lr_factor, "weight_decay": t.weight_decay * t.bias_decay_factor}, *muon]
 
 
 def build_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -91,6 +100,8 @@ def build_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = param_groups(cfg, model)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=t.momentum, nesterov=t.nesterov)
+    if t.optimizer == "muon":
+        return MuonSGD(groups, momentum=t.momentum, nesterov=t.nesterov)
     if t.optimizer == "adam":
         return torch.optim.Adam(groups)
     return torch.optim.AdamW(groups)

@@ -64,7 +64,7 @@ def flag_overrides(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list
 def choose(args: argparse.Namespace):
     """The configuration to train: from --from FILE|RESULTS_DIR [--trial], else from the flags; flags and
     --set override the keys they name either way."""
-    from cifar_ray.retrain import from_source
+    from cifar_ray.retrain import Chosen, from_source
     from cifar_ray.sweep_config import apply_overrides
 
     if args.source is not None:

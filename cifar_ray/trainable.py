@@ -138,7 +138,7 @@ def _adopt_new_hyperparameters(state: dict, cfg) -> dict:
         group["lr"] = group["initial_lr"] = setting["lr"]
         group["weight_decay"] = setting["weight_decay"]
         if "momentum" in group:
-            group["momentum"] = cfg.train.momentum
+            group["momentum"] = setting.get("momentum", cfg.train.momentum)  # Muon's group has its own
     if state.get("scheduler"):
         state["scheduler"]["base_lrs"] = [s["lr"] for s in settings]
     return state

@@ -543,3 +543,82 @@ def test_airbench_options_resume_exactly(tmp_path, synthetic):
         assert full.history[-1][key] == resumed.history[0][key], key
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+# ---------------------------------------------------------------- optimizer muon
+
+def _steps(opt, params, grads):
+    for g in grads:
+        for p, gp in zip(params, g, strict=True):
+            p.grad = gp.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("nesterov,weight_decay", [(True, 0.0), (False, 0.1)])
+def test_muon_steps_are_torchs_muon_on_a_matrix_and_on_a_filters_matrix(nesterov, weight_decay):
+    """The trusted reference: torch.optim.Muon (2-D only). A filter (out, in, kh, kw) steps as the matrix
+    (out, in*kh*kw) would under it, bit for bit."""
+    from cifar_ray.optim import MuonSGD
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(16, 8, generator=gen), torch.randn(12, 3, 3, 3, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(3)]
+    ours = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = MuonSGD([{"params": ours, "lr": 0.05, "momentum": 0.9, "nesterov": nesterov, "weight_decay": weight_decay,
+                    "muon": True}])
+    _steps(opt, ours, grads)
+    ref = [torch.nn.Parameter(start[0].clone()), torch.nn.Parameter(start[1].reshape(12, -1).clone())]
+    torch_muon = torch.optim.Muon(ref, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
+    _steps(torch_muon, ref, [[g[0], g[1].reshape(12, -1)] for g in grads])
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1].reshape(12, -1), ref[1])
+    assert not torch.equal(ours[0], start[0])
+
+
+def test_muon_leaves_the_other_groups_to_torchs_sgd():
+    from cifar_ray.optim import MuonSGD
+
+    gen = torch.Generator().manual_seed(1)
+    start = [torch.randn(10, 4, generator=gen), torch.randn(10, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(3)]
+    ours = [torch.nn.Parameter(p.clone()) for p in start]
+    ref = [torch.nn.Parameter(p.clone()) for p in start]
+    groups = lambda ps: [{"params": [ps[0]], "lr": 0.1, "weight_decay": 5e-4},  # noqa: E731
+                         {"params": [ps[1]], "lr": 6.4, "weight_decay": 0.0}]
+    _steps(MuonSGD(groups(ours), momentum=0.85, nesterov=True), ours, grads)
+    _steps(torch.optim.SGD(groups(ref), momentum=0.85, nesterov=True), ref, grads)
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
+
+
+def test_orthogonalize_brings_singular_values_near_one():
+    from cifar_ray.optim import orthogonalize
+
+    g = torch.randn(64, 27, generator=torch.Generator().manual_seed(2)) * 40
+    s = torch.linalg.svdvals(orthogonalize(g).float())
+    assert s.min() > 0.5 and s.max() < 1.5 and orthogonalize(g).shape == g.shape
+
+
+def test_muon_trains_the_filters_and_resumes_exactly(tmp_path, synthetic):
+    from cifar_ray.engine import build_optimizer
+    from cifar_ray.models import build_model
+
+    c = cfg("whitened_cnn", epochs=3, batch_size=128, lr=0.2, momentum=0.85, nesterov=True, optimizer="muon",
+            muon_lr=0.1, bias_lr_factor=64.0, bias_decay_factor=1 / 64, schedule="triangle",
+            model_opts={"width": 0.25}, data={"synthetic_size": 1200, "val_size": 400})
+    model = build_model("whitened_cnn", width=0.25)
+    groups = build_optimizer(c, model).param_groups
+    assert [g["muon"] for g in groups] == [False, False, True]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in trained if p.ndim == 4}
+    assert groups[-1]["lr"] == 0.1 and groups[-1]["momentum"] == 0.95 and groups[0]["lr"] == 0.2
+
+    def keep(metrics, make_state):
+        if metrics[M.EPOCH] == 2:
+            save_state(make_state(), tmp_path / "epoch2.pt")
+
+    full = fit(c, synthetic, on_epoch=keep)
+    assert full.history[-1][M.VAL_ACC] > 0.3  # it learns (chance: 0.1)
+    resumed = fit(c, synthetic, resume=load_state(tmp_path / "epoch2.pt"))
+    for key in (M.TRAIN_LOSS, M.VAL_LOSS, M.VAL_ACC, M.LR):
+        assert full.history[-1][key] == resumed.history[0][key], key
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
