@@ -40,7 +40,10 @@ from cifar_ray.record import (  # the record's names, importable from here as be
     read_text,
     read_trials,
     tune_outcome,
+    tune_states,
 )
+
+_tune_states = tune_states  # its earlier name (the record's readers moved to cifar_ray.record)
 
 __all__ = ["load", "Sweep", "BestTrial", "AnalysisError", "ranked", "write_parquet", "local_data", "read_stored_sweep",
            "read_trials", "read_rows", "read_text", "TrialRecord", "ended_status", "tune_outcome", "SWEEP_FILE",

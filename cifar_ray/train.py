@@ -19,18 +19,22 @@ import torch
 from cifar_ray import metrics as M
 from cifar_ray.config import ConfigError, trial_config
 from cifar_ray.data import DataError, load_dataset
-from cifar_ray.device import DeviceError, Grant, amp_dtype, select_device, trial_threads
+from cifar_ray.device import DeviceError, Grant, amp_dtype, cpu_has_native_bf16, select_device, trial_threads
 from cifar_ray.engine import (
     FitResult,
+    Lookahead,
+    Run,
     build_optimizer,
     build_schedule,
     fit,
     group_settings,
+    has_diverged,
     load_state,
     param_groups,
     save_state,
+    triangle,
 )
-from cifar_ray.evaluation import Evaluation, evaluate, evaluate_split, format_report
+from cifar_ray.evaluation import Evaluation, evaluate, evaluate_split, format_report, shifted, tta_logits
 from cifar_ray.files import printable
 from cifar_ray.models import ModelError
 
@@ -38,12 +42,14 @@ if TYPE_CHECKING:  # retrain reads results folders (pandas): imported only for -
     from cifar_ray.retrain import Chosen
 
 TrainError = DeviceError  # its earlier name
+_Run = Run  # its earlier name, for code written against train.py before the engine moved out
 
 # the CLI, and the shim: the engine's names as code written against the earlier layout imports them
 __all__ = ["main", "choose", "compare_line", "flag_overrides", "CLI_FLAGS", "TrainError", "DeviceError", "Grant",
            "amp_dtype", "select_device", "trial_threads", "FitResult", "build_optimizer", "build_schedule", "fit",
            "group_settings", "load_state", "param_groups", "save_state", "Evaluation", "evaluate", "evaluate_split",
-           "format_report"]
+           "format_report", "Lookahead", "Run", "_Run", "triangle", "has_diverged", "shifted", "tta_logits",
+           "cpu_has_native_bf16"]
 
 # flag -> (section, key); types come from the schema, defaults too (argparse keeps None).
 CLI_FLAGS = {
