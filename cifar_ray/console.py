@@ -44,8 +44,10 @@ class SweepProgress(ProgressReporter):
     """Tune's progress_reporter for the sweep CLI (see the module's text)."""
 
     def __init__(self, total: int, metric: str, mode: str, max_t: Optional[int] = None,
-                 prior_epoch_s: Optional[float] = None, upper_bound: bool = False, epochs: int = 1):
+                 prior_epoch_s: Optional[float] = None, upper_bound: bool = False, epochs: int = 1,
+                 fresh: bool = True):
         self.total = total
+        self.fresh = fresh  # a new sweep, not a --resume (see progress.event_lines)
         self.epochs = epochs  # a trial's epochs (the sweep's longest, capped by max_t) before any trial exists
         self.metric, self.mode = metric, mode
         self.max_t = max_t  # ASHA's cap on a trial's epochs
@@ -67,7 +69,7 @@ class SweepProgress(ProgressReporter):
     def report(self, trials: list[Any], done: bool, *sys_info: str) -> None:
         now = self._checked = time.monotonic()
         views = [trial_view(t, self.metric, self.mode, self.max_t) for t in trials]
-        events = event_lines(self._states, views, self.metric)
+        events = event_lines(self._states, views, self.metric, self.fresh)
         self._states = {v.trial_id: v.state for v in views}
         running = sum(v.state == "RUNNING" for v in views)
         self._slots = max(self._slots, running)
@@ -96,7 +98,7 @@ class SweepProgress(ProgressReporter):
 
     def __getstate__(self) -> dict[str, Any]:  # pickled with the run config: the settings, not the live state
         return {k: getattr(self, k) for k in ("total", "metric", "mode", "max_t", "prior_epoch_s", "upper_bound",
-                                              "epochs")}
+                                              "epochs", "fresh")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         SweepProgress.__init__(self, **state)

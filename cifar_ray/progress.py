@@ -100,19 +100,30 @@ def progress_line(views: list[TrialView], total: int, metric: str, mode: str, el
             f"{duration(elapsed_s)} elapsed, {eta_text}")
 
 
-def event_lines(before: dict[str, str], views: list[TrialView], metric: str) -> list[str]:
-    """A line for each trial that started, ended or errored since `before` (trial id -> state)."""
+def event_lines(before: dict[str, str], views: list[TrialView], metric: str, fresh: bool = True) -> list[str]:
+    """A line for each trial that started, ended or errored since `before` (trial id -> state), whatever
+    happened between two looks: a trial first seen running past an epoch, or already ended, gets its
+    start line too. fresh: a new sweep (every trial starts in it); False for a resumed one, whose trials
+    may have started, or ended, in an earlier run."""
     lines = []
     for v in views:
         was = before.get(v.trial_id)
         if v.state == was:
             continue
+        first = was in (None, "PENDING")  # not seen running yet
         best = f", best {metric} {v.best:.4f}" if v.best is not None and math.isfinite(v.best) else ""
-        if v.state == "RUNNING" and was in (None, "PENDING") and not v.epochs_done:
-            lines.append(f"started  {v.trial_id}")
-        elif v.state == "RUNNING":  # paused by a scheduler, or interrupted and now resumed
-            lines.append(f"resumed  {v.trial_id} at epoch {v.epochs_done}")
-        elif v.state == "TERMINATED":
+        if v.state == "RUNNING":
+            if first and (fresh or not v.epochs_done):
+                lines.append(f"started  {v.trial_id}")
+            else:  # paused by a scheduler, or interrupted and now resumed
+                lines.append(f"resumed  {v.trial_id} at epoch {v.epochs_done}")
+            continue
+        if v.state in ("TERMINATED", "ERROR") and first:
+            if fresh:
+                lines.append(f"started  {v.trial_id}")
+            elif was is None:
+                continue  # ended in an earlier run of the sweep
+        if v.state == "TERMINATED":
             lines.append(f"ended    {v.trial_id}: {v.outcome or 'completed'} after {v.epochs_done} epochs{best}")
         elif v.state == "ERROR":
             lines.append(f"errored  {v.trial_id} after {v.epochs_done} epochs (its error: the summary, error.txt)")

@@ -284,7 +284,7 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     recorder.on_disk_full = on_disk_full
     # the recorder goes first: it adds the node type to the result the journal mirror records too
     callbacks = [recorder, JournalCallback(mirror)]
-    reporter = console_reporter(plan, verbose, prior_epoch_s)
+    reporter = console_reporter(plan, verbose, prior_epoch_s, fresh=not resume)
     if resume:
         tuner = tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, param_space=param_space(space),
@@ -342,7 +342,7 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     )
 
 
-def console_reporter(plan: Plan, verbose: bool, prior_epoch_s: Optional[float] = None):
+def console_reporter(plan: Plan, verbose: bool, prior_epoch_s: Optional[float] = None, fresh: bool = True):
     """Tune's tables under --verbose; otherwise the sweep's own progress lines (cifar_ray.console)."""
     from ray import tune
 
@@ -357,7 +357,7 @@ def console_reporter(plan: Plan, verbose: bool, prior_epoch_s: Optional[float] =
     asha = sweep.scheduler.kind == "asha"
     max_t = (sweep.scheduler.max_t or plan.max_epochs) if asha else None
     return SweepProgress(trial_count(plan.space, sweep), sweep.metric, sweep.mode, max_t, prior_epoch_s,
-                         upper_bound=asha, epochs=min(plan.max_epochs, max_t or plan.max_epochs))
+                         upper_bound=asha, epochs=min(plan.max_epochs, max_t or plan.max_epochs), fresh=fresh)
 
 
 def _use_callbacks(tuner, callbacks: list, reporter=None) -> None:

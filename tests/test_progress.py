@@ -59,7 +59,8 @@ def test_progress_line_says_done_running_pending_best_elapsed_and_eta():
 
 
 def test_event_lines_name_starts_resumes_ends_and_errors_once():
-    before = {"netconv_a_00000": "PENDING", "netconv_a_00001": "RUNNING", "netconv_a_00002": "RUNNING"}
+    before = {"netconv_a_00000": "PENDING", "netconv_a_00001": "RUNNING", "netconv_a_00002": "RUNNING",
+              "netconv_a_00003": "PAUSED"}
     views = [view(0, "RUNNING"), view(1, "TERMINATED", 2, best=0.7, outcome=M.STOPPED), view(2, "ERROR", 1),
              view(3, "RUNNING", 3)]
     lines = event_lines(before, views, "val_acc")
@@ -68,6 +69,19 @@ def test_event_lines_name_starts_resumes_ends_and_errors_once():
                      "errored  netconv_a_00002 after 1 epochs (its error: the summary, error.txt)",
                      "resumed  netconv_a_00003 at epoch 3"]
     assert event_lines({v.trial_id: v.state for v in views}, views, "val_acc") == []
+
+
+def test_event_lines_do_not_depend_on_when_the_console_looks():
+    """Between two looks a trial can start and report (or start and end): a new sweep still gets one
+    start line per trial; a resumed sweep says where a trial resumed and is silent on trials that ended
+    in an earlier run."""
+    views = [view(0, "RUNNING", 1), view(1, "TERMINATED", 1, best=0.2, outcome=M.STOPPED), view(2, "PENDING")]
+    assert event_lines({"netconv_a_00001": "PENDING"}, views, "val_acc") == [
+        "started  netconv_a_00000", "started  netconv_a_00001",
+        "ended    netconv_a_00001: stopped after 1 epochs, best val_acc 0.2000"]
+    assert event_lines({}, views, "val_acc", fresh=False) == ["resumed  netconv_a_00000 at epoch 1"]
+    assert event_lines({"netconv_a_00001": "PENDING"}, views[1:], "val_acc", fresh=False) == [
+        "ended    netconv_a_00001: stopped after 1 epochs, best val_acc 0.2000"]
 
 
 # ---------------------------------------------------------------- the reporter on Tune-like trials
@@ -148,9 +162,10 @@ def test_the_reporter_pickles_its_settings_not_its_state():
 
     from cifar_ray.console import SweepProgress
 
-    reporter = SweepProgress(20, "val_loss", "min", max_t=8, prior_epoch_s=3.5, upper_bound=True, epochs=8)
+    reporter = SweepProgress(20, "val_loss", "min", max_t=8, prior_epoch_s=3.5, upper_bound=True, epochs=8, fresh=False)
     reporter._states = {"x": "RUNNING"}
     copy = pickle.loads(pickle.dumps(reporter))
-    assert (copy.total, copy.metric, copy.mode, copy.max_t, copy.prior_epoch_s, copy.upper_bound, copy.epochs) == \
-        (20, "val_loss", "min", 8, 3.5, True, 8)
+    assert (copy.total, copy.metric, copy.mode, copy.max_t, copy.prior_epoch_s, copy.upper_bound, copy.epochs,
+            copy.fresh) == \
+        (20, "val_loss", "min", 8, 3.5, True, 8, False)
     assert copy._states == {}
