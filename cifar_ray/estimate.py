@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from cifar_ray.config import TrialConfig, default
+from cifar_ray.progress import duration
 from cifar_ray.space import Domain, Space, first_candidate, format_value
 from cifar_ray.sweep_config import SweepConfig
 
@@ -177,15 +178,6 @@ def asha_epochs(n: int, max_t: int, grace: int, eta: float) -> list[int]:
             reached = levels[k]
         epochs.append(reached)
     return epochs
-
-
-def duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h} h {m} min"
-    return f"{m} min {s} s" if m else f"{s} s"
 
 
 def machine() -> dict[str, float]:

@@ -32,13 +32,13 @@ class TrialView:
 
 
 def duration(seconds: float) -> str:
-    """`1 h 05 min`, `4 min 07 s`, `12 s`."""
-    seconds = max(0, int(round(seconds)))
-    h, rest = divmod(seconds, 3600)
+    """`1 h 5 min`, `4 min 7 s`, `12 s`: the console's and the estimate's one way to say a time."""
+    whole = max(0, int(round(seconds)))
+    h, rest = divmod(whole, 3600)
     m, s = divmod(rest, 60)
     if h:
-        return f"{h} h {m:02d} min"
-    return f"{m} min {s:02d} s" if m else f"{s} s"
+        return f"{h} h {m} min"
+    return f"{m} min {s} s" if m else f"{s} s"
 
 
 def counts(views: list[TrialView], total: int) -> tuple[int, int, int]:
