@@ -269,6 +269,7 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     from cifar_ray.cluster import requests_by_model
     from cifar_ray.tracking import preflight, trial_settings
     from cifar_ray.trainable import run_trial
+    from cifar_ray.tune_search import FolderPerTrialGenerator, trial_name
 
     sweep, space = plan.sweep, plan.space
     trainable = tune.with_parameters(run_trial, dataset=dataset, checkpoint_every=sweep.checkpoint.every,
@@ -310,18 +311,13 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
 
         search_alg = OptunaSearch(seed=sweep.search.seed)
     else:
-        from ray.tune.search import BasicVariantGenerator
-
         # Grid trials start in grid_points' order (the dry run's), each point one sample; random
         # domains are still drawn per trial.
         points = grid_points(space, sweep)
         # Tune ignores TuneConfig.max_concurrent_trials for this generator: it takes its own limit.
-        search_alg = BasicVariantGenerator(points_to_evaluate=points or None, random_state=sweep.search.seed,
+        search_alg = FolderPerTrialGenerator(points_to_evaluate=points or None, random_state=sweep.search.seed,
                                            max_concurrent=sweep.max_concurrent_trials or 0)
         num_samples = len(points) or num_samples
-
-    def name_of(trial) -> str:
-        return f"{trial.config.get('model.name', 'trial')}_{trial.trial_id}"
 
     return tune.Tuner(
         trainable, param_space=param_space(space),
@@ -329,7 +325,7 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
                                     num_samples=num_samples,
                                     max_concurrent_trials=sweep.max_concurrent_trials if sweep.search.kind == "optuna"
                                     else None,
-                                    trial_name_creator=name_of, trial_dirname_creator=name_of,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=plan.storage if plan.remote else str(plan.results.parent),

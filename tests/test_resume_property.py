@@ -99,3 +99,29 @@ def test_a_sweep_interrupted_at_eight_moments_ends_as_a_straight_run(ray_session
         assert now[name] == n, f"{name} had finished ({n} reports) and was trained again ({now[name]})"
     # each interruption repeats at most the epoch in flight (no trial restarts from scratch)
     assert sum(now.values()) <= EPOCHS * len(LRS) + len(MOMENTS), now
+
+
+@pytest.mark.slow
+def test_a_trial_tunes_state_never_held_keeps_its_one_folder_after_kill_9(ray_session, tmp_path):
+    """kill -9 of the driver just after a trial's first report, while Tune's last state snapshot predates
+    the trial (snapshots throttled to one a day here, as between two of Tune's 10 s snapshots; a trial
+    forces one only after `checkpoint.keep` checkpoints): the resumed sweep makes the trial again with its
+    id, and its reports go on in the folder it had, not in a second one with a suffix."""
+    epochs = 3
+    path = write_sweep(tmp_path, "lost", train__epochs=epochs, train__lr={"grid": LRS}, data=SLOWER_DATA,
+                       max_concurrent_trials=1, checkpoint={"keep": epochs})
+    exp = tmp_path / "results" / "lost"
+    slow_snapshots = {"TUNE_GLOBAL_CHECKPOINT_S": "86400"}
+    sweep = SweepProcess(path, tmp_path, ray_session, env=slow_snapshots)
+    # the second trial's first report: Tune's snapshot (forced by the first trial's checkpoints) predates it
+    wait_for(lambda: recorded(exp) >= epochs + 1 or sweep.proc.poll() is not None, "the second trial's report")
+    assert sweep.proc.poll() is None, sweep.output()[-2000:]
+    sweep.kill()
+    code, out = SweepProcess(path, tmp_path, ray_session, "--resume", env=slow_snapshots).finish()
+    assert code == 0, out[-3000:]
+    folders = sorted(p.name for p in exp.glob("base_*") if p.is_dir())
+    assert len(folders) == len(LRS), folders  # one folder per trial id, no `_1a2b` twin
+    for folder in folders:
+        epochs_seen = {row.get("epoch") for row in analysis.read_rows(exp / folder / "history.jsonl")}
+        assert epochs_seen == set(range(1, epochs + 1)), (folder, epochs_seen)
+    assert len(analysis.load(exp).trials()) == len(LRS)
