@@ -172,12 +172,18 @@ class Run:
     step: int = 0  # optimizer steps taken in the run, across resumes
 
     @classmethod
-    def build(cls, cfg: TrialConfig, dataset: Dataset, device: torch.device) -> "Run":
+    def build(cls, cfg: TrialConfig, dataset: Dataset, device: torch.device,
+              share_data_of: Optional["Run"] = None) -> "Run":
+        """share_data_of: a run of the same data config whose images and split this one uses (a pack)."""
         t = cfg.train
         split = split_dataset(dataset, cfg.data)
         channels_last = t.channels_last and device.type in ("cuda", "cpu")  # oneDNN's CPU convolutions prefer it
-        images = DeviceImages.create(dataset.train_x, dataset.train_y, split, device, channels_last)
-        train_idx = torch.from_numpy(split.train_idx).to(device)
+        if share_data_of is None:
+            shared = DeviceImages.create(dataset.train_x, dataset.train_y, split, device, channels_last)
+            train_idx = torch.from_numpy(split.train_idx).to(device)
+            val_idx = torch.from_numpy(split.val_idx).to(device)
+        else:
+            shared, train_idx, val_idx = share_data_of.images, share_data_of.train_idx, share_data_of.val_idx
         torch.manual_seed(t.seed)
         model = build_model(cfg.model.name, num_classes=len(dataset.classes), **cfg.model.options()).to(device)
         if channels_last:
@@ -186,18 +192,18 @@ class Run:
             for m in model.modules():
                 if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                     m.momentum = t.bn_momentum
-        data_init(model, images, train_idx, t.data_init_images, t.seed)
+        data_init(model, shared, train_idx, t.data_init_images, t.seed)
         opt = build_optimizer(cfg, model)
         steps_per_epoch = math.ceil(len(train_idx) / t.batch_size)
         sched, per_step = build_schedule(cfg, opt, steps_per_epoch)
         amp = amp_dtype(t.amp, device)
         lookahead = Lookahead.of(t, steps_per_epoch) if t.lookahead_decay > 0 else None
-        return cls(cfg, device, dataset.classes, images, train_idx, torch.from_numpy(split.val_idx).to(device),
+        return cls(cfg, device, dataset.classes, shared, train_idx, val_idx,
                    model, torch.compile(model) if (t.compile and device.type == "cuda") else model, opt, sched,
                    per_step, amp, torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
                    torch.Generator(device=device).manual_seed(t.seed),
                    DIVERGENCE_LOSS_FACTOR * math.log(len(dataset.classes)), steps_per_epoch, lookahead,
-                   first_flips(len(images.x), t.seed, device) if cfg.data.augment.alternate_flip else None)
+                   first_flips(len(shared.x), t.seed, device) if cfg.data.augment.alternate_flip else None)
 
     def restore(self, state: dict) -> tuple[int, dict, Optional[dict]]:
         """Load a saved state; returns its epoch, early-stopping bookkeeping and that epoch's metrics."""
@@ -432,14 +438,7 @@ def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Option
         trained = run.train_epoch()
         ev = run.validate()
         status = epoch_status(best, ev, trained.diverged, epoch, t)
-        metrics = {
-            M.EPOCH: epoch, M.TRAIN_LOSS: trained.loss, M.TRAIN_ACC: trained.accuracy, M.VAL_LOSS: ev.loss,
-            M.VAL_ACC: ev.accuracy, M.VAL_CLASS_ACC: ev.class_accuracy, M.LR: lr,
-            M.EPOCH_SECONDS: time.perf_counter() - trained.started,
-            M.IMAGES_PER_SECOND: trained.images / trained.seconds, M.PEAK_MEMORY_MB: peak_memory_mb(device),
-            M.SETUP_SECONDS: run.first_step_at - started_at if run.first_step_at is not None else math.nan,
-            M.STATUS: status,
-        }
+        metrics = epoch_metrics(epoch, trained, ev, lr, status, run, started_at)
         result.history.append(metrics)
         result.evaluation = ev
         if on_epoch is not None:
@@ -448,6 +447,19 @@ def fit(cfg: TrialConfig, dataset: Optional[Dataset] = None, *, on_epoch: Option
             result.status = status
             break
     return result
+
+
+def epoch_metrics(epoch: int, trained: Trained, ev: Evaluation, lr: float, status: str, run: Run,
+                  started_at: float) -> dict:
+    """One epoch's report: training and validation figures, the epoch's lr, time, memory, status."""
+    return {
+        M.EPOCH: epoch, M.TRAIN_LOSS: trained.loss, M.TRAIN_ACC: trained.accuracy, M.VAL_LOSS: ev.loss,
+        M.VAL_ACC: ev.accuracy, M.VAL_CLASS_ACC: ev.class_accuracy, M.LR: lr,
+        M.EPOCH_SECONDS: time.perf_counter() - trained.started,
+        M.IMAGES_PER_SECOND: trained.images / trained.seconds, M.PEAK_MEMORY_MB: peak_memory_mb(run.device),
+        M.SETUP_SECONDS: run.first_step_at - started_at if run.first_step_at is not None else math.nan,
+        M.STATUS: status,
+    }
 
 
 def _metrics_of_restored(run: Run, epoch: int) -> dict:
