@@ -3,6 +3,7 @@ same K configurations trained as separate trials, on the same device, in one run
 
     python bench/fuse.py [--model M] [--batch-size B] [--k K] [--device cpu|cuda] [--threads T]
         [--steps S] [--slots N]
+    python bench/fuse.py --leave M [--model M] [--batch-size B] [--k K] ...
 
 Separate trials run as the sweep runs them: each in its own process, `--slots` at a time (on the CPU
 the number of cores, as Ray places `cpu: 1` trials; on a GPU 4, as `gpu: 0.25` does), the threads
@@ -12,6 +13,11 @@ this process with all T threads. Both time the second of two epochs of S steps (
 on synthetic data; members differ in learning rate, momentum and seed. Ends with
 `fused/separate: R.RRx`. With no --model/--batch-size/--k, a table for netconv and resnet18 at batch
 10, 32, 128 and K = 1, 2, 4, 8, 20 (long on a CPU).
+
+--leave M: whether dropping members that left a pack pays. In one pack of K, M members leave after the
+first epoch; the K - M that stay train two epochs with the wide network kept at K (those M fed zeros)
+and two with it rebuilt at K - M (Pack.narrow), in that order, the second of each timed. Ends with
+`narrowed/kept: R.RRx`.
 """
 from __future__ import annotations
 
@@ -99,6 +105,30 @@ def compare(model: str, batch: int, k: int, device: str, threads: int, slots: in
     return fused / apart
 
 
+def leave_compare(model: str, batch: int, k: int, leave: int, device: str, threads: int, steps: int) -> float:
+    import torch
+
+    from cifar_ray.config import TrialConfig
+    from cifar_ray.data import load_dataset
+    from cifar_ray.fuse import Pack
+
+    torch.set_num_threads(threads)
+    cfgs = [TrialConfig.model_validate(d) for d in configs(model, batch, k, steps, device)]
+    pack = Pack.build(cfgs, load_dataset(cfgs[0].data), torch.device(device))
+    pack.train_epoch()
+    for i in range(k - leave, k):
+        pack.leave(i)
+    rates = {}
+    for narrows in (False, True):
+        pack.narrows = narrows
+        pack.train_epoch()  # the first at this width warms up (a rebuilt network's first steps)
+        results = [r for r in pack.train_epoch() if r]
+        rates[narrows] = sum(r.images for r in results) / max(r.seconds for r in results)
+    print(f"{model:9s} batch {batch:4d} K {k:3d}, {leave} left: kept at K {rates[False]:9.1f} img/s, narrowed to "
+          f"K {k - leave} {rates[True]:9.1f} img/s, {rates[True] / rates[False]:5.2f}x", flush=True)
+    return rates[True] / rates[False]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model")
@@ -108,8 +138,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--slots", type=int, help="separate trials at a time (default: the cores on a CPU, 4 on a GPU)")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--leave", type=int, help="members that leave the pack after its first epoch (see above)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.leave:
+        k = a.k or 8
+        if not 0 < a.leave < k:
+            p.error(f"--leave {a.leave}: must be 1 to K - 1 ({k - 1})")
+        ratio = leave_compare(a.model or "netconv", a.batch_size or 10, k, a.leave, a.device, a.threads, a.steps)
+        print(f"narrowed/kept: {ratio:.2f}x")
+        return
     if a.worker:
         import torch
 

@@ -92,7 +92,9 @@ class Sweep:
         if aggregate:
             return self.trials_aggregated()
         rows = []
-        for rec in self.records():
+        records = self.records()
+        fused = any(rec.pack for rec in records)
+        for rec in records:
             last = rec.last
             curve = pd.DataFrame(list(rec.rows))
             if M.EPOCH in curve:  # an epoch reported again (a retry repeats the epoch in flight): the later stands
@@ -107,6 +109,8 @@ class Sweep:
             for k in ("node", "host", "node_id", "node_type", "device", "accelerator"):
                 row[k] = last.get(k)  # node_type: the autoscaler node type; None on a plain Ray
             row["error"] = rec.error
+            if fused:
+                row["pack"] = rec.pack  # resources.fuse: the pack the trial trained in
             rows.append(row)
         return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True) if rows else pd.DataFrame(rows)
 

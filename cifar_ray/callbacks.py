@@ -24,7 +24,20 @@ from ray import tune
 
 from cifar_ray import metrics as M
 from cifar_ray.files import atomic_write_text, read_text_nofollow
-from cifar_ray.record import HISTORY_FILE, OUTCOME_FILE, ended_status, read_rows
+from cifar_ray.record import (
+    HISTORY_FILE,
+    OUTCOME_FILE,
+    PACK,
+    PARAMS_FILE,
+    STATE_FILE,
+    ended_status,
+    member_configs,
+    member_dir_name,
+    member_id,
+    member_state_file,
+    read_json,
+    read_rows,
+)
 from cifar_ray.storage import disk_full, disk_full_text
 from cifar_ray.tracking import TrialTracker, run_id
 
@@ -102,6 +115,57 @@ def same_row(a: Optional[dict], b: dict) -> bool:
     return True
 
 
+class Member:
+    """A pack's member as the recorder and the journal mirror see a trial: its own id, name, config,
+    folder (beside the pack's) and last report."""
+
+    def __init__(self, pack, index: int, config: dict):
+        self.pack_id = pack.trial_id
+        self.index = index
+        self.trial_id = member_id(pack.trial_id, index)
+        self.config = config
+        self.name = member_dir_name(config, self.trial_id)
+        self.last_result: dict = {}
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Packs:
+    """The members of each pack trial of a fused sweep (resources.fuse), made once per pack."""
+
+    def __init__(self) -> None:
+        self._members: dict[str, list[Member]] = {}
+
+    def of(self, trial) -> Optional[list[Member]]:
+        """The trial's members; None for a trial that is not a pack."""
+        members = self._members.get(trial.trial_id)
+        if members is None:
+            configs = member_configs(dict(trial.config))
+            if configs is None:
+                return None
+            members = self._members[trial.trial_id] = [Member(trial, i, c) for i, c in enumerate(configs)]
+        return members
+
+    def rows(self, trial, result: dict) -> list[tuple[Member, dict]]:
+        """Each member's row of a pack's report: its own epoch report, named as a trial's would be."""
+        reported = result.get(M.MEMBERS)
+        out = []
+        for member in self.of(trial) or []:
+            row = reported.get(member.trial_id) if isinstance(reported, dict) else None
+            if not isinstance(row, dict):
+                continue
+            row = {**row, "trial_id": member.trial_id, PACK: member.pack_id, "training_iteration": row.get(M.EPOCH),
+                   "time_total_s": result.get("time_total_s"), "timestamp": result.get("timestamp")}
+            if NODE_TYPE in result:
+                row[NODE_TYPE] = result[NODE_TYPE]
+            if row.get(M.STATUS) != M.RUNNING:
+                row["done"] = True
+            member.last_result = row
+            out.append((member, row))
+        return out
+
+
 def never_fails(method):
     """A recorder error warns once and never fails the sweep (Tune would end the run on it)."""
     @functools.wraps(method)
@@ -121,17 +185,21 @@ class TrialRecorder(tune.Callback):
     (outcome.json) in each trial's folder when the trial ends. Never fails the sweep."""
 
     def __init__(self, wandb_settings: dict, sweep_name: str, node_types: Optional[dict] = None,
-                 record_root: Optional[str] = None):
+                 record_root: Optional[str] = None, metric: str = M.VAL_ACC, mode: str = "max", keep: int = 2):
         from cifar_ray.cluster import NodeTypes
 
         self.wandb_settings = wandb_settings
         self.sweep_name = sweep_name
         self.node_types = node_types or {}  # autoscaler node type -> its resources (cluster.node_type_offers)
         self.record_root = record_root  # the results folder on this machine; None: Tune's trial folder
+        self.metric, self.mode, self.keep = metric, mode, keep  # a pack member's checkpoints: checkpoint.keep best
         self._nodes = NodeTypes(self.node_types)
         self._trackers: dict[str, TrialTracker] = {}
         self._configs: dict[str, dict] = {}
         self._logged: dict[str, dict[int, Optional[dict]]] = {}  # trial -> epoch -> the row its W&B run holds
+        self._packs = Packs()
+        self._pack_parent: dict[str, str] = {}  # pack id -> the folder holding its folder (no record_root)
+        self._ended: set[str] = set()  # members whose end this driver recorded
         self.disk_full = False  # a write of the record, or a trial's checkpoint, found the disk full
         self.on_disk_full: Optional[Callable[[], None]] = None  # the driver stops the sweep (sweep.run)
         self._warned = False
@@ -147,17 +215,24 @@ class TrialRecorder(tune.Callback):
 
     def __getstate__(self) -> dict:  # Tune pickles the run config: no live W&B runs in it
         return {"wandb_settings": self.wandb_settings, "sweep_name": self.sweep_name, "node_types": self.node_types,
-                "record_root": self.record_root}
+                "record_root": self.record_root, "metric": self.metric, "mode": self.mode, "keep": self.keep}
 
     def __setstate__(self, state: dict) -> None:
         TrialRecorder.__init__(self, state["wandb_settings"], state["sweep_name"], state.get("node_types"),
-                               state.get("record_root"))
+                               state.get("record_root"), state.get("metric", M.VAL_ACC), state.get("mode", "max"),
+                               state.get("keep", 2))
 
     def folder(self, trial) -> Path:
-        """Where the trial's history and outcome live: its folder in the results folder itself."""
+        """Where the trial's history and outcome live: its folder in the results folder itself (a pack's
+        member: its own folder beside the pack's)."""
+        if isinstance(trial, Member):
+            return self._member_folder(trial)
         if self.record_root is None or getattr(trial, "storage", None) is None:
             return Path(trial.local_path)
         return Path(self.record_root) / trial.storage.trial_dir_name
+
+    def _member_folder(self, member: Member) -> Path:
+        return Path(self.record_root or self._pack_parent.get(member.pack_id, ".")) / member.name
 
     def _tracker(self, trial, result: dict) -> TrialTracker:
         tracker = self._trackers.get(trial.trial_id)
@@ -195,15 +270,47 @@ class TrialRecorder(tune.Callback):
 
     @never_fails
     def on_trial_start(self, iteration, trials, trial, **info):
-        clear_outcome(self.folder(trial))
+        members = self._packs.of(trial)
+        if members is None:
+            clear_outcome(self.folder(trial))
+            return
+        self._pack_parent[trial.trial_id] = str(Path(trial.local_path).parent)
+        for member in members:  # a member that ended keeps its outcome; one that errored runs again
+            folder = self.folder(member)
+            outcome = read_json(folder / OUTCOME_FILE)
+            if isinstance(outcome, dict) and outcome.get("status") == M.ERRORED:
+                clear_outcome(folder)
+                self._ended.discard(member.trial_id)
+            if not (folder / PARAMS_FILE).exists():
+                self._write(folder / PARAMS_FILE, json.dumps({**member.config, PACK: member.pack_id}, default=str))
+
+    def _write(self, path: Path, text: str) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, text + "\n")
+        except OSError as exc:
+            if disk_full(exc):
+                self._full()
+            else:
+                print(f"warning: could not write {path} ({exc})", file=sys.stderr)
 
     @never_fails
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.node_types and NODE_TYPE not in result:  # the autoscaler node type the trial ran on
             result[NODE_TYPE] = self._nodes.of(result.get("node_id"))
-        self._append(trial, result)
         if result.get(M.WARNINGS):  # the worker's own console is not forwarded (see ray_process.start_ray)
             print(f"warning: trial {trial.trial_id}: {result[M.WARNINGS]}", file=sys.stderr)
+        if self._packs.of(trial) is not None:
+            for member, row in self._packs.rows(trial, result):
+                self._record(member, row)
+                if row[M.STATUS] != M.RUNNING:
+                    self._end(member, ended_status(row), None)
+            return
+        self._record(trial, result)
+
+    def _record(self, trial, result: dict) -> None:
+        """A trial's (or a pack member's) report: its history line, then its W&B run."""
+        self._append(trial, result)
         tracker = self._tracker(trial, result)
         if dict(trial.config) != self._configs[trial.trial_id]:  # PBT explored new values
             self._configs[trial.trial_id] = dict(trial.config)
@@ -224,10 +331,93 @@ class TrialRecorder(tune.Callback):
 
     @never_fails
     def on_trial_complete(self, iteration, trials, trial, **info):
+        members = self._packs.of(trial)
+        if members is not None:  # members still open (a pack resumed after its last report): their last row
+            for member in self._open(members):
+                last = member.last_result or self._last_row(member)
+                if last:
+                    member.last_result = last
+                    self._end(member, ended_status(last), None)
+            return
         status = ended_status(trial.last_result)
         if status == M.STOPPED:
             trial.last_result[M.STATUS] = M.STOPPED  # what the live table's outcome column shows
         self._end(trial, status, None)
+
+    def _open(self, members: list[Member]) -> list[Member]:
+        """Members whose end is not recorded yet (by this driver, or by the one before a resume)."""
+        out = []
+        for member in members:
+            if member.trial_id in self._ended:
+                continue
+            outcome = read_json(self.folder(member) / OUTCOME_FILE)
+            if isinstance(outcome, dict) and outcome.get("status") not in (None, M.ERRORED):
+                continue
+            out.append(member)
+        return out
+
+    def _last_row(self, member: Member) -> dict:
+        rows = last_per_epoch(read_rows(self.folder(member) / HISTORY_FILE))
+        return rows[max(rows)] if rows else {}
+
+    @never_fails
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """A pack's checkpoint holds every member's state: each member's folder gets its own
+        checkpoint_<epoch> (a hard link, no copy), kept as an unfused trial's are: its `keep` best by the
+        sweep's metric, plus its latest. Tune prunes the pack's own checkpoints (its latest `keep`)."""
+        members = self._packs.of(trial)
+        source = Path(getattr(checkpoint, "path", ""))
+        if members is None or not source.is_dir():  # cloud storage: the members' states stay in the pack's
+            return
+        for member in members:
+            state = source / member_state_file(member.index)
+            epoch = member.last_result.get(M.EPOCH)
+            if isinstance(epoch, int) and state.is_file():
+                self._keep_member_checkpoint(member, state, epoch)
+
+    def _keep_member_checkpoint(self, member: Member, state: Path, epoch: int) -> None:
+        folder = self.folder(member)
+        final = folder / f"checkpoint_{epoch:06d}"
+        if final.exists():
+            return
+        partial = folder / f".checkpoint_{epoch:06d}.partial"
+        try:
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / STATE_FILE).unlink(missing_ok=True)
+            try:
+                os.link(state, partial / STATE_FILE)
+            except OSError:  # another filesystem: a copy, written whole before it takes its name
+                import shutil
+
+                shutil.copyfile(state, partial / STATE_FILE)
+            os.replace(partial, final)
+        except OSError as exc:
+            if disk_full(exc):
+                self._full()
+            else:
+                print(f"warning: could not keep the checkpoint of {member.trial_id} ({exc})", file=sys.stderr)
+            return
+        self._prune(member, folder)
+
+    def _prune(self, member: Member, folder: Path) -> None:
+        import shutil
+
+        metric, mode = self.metric, self.mode
+        rows = last_per_epoch(read_rows(folder / HISTORY_FILE))
+        held = sorted((int(p.name.split("_")[1]), p) for p in folder.glob("checkpoint_*") if p.name[11:].isdigit())
+        if len(held) <= self.keep + 1:
+            return
+
+        def score(epoch: int) -> float:
+            v = rows.get(epoch, {}).get(metric)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                return -math.inf
+            return v if mode == "max" else -v
+        latest = held[-1][0]
+        best = {e for e, _ in sorted(held, key=lambda t: (score(t[0]), t[0]), reverse=True)[:self.keep]}
+        for epoch, path in held:
+            if epoch not in best and epoch != latest:
+                shutil.rmtree(path, ignore_errors=True)
 
     @never_fails
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -241,15 +431,15 @@ class TrialRecorder(tune.Callback):
         error = last_error_line(trial.error_file)
         if error and disk_full_text(error):
             self._full()
-        self._end(trial, M.ERRORED, error)
+        members = self._packs.of(trial)
+        for member in [trial] if members is None else self._open(members):
+            self._end(member, M.ERRORED, error)
 
     @never_fails
     def on_experiment_end(self, trials, **info):
         """An interrupted sweep: runs of trials still going are closed as unfinished; --resume reopens them."""
-        for trial in trials:
-            tracker = self._trackers.pop(trial.trial_id, None)
-            if tracker is not None:
-                tracker.finish({"outcome": M.UNFINISHED})
+        for trial_id in list(self._trackers):
+            self._trackers.pop(trial_id).finish({"outcome": M.UNFINISHED})
 
     def _end(self, trial, status: str, error: Optional[str]) -> None:
         last = trial.last_result or {}
@@ -261,6 +451,8 @@ class TrialRecorder(tune.Callback):
                 self._full()
             else:
                 print(f"warning: could not write the outcome of trial {trial.trial_id} ({exc})", file=sys.stderr)
+        if isinstance(trial, Member):
+            self._ended.add(trial.trial_id)
         tracker = self._trackers.pop(trial.trial_id, None)
         if tracker is not None:  # a trial that never reported has no run
             tracker.finish({"outcome": status, "epochs": epochs}, exit_code=1 if status == M.ERRORED else 0)
@@ -273,6 +465,7 @@ class JournalCallback(tune.Callback):
     def __init__(self, mirror):
         self.mirror = mirror
         self._broken = False
+        self._packs = Packs()
 
     def __getstate__(self) -> dict:  # Tune pickles the run config: no open storage in it
         return {"settings": self.mirror.settings()}
@@ -293,13 +486,31 @@ class JournalCallback(tune.Callback):
                   "other records go on", file=sys.stderr)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._guard(self.mirror.trial, trial.trial_id, dict(trial.config))
+        members = self._packs.of(trial)
+        for member in [trial] if members is None else members:
+            self._guard(self.mirror.trial, member.trial_id, dict(member.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._guard(self.mirror.result, trial.trial_id, dict(trial.config), result)
+        if self._packs.of(trial) is None:
+            self._guard(self.mirror.result, trial.trial_id, dict(trial.config), result)
+            return
+        for member, row in self._packs.rows(trial, result):
+            self._guard(self.mirror.result, member.trial_id, member.config, row)
+            if row[M.STATUS] != M.RUNNING:
+                self._guard(self.mirror.end, member.trial_id, member.config, ended_status(row))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._guard(self.mirror.end, trial.trial_id, dict(trial.config), ended_status(trial.last_result))
+        members = self._packs.of(trial)
+        if members is None:
+            self._guard(self.mirror.end, trial.trial_id, dict(trial.config), ended_status(trial.last_result))
+            return
+        for member in members:  # a member whose end the mirror recorded is left as it is (JournalMirror.end)
+            if member.last_result:
+                self._guard(self.mirror.end, member.trial_id, member.config, ended_status(member.last_result))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._guard(self.mirror.end, trial.trial_id, dict(trial.config), M.ERRORED)
+        members = self._packs.of(trial)
+        for member in [trial] if members is None else members:
+            if isinstance(member, Member) and member.last_result.get(M.STATUS, M.RUNNING) != M.RUNNING:
+                continue  # it ended before the pack failed
+            self._guard(self.mirror.end, member.trial_id, dict(member.config), M.ERRORED)

@@ -14,6 +14,7 @@ from ray.tune import ProgressReporter
 from cifar_ray import metrics as M
 from cifar_ray.config import default
 from cifar_ray.progress import TrialView, eta_seconds, event_lines, progress_line
+from cifar_ray.record import PACK_MEMBERS, PACK_PREFIX
 
 # piped: a progress line after each trial's end, and every PIPED_EVERY_S, or a tenth of the time elapsed
 # when that is longer (a 2-hour sweep prints ~40 periodic lines, not 240)
@@ -34,6 +35,8 @@ def trial_view(trial: Any, metric: str, mode: str, max_t: Optional[int]) -> Tria
     best = (analysis.get(metric) or {}).get(mode)
     epoch = last.get(M.EPOCH)
     name = f"{config.get('model.name', 'trial')}_{trial.trial_id}"
+    if PACK_MEMBERS in config:  # a pack of trials (resources.fuse), as its folder is named
+        name = PACK_PREFIX + name
     return TrialView(name, str(trial.status), int(epoch) if isinstance(epoch, int) else 0, planned,
                      float(per_epoch) if isinstance(per_epoch, (int, float)) else None,
                      float(best) if isinstance(best, (int, float)) else None,

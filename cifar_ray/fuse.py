@@ -21,16 +21,18 @@ rounding (tests/test_fuse.py states the tolerance).
 No Ray here: the trainable calls it."""
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_ray import metrics as M
 from cifar_ray.config import TrialConfig
 from cifar_ray.data import Dataset
 from cifar_ray.device import sync
@@ -44,63 +46,15 @@ from cifar_ray.engine import (
     has_diverged,
 )
 from cifar_ray.evaluation import logits_of
-
-# Keys whose values may differ between the members of a pack: each is read only by the member's own
-# optimizer, schedule, lookahead, loss or random streams, never by the fused forward.
-PER_MEMBER_KEYS = frozenset({
-    "train.lr", "train.momentum", "train.nesterov", "train.weight_decay", "train.seed", "train.label_smoothing",
-    "train.step_size", "train.gamma", "train.warmup_fraction", "train.start_factor", "train.end_factor",
-    "train.bias_lr_factor", "train.bias_decay_factor", "train.lookahead_decay", "train.lookahead_every",
-    "train.lookahead_start", "train.muon_lr", "train.muon_momentum", "train.early_stopping_patience",
-    "train.optimizer", "train.schedule", "train.lr_reference_batch", "train.tta", "train.eval_batch_size",
-    "train.data_init_images",
-})
-UNFUSABLE_MODELS = {"inception": "it concatenates its branches' channels, which mixes the members' channels"}
-
-
-class FuseError(ValueError):
-    """A configuration that cannot be fused, with the reason and what to change."""
-
-
-def flat(cfg: TrialConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = value
-    walk("", cfg.model_dump(mode="json"))
-    return out
-
-
-def pack_key(cfg: TrialConfig) -> tuple:
-    """What members of one pack share: every key but the per-member ones."""
-    return tuple(sorted((k, repr(v)) for k, v in flat(cfg).items() if k not in PER_MEMBER_KEYS))
-
-
-def fusion_problem(cfg: TrialConfig) -> Optional[str]:
-    """Why this configuration cannot be trained in a pack, or None."""
-    t = cfg.train
-    if cfg.model.name in UNFUSABLE_MODELS:
-        return f"model {cfg.model.name} cannot be fused: {UNFUSABLE_MODELS[cfg.model.name]}; set resources.fuse: 1"
-    if t.amp == "fp16":
-        return "train.amp fp16 scales each member's loss with its own GradScaler; use bf16 or fp32 to fuse"
-    if t.compile:
-        return "train.compile is not applied to a pack; set train.compile: false to fuse"
-    return None
-
-
-def pack_problems(cfgs: list[TrialConfig]) -> list[str]:
-    problems = [f"member {i}: {p}" for i, c in enumerate(cfgs) if (p := fusion_problem(c))]
-    keys = {pack_key(c) for c in cfgs}
-    if len(keys) > 1:
-        first = dict(pack_key(cfgs[0]))
-        differ = sorted({k for c in cfgs[1:] for k, v in pack_key(c) if first.get(k) != v})
-        problems.append(f"members differ in keys a pack cannot carry per member: {', '.join(differ)}")
-    return problems
-
+from cifar_ray.packs import (  # noqa: F401 - the rules of fusion, importable from here as before
+    PER_MEMBER_KEYS,
+    UNFUSABLE_MODELS,
+    FuseError,
+    flat,
+    fusion_problem,
+    pack_key,
+    pack_problems,
+)
 
 # ---------------------------------------------------------------- the wide layers
 
@@ -135,7 +89,7 @@ class WideDropout(nn.Module):
     """Dropout with each member's mask drawn from that member's random stream, as its unfused
     nn.Dropout draws it from the global one (CPU: a bernoulli mask of the input's shape and layout)."""
 
-    def __init__(self, p: float, pack: "PackStreams"):
+    def __init__(self, p: float, pack: "PackStreams | SlotStreams"):
         super().__init__()
         self.p, self.pack = p, pack
 
@@ -181,6 +135,20 @@ class PackStreams:
                 pack.states[k] = torch.get_rng_state()
                 torch.set_rng_state(self.outer)
         return _Use()
+
+
+class SlotStreams:
+    """The streams of the members a wide network holds, by their place in it (slot j is member slots[j])."""
+
+    def __init__(self, streams: PackStreams, slots: list[int]):
+        self.streams, self.slots = streams, slots
+
+    @property
+    def k(self) -> int:
+        return len(self.slots)
+
+    def stream(self, k: int):
+        return self.streams.stream(self.slots[k])
 
 
 # ---------------------------------------------------------------- building the wide network
@@ -244,7 +212,7 @@ UNSUPPORTED_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.MultiheadAtte
                       nn.ConvTranspose2d, nn.BatchNorm3d)
 
 
-def widen(models: list[nn.Module], streams: PackStreams) -> tuple[nn.Module, Links]:
+def widen(models: list[nn.Module], streams: "PackStreams | SlotStreams") -> tuple[nn.Module, Links]:
     """The wide network of `models` (one architecture), and each wide parameter with the member
     parameters that now view it. The members' parameters and buffers are re-pointed at slices of the
     wide tensors; the wide network is a new module tree, the members' own trees are kept (evaluation,
@@ -288,6 +256,11 @@ class Pack:
     links: Links
     streams: PackStreams
     active: list[bool]  # members still training (a diverged or stopped member leaves)
+    slots: list[int] = field(default_factory=list)  # the members the wide network holds, in its order
+    narrows: bool = True  # rebuild the wide network without members that left (off: bench/fuse.py --keep-left)
+
+    def __post_init__(self) -> None:
+        self.slots = self.slots or list(range(len(self.runs)))
 
     @classmethod
     def build(cls, cfgs: list[TrialConfig], dataset: Dataset, device: torch.device) -> "Pack":
@@ -319,23 +292,44 @@ class Pack:
         return state
 
     def restore(self, member: int, state: dict) -> tuple[int, dict, Optional[dict]]:
+        """Load member's checkpoint (Pack.state) into the wide network; returns what Run.restore does."""
         with self.streams.stream(member):
             out = self.runs[member].restore(state)
-            self.streams.states[member] = torch.get_rng_state()
+        # the wide BatchNorm layers count batches once for every member: the restored count is theirs
+        for name, buf in self.runs[member].model.named_buffers():
+            if name.endswith("num_batches_tracked"):
+                self.wide.get_buffer(name).copy_(buf)
         self._sync_counters()
         return out
 
     def _sync_counters(self) -> None:
         """The wide BatchNorm layers count batches once for all members; the members' own counters
         (only read under momentum None, the cumulative average) follow it."""
-        for run in self.runs:
-            for name, buf in run.model.named_buffers():
+        for i in self.slots:
+            for name, buf in self.runs[i].model.named_buffers():
                 if name.endswith("num_batches_tracked"):
                     buf.copy_(self.wide.get_buffer(name))
+
+    def narrow(self) -> None:
+        """Rebuild the wide network from the members still training: one that left costs no more compute.
+        The members keep their own parameters, buffers and optimizers (re-pointed at the new wide tensors,
+        their values unchanged); a member that left keeps its tensors as they were when it left."""
+        live = [i for i, a in enumerate(self.active) if a]
+        if not live or live == self.slots:
+            return
+        counters = {n: b.clone() for n, b in self.runs[live[0]].model.named_buffers()
+                    if n.endswith("num_batches_tracked")}
+        self.wide, self.links = widen([self.runs[i].model for i in live], SlotStreams(self.streams, live))
+        self.wide.train()
+        self.slots = live
+        for name, count in counters.items():
+            self.wide.get_buffer(name).copy_(count)
 
     def train_epoch(self) -> list[Optional[Trained]]:
         """One pass for every active member; each member's Trained (None for one that has left)."""
         runs, device = self.runs, self.runs[0].device
+        if self.narrows:
+            self.narrow()
         t0 = time.perf_counter()
         sync(device)
         live = [i for i, a in enumerate(self.active) if a]
@@ -357,17 +351,20 @@ class Pack:
                                             augment_cfg=augment_cfg, flips=flips)
         for w, members in self.links:  # the whitening bias freeze (and any freeze) is the members'
             w.requires_grad_(members[0].requires_grad)
-        k = self.k
+        slots = self.slots
+        k = len(slots)
         for step in range(1, first.steps_per_epoch + 1):
-            batch = {}
-            for i in range(k):
-                if i in iterators:
-                    batch[i] = next(iterators[i])
-            xs = [batch[i][0] if i in batch else torch.zeros_like(batch[live[0]][0]) for i in range(k)]
+            if step == 1:
+                for i in live:
+                    if runs[i].first_step_at is None:
+                        runs[i].first_step_at = time.perf_counter()
+            batch = {i: next(iterators[i]) for i in slots if i in iterators}
+            # a member that diverged this epoch (or, unnarrowed, left before) is fed zeros until the epoch ends
+            xs = [batch[i][0] if i in batch else torch.zeros_like(batch[live[0]][0]) for i in slots]
             x = torch.cat(xs, dim=1)
             with autocast:
                 out = self.wide(x)
-                outs = _split(out, k)
+                outs = dict(zip(slots, _split(out, k), strict=True))
                 losses = {i: _loss(outs[i], batch[i][1], runs[i].cfg.train.label_smoothing) for i in batch}
             for w, _ in self.links:
                 w.grad = None
@@ -376,8 +373,9 @@ class Pack:
                 if w.grad is None:
                     continue
                 parts = w.grad.chunk(k, dim=0)
-                for i in batch:
-                    members[i].grad = parts[i].view_as(members[i]) if members[i].requires_grad else None
+                for j, i in enumerate(slots):
+                    if i in batch:
+                        members[j].grad = parts[j].view_as(members[j]) if members[j].requires_grad else None
             for i in list(batch):
                 r = runs[i]
                 r.scaler.step(r.opt)
@@ -396,7 +394,7 @@ class Pack:
                 if step % DIVERGENCE_CHECK_STEPS == 0 and has_diverged(loss_sum[i].item() / seen[i], r.loss_limit):
                     diverged[i] = True
                     del iterators[i]  # its epoch ends here, as its unfused run's does
-        results: list[Optional[Trained]] = [None] * k
+        results: list[Optional[Trained]] = [None] * self.k
         sync(device)
         seconds = time.perf_counter() - t0
         for i in live:
@@ -425,29 +423,68 @@ def _split(out: Any, k: int) -> list[Any]:
     return list(out.chunk(k, dim=1))
 
 
-def fit_pack(cfgs: list[TrialConfig], dataset: Dataset, device: torch.device,
+# (epoch, reports, make_states) after every epoch: reports maps a member's index to its epoch report
+# (only members that trained this epoch); make_states() gives every member's checkpoint state
+OnPackEpoch = Callable[[int, dict[int, dict], Callable[[], list[dict]]], None]
+
+
+def fit_pack(cfgs: list[TrialConfig], dataset: Optional[Dataset], device: torch.device, *,
+             on_epoch: Optional[OnPackEpoch] = None, resume: Optional[list[dict]] = None,
              started_at: Optional[float] = None) -> list[list[dict]]:
     """Train a pack to its end; each member's per-epoch reports, as engine.fit's history gives them.
-    A member that diverges or stops early leaves the pack; the others go on."""
+    A member that diverges or stops early leaves the pack (its checkpoint state stays the one it left
+    with); the others go on. resume: every member's state from an earlier make_states(); the pack
+    continues after it as the straight run would (exactly, on the CPU). A resumed pack whose members had
+    all ended reports each member's final epoch again, as engine.fit does for an ended run."""
+    from cifar_ray.data import load_dataset
     from cifar_ray.engine import epoch_metrics, fresh_bookkeeping
-    from cifar_ray.metrics import RUNNING
 
     started_at = time.perf_counter() if started_at is None else started_at
-    pack = Pack.build(cfgs, dataset, device)
+    pack = Pack.build(cfgs, dataset if dataset is not None else load_dataset(cfgs[0].data), device)
+    k = pack.k
     best = [fresh_bookkeeping() for _ in cfgs]
+    last: list[Optional[dict]] = [None] * k  # each member's latest report
+    left: list[Optional[dict]] = [None] * k  # the state a member left the pack with
     history: list[list[dict]] = [[] for _ in cfgs]
-    for epoch in range(1, cfgs[0].train.epochs + 1):
+    start = 0
+    if resume is not None:
+        if len(resume) != k:
+            raise FuseError(f"the checkpoint holds {len(resume)} members and the pack {k}; resume the sweep it "
+                            "came from with its own file")
+        for i, state in enumerate(resume):
+            epoch, best[i], last[i] = pack.restore(i, state)
+            if (last[i] or {}).get(M.STATUS, M.RUNNING) != M.RUNNING or epoch >= cfgs[i].train.epochs:
+                left[i] = state
+                pack.leave(i)
+            else:
+                start = max(start, epoch)
+        if not any(pack.active):
+            finals = {i: {**r, M.STATUS: M.COMPLETED if r[M.STATUS] == M.RUNNING else r[M.STATUS]}
+                      for i, r in enumerate(last) if r is not None}
+            if on_epoch is not None:
+                on_epoch(max(r[M.EPOCH] for r in finals.values()), finals, lambda: [s for s in left if s is not None])
+            return [[finals[i]] if i in finals else [] for i in range(k)]
+
+    def states(epoch: int) -> list[dict]:
+        return [s if s is not None else pack.state(i, epoch, best[i], last[i] or {}) for i, s in enumerate(left)]
+
+    for epoch in range(start + 1, cfgs[0].train.epochs + 1):
         lrs = [r.opt.param_groups[0]["lr"] for r in pack.runs]
         trained = pack.train_epoch()
+        reports: dict[int, dict] = {}
         for i, tr in enumerate(trained):
             if tr is None:
                 continue
             run = pack.runs[i]
             ev = run.validate()
             status = epoch_status(best[i], ev, tr.diverged, epoch, run.cfg.train)
-            history[i].append(epoch_metrics(epoch, tr, ev, lrs[i], status, run, started_at))
-            if status != RUNNING:
+            last[i] = reports[i] = epoch_metrics(epoch, tr, ev, lrs[i], status, run, started_at)
+            history[i].append(reports[i])
+            if status != M.RUNNING:
+                left[i] = pack.state(i, epoch, best[i], reports[i])
                 pack.leave(i)
+        if on_epoch is not None:
+            on_epoch(epoch, reports, functools.partial(states, epoch))
         if not any(pack.active):
             break
     return history

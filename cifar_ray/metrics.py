@@ -12,6 +12,7 @@ IMAGES_PER_SECOND = "images_per_second"  # training images per second of the tra
 PEAK_MEMORY_MB = "peak_memory_mb"  # peak device memory (cuda/mps) or peak process RSS (cpu), MiB
 SETUP_SECONDS = "setup_seconds"  # from trial start (or fit entry) to its first training step
 STATUS = "status"
+MEMBERS = "members"  # a pack's report: member id -> that member's epoch report (cifar_ray.trainable.run_pack)
 WARNINGS = "warnings"  # a trial's warnings since its previous report ("; "-joined), printed by the driver
 
 # Scalar metrics reported every epoch; a sweep's `metric` must be one of these.

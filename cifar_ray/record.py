@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from cifar_ray import metrics as M
 from cifar_ray.files import LinkError, printable, read_text_nofollow
+from cifar_ray.sweep_config import MAX_FUSE  # a folder claiming a bigger pack is not read as one
 
 SWEEP_FILE = "sweep.yaml"
 TRIALS_FILE = "trials.parquet"
@@ -24,9 +25,50 @@ PROVENANCE_FILE = "provenance.json"  # the commit and library versions that made
 JOURNAL_FILE = "optuna.journal"  # the sweep mirrored for optuna-dashboard (cifar_ray.journal)
 STATE_FILE = "state.pt"  # in each checkpoint_* folder
 STATE_GLOB = "experiment_state-*.json"
+# Fused sweeps (resources.fuse): a pack is one Tune trial whose config holds its members' configs; each
+# member is a trial of the record with a folder of its own, written by the driver.
+PACK_MEMBERS = "pack.members"  # a pack trial's config: the list of its members' flat configs
+PACK = "pack"  # a member's history rows and trials(): the id of the pack it trained in
+PACK_PREFIX = "pack_"  # a pack's own folder: pack_<model>_<pack id> (Tune's result.json, the packs' checkpoints)
 TUNE_ROW_KEYS = ("trial_id", "done", "training_iteration", "timestamp", "date", "time_this_iter_s", "time_total_s",
                  "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name",
                  "should_checkpoint", "config")
+
+
+def member_id(pack_id: str, index: int) -> str:
+    """Member `index` (0-based) of the pack whose Tune trial id is `pack_id`: `<pack id>_<index>`."""
+    return f"{pack_id}_{index}"
+
+
+def member_state_file(index: int) -> str:
+    """Member `index`'s state in a pack's checkpoint folder."""
+    return f"member_{index:02d}.pt"
+
+
+def member_configs(config: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
+    """A pack trial's members' flat configs; None for a trial that is not a pack. Tune's config holds
+    them as one JSON string (pack_value): Tune resolves the search space inside lists and dicts, never
+    inside a string."""
+    members = config.get(PACK_MEMBERS) if isinstance(config, dict) else None
+    if isinstance(members, str):
+        try:
+            members = json.loads(members)
+        except ValueError:
+            return None
+    if not isinstance(members, list) or not 0 < len(members) <= MAX_FUSE or \
+            not all(isinstance(m, dict) for m in members):
+        return None
+    return members
+
+
+def pack_value(members: list[dict[str, Any]]) -> str:
+    """The members' configs as a pack trial's config holds them (member_configs reads them back)."""
+    return json.dumps(members, sort_keys=True)
+
+
+def member_dir_name(config: dict[str, Any], trial_id: str) -> str:
+    """A member's folder: `<model>_<member id>`, as an unfused trial's is `<model>_<trial id>`."""
+    return f"{config.get('model.name', 'trial')}_{trial_id}"
 
 
 class AnalysisError(ValueError):
@@ -83,9 +125,17 @@ def tune_states(folder: Path) -> dict[str, dict[str, Any]]:
         if not isinstance(trial, dict) or not isinstance(trial.get("trial_id"), str):
             continue
         last = meta.get("last_result") if isinstance(meta, dict) else None
+        config: dict[str, Any] = trial["config"] if isinstance(trial.get("config"), dict) else {}
+        members = member_configs(config)
+        if members is not None:  # a pack (resources.fuse): its members are the trials of the record
+            for i, member in enumerate(members):
+                mid = member_id(trial["trial_id"], i)
+                out[mid] = {"status": str(trial.get("status", "")), "dir": member_dir_name(member, mid),
+                            "config": member, "last": {}, "pack": trial["trial_id"],
+                            "pack_dir": trial.get("relative_logdir")}
+            continue
         out[trial["trial_id"]] = {"status": str(trial.get("status", "")), "dir": trial.get("relative_logdir"),
-                                  "config": trial.get("config") if isinstance(trial.get("config"), dict) else {},
-                                  "last": last if isinstance(last, dict) else {}}
+                                  "config": config, "last": last if isinstance(last, dict) else {}}
     return out
 
 
@@ -119,6 +169,7 @@ class TrialRecord:
     config: dict[str, Any]  # flat sweep-file keys; PBT's latest values
     rows: tuple[dict[str, Any], ...]  # every report, in order
     error: Optional[str]
+    pack: Optional[str] = None  # the pack it trained in (resources.fuse), None for a trial of its own
 
     @property
     def last(self) -> dict[str, Any]:
@@ -140,11 +191,23 @@ def trial_folders(folder: Path, states: dict[str, dict[str, Any]]) -> dict[str, 
         if sub.is_symlink():
             raise AnalysisError(f"{sub} is a symbolic link; a results folder holds plain folders only "
                                 "(refusing to follow it)")
+        if is_pack_folder(sub):  # Tune's record of a pack; its members have folders of their own
+            continue
         rows = rows_of(sub)
         trial_id = next((r["trial_id"] for r in rows if isinstance(r.get("trial_id"), str)), None)
         # <model>_<experiment>_<index>, Tune's trial id being the last two parts
         out[trial_id or by_name.get(sub.name) or "_".join(sub.name.split("_")[-2:])] = (sub, rows)
     return out
+
+
+def is_plain_name(name: str) -> bool:
+    """A folder name from a results folder's state that names a folder inside it, never one elsewhere."""
+    return Path(name).name == name and name not in ("", ".", "..")
+
+
+def is_pack_folder(sub: Path) -> bool:
+    params = read_json(sub / PARAMS_FILE) if sub.name.startswith(PACK_PREFIX) else None
+    return isinstance(params, dict) and member_configs(params) is not None
 
 
 def rows_of(trial_folder: Path) -> list[dict[str, Any]]:
@@ -170,14 +233,19 @@ def read_trials(folder: Path) -> list[TrialRecord]:
         config.update(params if isinstance(params, dict) else {})
         if rows and isinstance(rows[-1].get("config"), dict):
             config.update(rows[-1]["config"])
+        pack = config.pop(PACK, None) or state.get("pack")
         outcome = read_json(sub / OUTCOME_FILE) if sub else None
         error = last_line(read_text(sub / ERROR_FILE)) if sub else None
+        pack_dir = state.get("pack_dir")
+        if error is None and isinstance(pack_dir, str) and is_plain_name(pack_dir):
+            error = last_line(read_text(folder / pack_dir / ERROR_FILE))  # a member fails with its pack
         if isinstance(outcome, dict) and isinstance(outcome.get("status"), str):
             status = outcome["status"]
             error = outcome.get("error") or error if status == M.ERRORED else error
         else:
             status = tune_outcome(state.get("status", ""), rows[-1] if rows else None, error is not None)
-        records.append(TrialRecord(trial_id, sub, status, config, tuple(rows), error))
+        records.append(TrialRecord(trial_id, sub, status, config, tuple(rows), error,
+                                   pack if isinstance(pack, str) else None))
     return records
 
 

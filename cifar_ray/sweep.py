@@ -56,6 +56,22 @@ class Plan:
     space: Space
     results: Path  # <storage>/<name>; for cloud storage, a local folder for the sweep copy, W&B and tables
     storage: str
+    packs: Optional[list[list[dict[str, Any]]]] = None  # resources.fuse > 1: each pack's member configs
+
+    @property
+    def fused(self) -> bool:
+        return self.sweep.resources.fuse > 1
+
+    @property
+    def tune_trials(self) -> int:
+        """Trials as Tune runs them: one per pack in a fused sweep."""
+        if self.packs is not None:
+            return len(self.packs)
+        if self.fused:
+            from cifar_ray.packs import optuna_packs
+
+            return optuna_packs(self.space, self.sweep)
+        return trial_count(self.space, self.sweep)
 
     @property
     def remote(self) -> bool:
@@ -119,7 +135,12 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     storage = args.storage_path
     local = "results" if "://" in storage else storage
     results = Path(local).expanduser().resolve() / sweep.name
-    return Plan(args.file, sweep, space, results, storage)
+    packs = None
+    if sweep.resources.fuse > 1:
+        from cifar_ray.packs import plan_packs
+
+        packs = plan_packs(space, sweep, args.file)
+    return Plan(args.file, sweep, space, results, storage, packs)
 
 
 def _check_scheduler(sweep: SweepConfig, space: Space, where: str) -> None:
@@ -160,7 +181,14 @@ def describe(plan: Plan) -> str:
         lines.append(f"  grid trials start in a shuffled order (search.order, seed {sweep.search.seed or 0})")
     trials = expand_grid(space, sweep)
     keys = space.searched_keys()
-    if trials is not None:
+    if plan.fused:
+        up_to = "" if plan.packs is not None else "up to "
+        fused = f"{n} trials in {up_to}{packs_text(plan.tune_trials)} (resources.fuse {sweep.resources.fuse}),"
+        lines[0] = lines[0].replace(f"{n} trials,", fused, 1)
+    if plan.packs is not None:
+        lines += describe_packs(plan.packs, keys, requests)
+        total = sum(int(t.get("train.epochs", default("train.epochs"))) for p in plan.packs for t in p)
+    elif trials is not None:
         for i, t in enumerate(trials, 1):
             name = t.get("model.name", default("model.name"))
             shown = "  ".join(f"{k}={format_value(t[k])}" for k in keys) or "(no searched keys)"
@@ -173,10 +201,31 @@ def describe(plan: Plan) -> str:
             lines.append(f"    train.seed: grid[{', '.join(map(str, space.seeds))}]")
         lines.append(f"  samples: {sweep.search.samples} x grid {space.grid_size()}")
         lines += [f"  resources {m}: {_resources_text(requests[m])}" for m in model_names(space)]
+        if plan.fused:
+            lines.append(f"  packs: Optuna proposes each pack's {sweep.resources.fuse} members as the sweep runs; "
+                         "the resources are per pack")
         total = n * plan.max_epochs
     lines.append(f"total epochs at most: {total}")
     lines.append(f"results: {plan.experiment}")
     return "\n".join(lines)
+
+
+def packs_text(n: int) -> str:
+    return f"{n} pack{'' if n == 1 else 's'}"
+
+
+def describe_packs(packs: list[list[dict[str, Any]]], keys: list[str], requests: dict) -> list[str]:
+    """The dry run's packs: each with its model and resources (taken once per pack), then its members."""
+    lines = []
+    number = 0
+    for p, members in enumerate(packs, 1):
+        name = members[0].get("model.name", default("model.name"))
+        lines.append(f"  pack {p:>3}: {name}, {len(members)} members  [{_resources_text(requests[name])} for the pack]")
+        for t in members:
+            number += 1
+            shown = "  ".join(f"{k}={format_value(t[k])}" for k in keys) or "(no searched keys)"
+            lines.append(f"    trial {number:>3}: {shown}")
+    return lines
 
 
 def estimate_lines(plan: Plan, args: argparse.Namespace, running: bool = False) -> tuple[list[str], float]:
@@ -193,8 +242,12 @@ def estimate_lines(plan: Plan, args: argparse.Namespace, running: bool = False) 
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         available, where = dict(ray.cluster_resources()), f"the cluster at {address}" if address else "the local Ray"
     space = plan.space
-    return estimate_epochs(plan.sweep, space, expand_grid(space, plan.sweep), trial_count(space, plan.sweep),
-                           available, where)
+    lines, per_epoch = estimate_epochs(plan.sweep, space, expand_grid(space, plan.sweep),
+                                       trial_count(space, plan.sweep), available, where)
+    if plan.packs is not None:
+        lines.append(f"fused: {trial_count(space, plan.sweep)} trials in {packs_text(len(plan.packs))}; the times "
+                     "above are for unfused trials (a pack's speed against them: python bench/fuse.py)")
+    return lines, per_epoch
 
 
 # ---------------------------------------------------------------- running
@@ -212,9 +265,15 @@ def stored_sweep(results: Path) -> Optional[dict]:
         raise ConfigError(str(err)) from None
 
 
+def fingerprint(plan: Plan) -> dict[str, Any]:
+    """What must not change between a sweep and its --resume: the space, and how trials are packed."""
+    fuse = plan.sweep.resources.fuse
+    return plan.space.fingerprint() | ({"resources.fuse": fuse} if fuse > 1 else {})
+
+
 def write_sweep_copy(plan: Plan) -> None:
     plan.results.mkdir(parents=True, exist_ok=True)
-    doc = plan.sweep.model_dump(mode="json") | {SPACE_KEY: plan.space.fingerprint(), "source_file": str(plan.file)}
+    doc = plan.sweep.model_dump(mode="json") | {SPACE_KEY: fingerprint(plan), "source_file": str(plan.file)}
     atomic_write_text(plan.results / SWEEP_FILE, yaml.safe_dump(doc, sort_keys=False))
 
 
@@ -252,8 +311,8 @@ def check_results_folder(plan: Plan, resume: bool) -> None:
     if resume:
         if not exists or not Tuner.can_restore(plan.experiment, storage_filesystem=storage_filesystem(plan)):
             raise ConfigError(f"--resume: {plan.results} holds no sweep to resume; run without --resume to start it")
-        if stored is not None and stored.get(SPACE_KEY) != plan.space.fingerprint():
-            old, new = stored.get(SPACE_KEY) or {}, plan.space.fingerprint()
+        if stored is not None and stored.get(SPACE_KEY) != fingerprint(plan):
+            old, new = stored.get(SPACE_KEY) or {}, fingerprint(plan)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigError(f"--resume: the search space differs from the stored one in {', '.join(diff)}; "
                               "resume with the original file, or start a new sweep with another --name")
@@ -272,8 +331,14 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     from cifar_ray.tune_search import FolderPerTrialGenerator, trial_name
 
     sweep, space = plan.sweep, plan.space
-    trainable = tune.with_parameters(run_trial, dataset=dataset, checkpoint_every=sweep.checkpoint.every,
-                                     quiet=not verbose)
+    if plan.fused:
+        from cifar_ray.trainable import run_pack
+
+        trainable = tune.with_parameters(run_pack, dataset=dataset, checkpoint_every=sweep.checkpoint.every,
+                                         quiet=not verbose, metric=sweep.metric, mode=sweep.mode)
+    else:
+        trainable = tune.with_parameters(run_trial, dataset=dataset, checkpoint_every=sweep.checkpoint.every,
+                                         quiet=not verbose)
     requests = requests_by_model(sweep, space)
     default_model = next(iter(requests))
     # a callable giving a resource dict per config: Tune accepts it (its annotation names only factories)
@@ -281,14 +346,15 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
         trainable, lambda config: requests.get(str(config.get("model.name")), requests[default_model]))  # type: ignore[arg-type,return-value]
     wandb_dir = str(plan.results / "wandb")  # local even with cloud storage: W&B writes files as it runs
     recorder = TrialRecorder(preflight(trial_settings(sweep.wandb, sweep.name, wandb_dir, verbose)), sweep.name,
-                             node_types, record_root=str(plan.results))
+                             node_types, record_root=str(plan.results), metric=sweep.metric, mode=sweep.mode,
+                             keep=sweep.checkpoint.keep)
     recorder.on_disk_full = on_disk_full
     # the recorder goes first: it adds the node type to the result the journal mirror records too
     callbacks = [recorder, JournalCallback(mirror)]
     reporter = console_reporter(plan, verbose, prior_epoch_s, fresh=not resume)
     if resume:
         tuner = tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True,
-                                   restart_errored=False, param_space=param_space(space),
+                                   restart_errored=False, param_space=tune_param_space(plan),
                                    storage_filesystem=storage_filesystem(plan))
         _use_callbacks(tuner, callbacks, reporter)
         return tuner
@@ -306,21 +372,26 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
         scheduler = FIFOScheduler()
     num_samples = sweep.search.samples
     search_alg: SearchAlgorithm | Searcher
-    if sweep.search.kind == "optuna":
+    if sweep.search.kind == "optuna" and plan.fused:
+        search_alg = packed_optuna(plan)
+        num_samples = plan.tune_trials
+    elif sweep.search.kind == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=sweep.search.seed)
     else:
         # Grid trials start in grid_points' order (the dry run's), each point one sample; random
-        # domains are still drawn per trial.
-        points = grid_points(space, sweep)
+        # domains are still drawn per trial. A fused sweep's trials are its packs, drawn up front.
+        points = pack_points(plan) if plan.fused else grid_points(space, sweep)
         # Tune ignores TuneConfig.max_concurrent_trials for this generator: it takes its own limit.
         search_alg = FolderPerTrialGenerator(points_to_evaluate=points or None, random_state=sweep.search.seed,
                                            max_concurrent=sweep.max_concurrent_trials or 0)
         num_samples = len(points) or num_samples
 
+    # a pack's checkpoints are its latest: each member keeps its own best in its folder (TrialRecorder)
+    score = None if plan.fused else sweep.metric
     return tune.Tuner(
-        trainable, param_space=param_space(space),
+        trainable, param_space=tune_param_space(plan),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
                                     num_samples=num_samples,
                                     max_concurrent_trials=sweep.max_concurrent_trials if sweep.search.kind == "optuna"
@@ -331,11 +402,49 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
             name=sweep.name, storage_path=plan.storage if plan.remote else str(plan.results.parent),
             storage_filesystem=storage_filesystem(plan),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.checkpoint.keep,
-                                                    checkpoint_score_attribute=sweep.metric,
+                                                    checkpoint_score_attribute=score,
                                                     checkpoint_score_order=sweep.mode),
             failure_config=tune.FailureConfig(max_failures=sweep.failures.max_retries),
             progress_reporter=reporter, verbose=1, callbacks=callbacks),
     )
+
+
+def packed_optuna(plan: Plan):
+    """A fused Optuna sweep's searcher: Optuna over the searched keys, one proposal per member."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from cifar_ray.space import Domain
+    from cifar_ray.tune_search import PackedSearch
+    from cifar_ray.tune_space import to_tune
+
+    sweep, space = plan.sweep, plan.space
+    domains = {k: to_tune(d) for k, d in space.domains().items()}
+    shared = {k: v for k, v in space.values.items() if not isinstance(v, Domain)}
+    inner = OptunaSearch(space=OptunaSearch.convert_search_space(domains), metric=sweep.metric, mode=sweep.mode,
+                         seed=sweep.search.seed)
+    return PackedSearch(inner, sweep.resources.fuse, trial_count(space, sweep), shared,
+                        pack_head(first_candidate(space)), sweep.metric, sweep.mode)
+
+
+def tune_param_space(plan: Plan) -> dict[str, Any]:
+    """Tune's param_space: the sweep's domains; a fused sweep's packs are whole configs (pack_points)."""
+    from cifar_ray.record import PACK_MEMBERS
+
+    return {"model.name": "", "train.epochs": 0, PACK_MEMBERS: ""} if plan.fused else param_space(plan.space)
+
+
+def pack_points(plan: Plan) -> list[dict[str, Any]]:
+    """A fused sweep's Tune trials: one config per pack, its model and its members' flat configs."""
+    from cifar_ray.record import PACK_MEMBERS, pack_value
+
+    return [{**pack_head(members[0]), PACK_MEMBERS: pack_value(members)} for members in plan.packs or []]
+
+
+def pack_head(member: dict[str, Any]) -> dict[str, Any]:
+    """What a pack's Tune config holds beside its members: model.name and train.epochs, which members
+    share, for its resources and the console."""
+    return {"model.name": member.get("model.name", default("model.name")),
+            "train.epochs": int(member.get("train.epochs", default("train.epochs")))}
 
 
 def console_reporter(plan: Plan, verbose: bool, prior_epoch_s: Optional[float] = None, fresh: bool = True):
@@ -352,7 +461,7 @@ def console_reporter(plan: Plan, verbose: bool, prior_epoch_s: Optional[float] =
 
     asha = sweep.scheduler.kind == "asha"
     max_t = (sweep.scheduler.max_t or plan.max_epochs) if asha else None
-    return SweepProgress(trial_count(plan.space, sweep), sweep.metric, sweep.mode, max_t, prior_epoch_s,
+    return SweepProgress(plan.tune_trials, sweep.metric, sweep.mode, max_t, prior_epoch_s,
                          upper_bound=asha, epochs=min(plan.max_epochs, max_t or plan.max_epochs), fresh=fresh)
 
 
@@ -530,7 +639,10 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     trials = load(plan.results).trials()
     # The driver's own result grid is the authority on which trials errored (the state file may lag).
     errored = {r.metrics.get("trial_id") for r in grid if r.error is not None}
-    trials.loc[trials["trial_id"].isin(errored), "status"] = M.ERRORED
+    failed = trials["trial_id"].isin(errored)
+    if "pack" in trials:  # a failed pack's members that had not ended failed with it
+        failed |= trials["pack"].isin(errored) & (trials["status"] == M.UNFINISHED)
+    trials.loc[failed, "status"] = M.ERRORED
     write_parquet(trials, plan.results / TRIALS_FILE)
     text, code = summarize(plan, trials)
     print(text)

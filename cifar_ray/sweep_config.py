@@ -19,6 +19,7 @@ SchedulerKind = Literal["fifo", "asha", "pbt"]
 SearchOrder = Literal["auto", "given", "shuffled"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 MAX_TRIALS = 10_000  # a grid larger than this is almost surely a typo
+MAX_FUSE = 64  # members of one pack at most (resources.fuse)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 
 
@@ -48,6 +49,9 @@ class ResourcesConfig(Strict):
     accelerator: Optional[str] = Field(None, description="GPU model, Ray's accelerator_type (A100, T4, ...)")
     tags: dict[str, float] = Field(default_factory=dict,
                                    description="custom node resources, e.g. {cuda: 1} or {mps: 1}")
+    fuse: int = Field(1, ge=1, le=MAX_FUSE, description="train up to this many trials of one architecture as one "
+                                                       "wide network on one device (cifar_ray.fuse); 1: no fusion. "
+                                                       "A pack takes the resources above once, not once per member")
 
     @field_validator("tags")
     @classmethod
@@ -101,6 +105,14 @@ class SweepConfig(Strict):
         if value not in EPOCH_METRICS:
             raise ValueError(f"{value!r} is never reported{did_you_mean(value, EPOCH_METRICS)}; allowed: "
                              f"{', '.join(EPOCH_METRICS)}")
+        return value
+
+    @field_validator("resources_by_model")
+    @classmethod
+    def _one_fuse(cls, value: dict[str, ResourcesConfig]) -> dict[str, ResourcesConfig]:
+        for model, res in value.items():
+            if res.fuse != 1:
+                raise ValueError(f"{model}.fuse: packs are set for the whole sweep; use resources.fuse")
         return value
 
     def resources_for(self, model_name: str) -> ResourcesConfig:

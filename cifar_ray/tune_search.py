@@ -9,14 +9,21 @@ that has none), so the record keeps one folder per trial id. Pickled in the swee
 sweep imports it by this path."""
 from __future__ import annotations
 
+import math
+import pickle
 from typing import Any, Optional
 
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, Searcher
+
+from cifar_ray import metrics as M
+from cifar_ray.record import PACK_MEMBERS, PACK_PREFIX, member_id, pack_value
 
 
 def trial_name(trial: Any) -> str:
-    """A trial's name and folder name: `<model>_<trial id>` (the id is unique within the sweep)."""
-    return f"{trial.config.get('model.name', 'trial')}_{trial.trial_id}"
+    """A trial's name and folder name: `<model>_<trial id>` (the id is unique within the sweep); a pack's
+    (resources.fuse) `pack_<model>_<trial id>`, its members' folders being `<model>_<trial id>_<k>`."""
+    name = f"{trial.config.get('model.name', 'trial')}_{trial.trial_id}"
+    return PACK_PREFIX + name if PACK_MEMBERS in trial.config else name
 
 
 def name_folder(trial: Any) -> Any:
@@ -32,3 +39,79 @@ class FolderPerTrialGenerator(BasicVariantGenerator):
 
     def next_trial(self) -> Optional[Any]:
         return name_folder(super().next_trial())
+
+
+class PackedSearch(Searcher):
+    """Optuna in a fused sweep (resources.fuse): each Tune trial is a pack whose members Optuna proposes
+    one by one (`inner.suggest` once per member, under the member's id), so the study holds one Optuna
+    trial per member, each told its own reports and its own end: a member's intermediate values as it
+    reports them, its completion when it leaves the pack (diverged, stopped early) or the pack ends.
+    Only searched keys a pack carries per member can be searched (cifar_ray.packs checks), so every
+    proposal fits the pack. Pickled in the sweep's searcher state: a resumed sweep imports it by this path."""
+
+    def __init__(self, inner: Searcher, fuse: int, total: int, shared: dict, head: dict, metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        self.inner = inner  # OptunaSearch over the searched keys, metric and mode set
+        self.fuse, self.total, self.shared = fuse, total, shared  # pack size, trials in all, the fixed keys
+        self.head = head  # what a pack's config shows Tune (sweep.pack_points): model.name, train.epochs
+        self.issued = 0
+        self.members: dict[str, list[str]] = {}  # pack id -> its members' ids
+        self.last: dict[str, dict] = {}  # member id -> its latest report, as the inner searcher reads one
+        self.done: set[str] = set()
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec: Any) -> bool:
+        return True  # configured when made: the Tuner's param_space holds packs, not the searched keys
+
+    def suggest(self, trial_id: str) -> Optional[Any]:
+        n = min(self.fuse, self.total - self.issued)
+        if n <= 0:
+            return Searcher.FINISHED
+        ids, configs = [], []
+        for j in range(n):
+            mid = member_id(trial_id, j)
+            params = self.inner.suggest(mid)
+            if not isinstance(params, dict):
+                break
+            ids.append(mid)
+            configs.append({**self.shared, **params})
+        if not ids:
+            return None
+        self.issued += len(ids)
+        self.members[trial_id] = ids
+        return {**self.head, PACK_MEMBERS: pack_value(configs)}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        for mid in self.members.get(trial_id, []):
+            prefix = f"{M.MEMBERS}/{mid}/"
+            if prefix + M.EPOCH not in result:
+                continue  # it did not train this epoch (it left the pack before)
+            row = {self.metric: result.get(prefix + str(self.metric)), "training_iteration": result[prefix + M.EPOCH]}
+            self.last[mid] = row
+            if mid in self.done:
+                continue
+            value = row[self.metric]
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.inner.on_trial_result(mid, row)
+            if result.get(prefix + M.STATUS) != M.RUNNING:
+                self._complete(mid, row, False)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if result:
+            self.on_trial_result(trial_id, result)
+        for mid in self.members.get(trial_id, []):
+            if mid not in self.done:
+                self._complete(mid, self.last.get(mid), error)
+
+    def _complete(self, mid: str, row: Optional[dict], error: bool) -> None:
+        value = (row or {}).get(self.metric)
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        self.inner.on_trial_complete(mid, row if finite else None, error=error)
+        self.done.add(mid)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))

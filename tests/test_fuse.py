@@ -10,7 +10,8 @@ from cifar_ray import metrics as M
 from cifar_ray.config import TrialConfig
 from cifar_ray.data import load_dataset
 from cifar_ray.engine import fit
-from cifar_ray.fuse import FuseError, Pack, fit_pack, pack_problems
+from cifar_ray.fuse import UNFUSABLE_MODELS, FuseError, Pack, fit_pack, pack_problems
+from cifar_ray.models import list_models
 
 BASE = {
     "model": {"name": "netconv"},  # BatchNorm, LeakyReLU, max-pool and dropout 0.25: every wide layer
@@ -111,6 +112,26 @@ def test_a_diverging_member_leaves_and_the_others_go_on():
         assert math.isclose(fused[i][-1][M.VAL_LOSS], alone[-1][M.VAL_LOSS], abs_tol=FP32_TOL)
 
 
+def test_members_that_leave_are_dropped_from_the_wide_network_and_the_others_stay_exact(float64, monkeypatch):
+    """Member 1 diverges in epoch 1: from epoch 2 the wide network holds the other three only (narrowed),
+    and they equal their runs alone to rounding in float64, as before it narrowed."""
+    cfgs = [config(**MEMBERS[0], epochs=3), config(lr=10.0, momentum=0.99, seed=1, epochs=3),
+            config(**MEMBERS[1], epochs=3), config(**MEMBERS[3], epochs=3)]
+    dataset = load_dataset(cfgs[0].data)
+    widths = []
+    real_narrow = Pack.narrow
+
+    def narrow(self):
+        real_narrow(self)
+        widths.append(list(self.slots))
+    monkeypatch.setattr(Pack, "narrow", narrow)
+    fused = fit_pack(cfgs, dataset, torch.device("cpu"))
+    assert widths == [[0, 1, 2, 3], [0, 2, 3], [0, 2, 3]]
+    assert fused[1][-1][M.STATUS] == M.DIVERGED and len(fused[1]) == 1
+    keep = [0, 2, 3]
+    assert_same_curves([cfgs[i] for i in keep], [fused[i] for i in keep], dataset, EXACT_TOL, EXACT_TOL)
+
+
 def test_members_that_cannot_share_a_pack_are_refused_with_the_reason():
     assert pack_problems([config(**m) for m in MEMBERS]) == []
     problems = pack_problems([config(), config(batch_size=64)])
@@ -120,3 +141,57 @@ def test_members_that_cannot_share_a_pack_are_refused_with_the_reason():
     dataset = load_dataset(config().data)
     with pytest.raises(FuseError, match="train.batch_size"):
         Pack.build([config(), config(batch_size=64)], dataset, torch.device("cpu"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("at", [1, 2])
+def test_a_pack_resumed_from_its_checkpoint_equals_its_straight_run(at):
+    """Stopped after epoch `at` (member 1 diverged in epoch 1 and left the pack), then resumed from every
+    member's checkpoint state: the same reports, bit for bit, as the straight run; the member that left
+    stays out."""
+    cfgs = [config(**MEMBERS[0], epochs=4), config(lr=10.0, momentum=0.99, seed=1, epochs=4),
+            config(**MEMBERS[2], epochs=4, early_stopping_patience=1), config(**MEMBERS[3], epochs=4)]
+    dataset = load_dataset(cfgs[0].data)
+    straight = fit_pack(cfgs, dataset, torch.device("cpu"))
+    saved: list = []
+
+    def stop(epoch, reports, make_states):
+        if epoch == at:
+            saved.extend(make_states())
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit_pack(cfgs, dataset, torch.device("cpu"), on_epoch=stop)
+    seen: dict[int, list] = {}
+    resumed = fit_pack(cfgs, dataset, torch.device("cpu"), resume=saved,
+                       on_epoch=lambda epoch, reports, _: seen.update({epoch: sorted(reports)}))
+    assert straight[1][-1][M.STATUS] == M.DIVERGED and len(straight[1]) == 1
+    for i, (want, got) in enumerate(zip(straight, resumed, strict=True)):
+        after = [r for r in want if r[M.EPOCH] > at]
+        assert len(got) == len(after), i
+        for w, g in zip(after, got, strict=True):
+            for key in (M.EPOCH, M.TRAIN_LOSS, M.TRAIN_ACC, M.VAL_LOSS, M.VAL_ACC, M.LR, M.STATUS):
+                assert w[key] == g[key] or (math.isnan(w[key]) and math.isnan(g[key])), (i, w[M.EPOCH], key)
+    assert all(1 not in members for members in seen.values())  # the diverged member never trains again
+
+
+@pytest.mark.parametrize("model", list_models())
+def test_every_registry_model_fuses_or_is_refused_with_the_reason(model):
+    """Every model the wide network can hold trains fused as it trains alone (one short epoch, float32);
+    the one it cannot (inception) is refused before anything is built, with the reason."""
+    base = {"model.name": model, "data.source": "synthetic", "data.synthetic_size": 96, "data.val_size": 32,
+            "train.epochs": 1, "train.batch_size": 32, "train.device": "cpu", "train.amp": "off",
+            "train.eval_batch_size": 32}
+    cfgs = [TrialConfig.from_flat({**base, "train.lr": lr, "train.seed": s}) for lr, s in ((0.01, 0), (0.02, 1))]
+    if model in UNFUSABLE_MODELS:
+        assert pack_problems(cfgs) and "cannot be fused" in pack_problems(cfgs)[0]
+        return
+    dataset = load_dataset(cfgs[0].data)
+    fused = fit_pack(cfgs, dataset, torch.device("cpu"))
+    for cfg, member in zip(cfgs, fused, strict=True):
+        alone = fit(cfg, dataset).history
+        for key in (M.TRAIN_LOSS, M.VAL_LOSS):
+            assert math.isclose(member[0][key], alone[0][key], abs_tol=FP32_TOL), (model, key)
