@@ -149,6 +149,6 @@ def plan_packs(space: Space, sweep: SweepConfig, where: str) -> Optional[list[li
     return group(all_trials(space, sweep), sweep.resources.fuse, where)
 
 
-def optuna_packs(space: Space, sweep: SweepConfig) -> int:
+def optuna_packs(sweep: SweepConfig) -> int:
     """Tune trials of a fused Optuna sweep: its trials in packs of resources.fuse, the last maybe smaller."""
     return -(-sweep.search.samples // sweep.resources.fuse)

@@ -70,7 +70,7 @@ class Plan:
         if self.fused:
             from cifar_ray.packs import optuna_packs
 
-            return optuna_packs(self.space, self.sweep)
+            return optuna_packs(self.sweep)
         return trial_count(self.space, self.sweep)
 
     @property

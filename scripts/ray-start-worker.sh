@@ -30,7 +30,10 @@ if [ -f "$pidfile" ] && ps -p "$(cat "$pidfile")" -o args= 2>/dev/null | grep -q
   kill "$(cat "$pidfile")" 2>/dev/null || true
 fi
 detach="$(command -v setsid || true)"  # macOS (the M1 laptops) has no setsid: nohup alone ignores the hangup
-eval "$detach nohup ray start --address=\"\$address\" $options --block" >"$log" 2>&1 </dev/null &
+# `exec`: the background job becomes `ray start` itself (setsid and nohup exec too), so the pid file
+# names the --block process the next start must end; without it the pid was a bash subshell's, the
+# check above never matched, and a --block process whose node `ray stop` ended slept on for ever
+eval "exec $detach nohup ray start --address=\"\$address\" $options --block" >"$log" 2>&1 </dev/null &
 ray_start=$!
 echo "$ray_start" >"$pidfile"
 while kill -0 "$ray_start" 2>/dev/null; do

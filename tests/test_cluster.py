@@ -1,5 +1,7 @@
 """Cluster files, placement rules, and a real multi-node Ray cluster on this machine."""
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 from cifar_ray.cluster import check_storage, check_sweep_tags, infeasible, node_type_offers, validate_cluster_file
 from cifar_ray.cluster import main as cluster_main
 from cifar_ray.config import ConfigError
-from conftest import WAIT_S, alive
+from conftest import WAIT_S, alive, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "clusters" / "onprem.yaml", ROOT / "clusters" / "local.yaml"]
@@ -50,6 +52,40 @@ def test_onprem_hosts_carry_their_tags():
     offers = node_type_offers(validate_cluster_file(str(ROOT / "clusters" / "onprem.yaml")))
     assert offers["host m1-laptop"]["mps"] == 1
     assert offers["host desktop-1080ti"]["gtx1080ti"] == 1 and offers["host desktop-1080ti"]["gpu_mem_11g"] == 1
+
+
+def test_a_worker_started_again_ends_its_earlier_block_process(tmp_path):
+    """The autoscaler may start a host twice (`ray stop`, then scripts/ray-start-worker.sh). `ray stop`
+    ends the node's processes but not `ray start --block`, which then waits for ever; the second start
+    must end the first. Here `ray` on PATH is a stand-in that says it started and blocks, so the test is
+    about the script's own process handling (the lab, tests/test_lab.py, runs it with the real Ray)."""
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport time\nprint('Ray runtime started.', flush=True)\ntime.sleep(3600)\n")
+    fake.chmod(0o755)
+    hosts = tmp_path / "host.json"
+    hosts.write_text(json.dumps({"cuda": 1, "t4": 1}))
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    script = ROOT / "scripts" / "ray-start-worker.sh"
+    pids: list[int] = []
+    try:
+        for _ in range(2):
+            done = subprocess.run(["bash", str(script), "198.18.0.10:6379", str(hosts)], capture_output=True,
+                                  text=True, env=env, timeout=WAIT_S)
+            assert done.returncode == 0 and "Ray runtime started" in done.stdout, done.stderr
+            pid = int((tmp_path / "cifar_ray-worker-start.pid").read_text())
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            assert "--block" in cmd and "--resources=" in cmd, cmd  # the pid file names the --block process
+            pids.append(pid)
+        wait_for(lambda: not alive(pids[0]), "the first --block process to end")
+        assert alive(pids[1])
+    finally:
+        for proc in Path("/proc").iterdir():  # only the stand-ins this test started (their path is its tmp)
+            try:
+                if proc.name.isdigit() and str(fake).encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                continue
 
 
 def test_typo_in_cluster_file_is_refused(tmp_path):
