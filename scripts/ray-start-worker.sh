@@ -33,6 +33,7 @@ detach="$(command -v setsid || true)"  # macOS (the M1 laptops) has no setsid: n
 # `exec`: the background job becomes `ray start` itself (setsid and nohup exec too), so the pid file
 # names the --block process the next start must end; without it the pid was a bash subshell's, the
 # check above never matched, and a --block process whose node `ray stop` ended slept on for ever
+: >"$log"  # emptied here, before the job starts: the wait below must never read the last start's log
 eval "exec $detach nohup ray start --address=\"\$address\" $options --block" >"$log" 2>&1 </dev/null &
 ray_start=$!
 echo "$ray_start" >"$pidfile"
