@@ -631,7 +631,10 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         print("\n".join(lines), flush=True)
     tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types, stop_on_full_disk,
                         prior_epoch_s)
-    grid = tuner.fit()
+    from cifar_ray.tune_search import new_trials_snapshot
+
+    with new_trials_snapshot():
+        grid = tuner.fit()
     if plan.remote:
         return summarize_remote(plan, grid)
     if full or any(r.error is not None and disk_full(r.error) for r in grid):

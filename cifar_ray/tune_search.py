@@ -6,12 +6,17 @@ by the restored generator with the same id, and its folder, from the run before 
 trial's reports then went to a second folder (`base_1b2c3_00001_1a2b`), and a third after another kill.
 Naming the folder at creation makes Tune reuse it (Trial.init_local_path only invents a name for a trial
 that has none), so the record keeps one folder per trial id. Pickled in the sweep's tuner.pkl: a resumed
-sweep imports it by this path."""
+sweep imports it by this path.
+
+A searcher that draws (Optuna) is restored from the same snapshot, so a trial made after it was drawn
+again in a new trial's place while the old one's folder stayed unfinished for ever; `new_trials_snapshot`
+makes Tune save its state, searcher included, in the step that makes a trial."""
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ray.tune.search import BasicVariantGenerator, Searcher
 
@@ -32,6 +37,37 @@ def name_folder(trial: Any) -> Any:
         trial.relative_logdir = trial_name(trial)
         trial.storage.trial_dir_name = trial.relative_logdir
     return trial
+
+
+@contextlib.contextmanager
+def new_trials_snapshot() -> Iterator[None]:
+    """While open, the Tuner's loop saves its experiment state (trials and searcher) to storage, and
+    waits for it, at the end of every step that made a trial, besides Tune's timed snapshots (every
+    10 s or more). A kill -9 of the driver then finds every trial that has started in the saved
+    state: the resumed sweep continues it under its id, in its folder, with the searcher that drew it.
+    Costs one snapshot per step that makes trials (about 10 ms for a few trials here). Tune 2.60 has no
+    option for it, so its controller class is replaced by a subclass in `ray.tune.tune` (the module
+    that makes it) for the duration, in this process only."""
+    from ray.tune import tune as tune_module
+
+    made = tune_module.TuneController
+
+    class SnapshotNewTrials(made):  # type: ignore[misc,valid-type]
+        _made_trial = False
+
+        def add_trial(self, trial: Any) -> None:
+            super().add_trial(trial)
+            self._made_trial = True
+
+        def checkpoint(self, force: bool = False, wait: bool = False) -> None:
+            made_trial, self._made_trial = self._made_trial, False
+            super().checkpoint(force=force or made_trial, wait=wait or made_trial)
+
+    tune_module.TuneController = SnapshotNewTrials  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        tune_module.TuneController = made  # type: ignore[misc]
 
 
 class FolderPerTrialGenerator(BasicVariantGenerator):

@@ -101,27 +101,41 @@ def test_a_sweep_interrupted_at_eight_moments_ends_as_a_straight_run(ray_session
     assert sum(now.values()) <= EPOCHS * len(LRS) + len(MOMENTS), now
 
 
+# One trial after another, the second made between two of Tune's timed state snapshots: grid search
+# (the trial is made again with its id) and Optuna (the searcher's state comes from the same snapshot).
+LOST_SEARCH = {"grid": dict(train__lr={"grid": LRS}),
+               "optuna": dict(train__lr={"loguniform": [0.01, 0.1]},
+                              search={"kind": "optuna", "samples": 2, "seed": 0})}
+
+
 @pytest.mark.slow
-def test_a_trial_tunes_state_never_held_keeps_its_one_folder_after_kill_9(ray_session, tmp_path):
-    """kill -9 of the driver just after a trial's first report, while Tune's last state snapshot predates
-    the trial (snapshots throttled to one a day here, as between two of Tune's 10 s snapshots; a trial
-    forces one only after `checkpoint.keep` checkpoints): the resumed sweep makes the trial again with its
-    id, and its reports go on in the folder it had, not in a second one with a suffix."""
+@pytest.mark.parametrize("kind", sorted(LOST_SEARCH))
+def test_a_trial_tunes_timed_snapshot_missed_is_continued_after_kill_9(ray_session, tmp_path, kind):
+    """kill -9 of the driver just after a trial's first report, with Tune's timed state snapshots
+    throttled to one a day (as between two of its 10 s snapshots; a trial forces one only after
+    `checkpoint.keep` checkpoints): the resumed sweep continues that trial with its id, in the folder it
+    had (not a second one with a suffix, nor, under Optuna, a new proposal in its place while it stays
+    unfinished), exits 0, and its record equals a straight run of the same file."""
     epochs = 3
-    path = write_sweep(tmp_path, "lost", train__epochs=epochs, train__lr={"grid": LRS}, data=SLOWER_DATA,
-                       max_concurrent_trials=1, checkpoint={"keep": epochs})
+    changes = dict(train__epochs=epochs, data=SLOWER_DATA, max_concurrent_trials=1, checkpoint={"keep": epochs},
+                   **LOST_SEARCH[kind])
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert main([str(write_sweep(straight, "lost", **changes)), "--storage-path", str(straight / "results")]) == 0
+    path = write_sweep(tmp_path, "lost", **changes)
     exp = tmp_path / "results" / "lost"
     slow_snapshots = {"TUNE_GLOBAL_CHECKPOINT_S": "86400"}
     sweep = SweepProcess(path, tmp_path, ray_session, env=slow_snapshots)
-    # the second trial's first report: Tune's snapshot (forced by the first trial's checkpoints) predates it
+    # the second trial's first report: Tune's last timed snapshot predates that trial
     wait_for(lambda: recorded(exp) >= epochs + 1 or sweep.proc.poll() is not None, "the second trial's report")
     assert sweep.proc.poll() is None, sweep.output()[-2000:]
     sweep.kill()
     code, out = SweepProcess(path, tmp_path, ray_session, "--resume", env=slow_snapshots).finish()
     assert code == 0, out[-3000:]
     folders = sorted(p.name for p in exp.glob("base_*") if p.is_dir())
-    assert len(folders) == len(LRS), folders  # one folder per trial id, no `_1a2b` twin
+    assert len(folders) == 2, folders  # one folder per trial, no `_1a2b` twin, no orphan beside a new proposal
     for folder in folders:
         epochs_seen = {row.get("epoch") for row in analysis.read_rows(exp / folder / "history.jsonl")}
         assert epochs_seen == set(range(1, epochs + 1)), (folder, epochs_seen)
-    assert len(analysis.load(exp).trials()) == len(LRS)
+    assert set(analysis.load(exp).trials()["status"]) == {"completed"}
+    assert_same_as_straight_run(exp, straight / "results" / "lost", ("train.lr",))

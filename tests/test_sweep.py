@@ -188,7 +188,8 @@ def test_optuna_search_with_asha_resumes_without_trying_a_configuration_twice(ra
     def two_recorded_and_one_running():
         states = tune_statuses(exp)
         done = [d for d in exp.glob("base_*") if states.get(d.name) == "TERMINATED"]
-        running = [d for d in exp.glob("base_*") if states.get(d.name) == "RUNNING" and result_rows(d)]
+        # a trial that has reported, whether or not Tune's timed snapshot has seen it since
+        running = [d for d in exp.glob("base_*") if states.get(d.name) != "TERMINATED" and result_rows(d)]
         return (done, running) if len(done) >= 2 and running else None
 
     done, _ = wait_for(two_recorded_and_one_running, "two finished trials in Tune's state, one running")
