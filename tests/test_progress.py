@@ -112,9 +112,10 @@ def clock(monkeypatch):
     return now
 
 
-def run_reporter(monkeypatch, clock, tty):
+def run_reporter(monkeypatch, clock, tty, columns=120):
     from cifar_ray.console import SweepProgress
 
+    monkeypatch.setenv("COLUMNS", str(columns))  # the terminal's width, whatever runs the tests
     out = Console(tty)
     monkeypatch.setattr("sys.stdout", out)
     reporter = SweepProgress(3, "val_acc", "max")
@@ -155,6 +156,14 @@ def test_terminal_console_is_one_live_line_with_events_above(monkeypatch, clock)
     assert text.endswith("finished\n") and text.count("\n") == 7  # 6 events, and the live line ends the run
     frames = text.split("\r\x1b[K")
     assert frames[1] == "started  mlp_abc_00000\n" and frames[-1].startswith("3/3 done")
+
+
+def test_the_live_line_is_cut_to_the_terminals_width(monkeypatch, clock):
+    """A live line longer than the terminal would wrap, and `\r` would then rewrite only its last row."""
+    frames = run_reporter(monkeypatch, clock, tty=True, columns=40).split("\r\x1b[K")
+    lines = [f.removesuffix("\n") for f in frames if " done, " in f]
+    assert lines and all(len(line) == 39 for line in lines), lines
+    assert frames[-1].startswith("3/3 done") and frames[1] == "started  mlp_abc_00000\n"  # events are whole
 
 
 def test_the_reporter_pickles_its_settings_not_its_state():
