@@ -15,17 +15,12 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: setup test test-fast lint typecheck quickstart
 setup: $(VENV)/.installed
 
-# Three workers, each a whole file at a time (a file's tests share its fixtures and its Ray, cluster
-# or lab): most of the suite waits on processes (Ray, sweeps, a lab's health checks), so on 2 cores
-# three workers finish in about half the time of one.
-XDIST := -n 3 --dist loadfile
-
 test: setup
-	$(PY) -m pytest $(XDIST)
+	$(PY) -m pytest
 
 # the edit loop: everything but the tests marked slow (process kills, Ctrl-C timing, 200 trials, clusters)
 test-fast: setup
-	$(PY) -m pytest $(XDIST) -m "not slow"
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .
