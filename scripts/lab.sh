@@ -139,7 +139,16 @@ make_host() {
   mkdir -p "$dir/home/.ssh" "$dir/home/.config/pip"
   chmod 700 "$dir/home" "$dir/home/.ssh"
   cp "$LAB/key.pub" "$dir/home/.ssh/authorized_keys"
-  echo "# $name's ~/.bashrc (a lab host)" >"$dir/home/.bashrc"
+  cat >"$dir/home/.bashrc" <<BASHRC
+# $name's ~/.bashrc (a lab host)
+# The lab's failure detection, read by the Ray every login shell starts (ray up's start commands): the
+# head marks a silent host dead after 5 missed health checks, one a second with a 2 s timeout (about 15 s;
+# Ray's defaults, 3 s and 10 s, take about 65 s), and its autoscaler starts a node's Ray again 15 s after
+# its last heartbeat (default 30 s). The lab's bridge has no latency to allow for; a real lab keeps Ray's
+# defaults (clusters/onprem.yaml sets none of these).
+export RAY_health_check_period_ms=1000 RAY_health_check_timeout_ms=2000 RAY_health_check_failure_threshold=5
+export AUTOSCALER_HEARTBEAT_TIMEOUT_S=15
+BASHRC
   printf '# %s: login shells read ~/.bashrc too, as Debian'"'"'s default ~/.profile does\n[ -f "$HOME/.bashrc" ] && . "$HOME/.bashrc"\n' \
     "$name" >"$dir/home/.profile"
   ssh-keygen -q -t ed25519 -N "" -C "lab host $name" -f "$dir/ssh_host_ed25519_key"

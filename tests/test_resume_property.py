@@ -5,6 +5,7 @@ epoch of every trial with identical values (CPU, exact resume), the same best tr
 journal, history.jsonl and trials() agreeing. Local Ray, synthetic data, W&B offline."""
 import os
 import signal
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -65,20 +66,20 @@ def interrupt(proc: SweepProcess, how: str) -> tuple[int, str]:
     return proc.finish()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["sigint", "sigterm", "sigkill", "worker_sigkill"])
-def test_a_sweep_interrupted_at_eight_moments_ends_as_a_straight_run(ray_session, tmp_path, straight, how):
+def interrupted_sweep(ray_session, tmp_path: Path, how: str) -> tuple[Path, dict[str, int]]:
+    """The sweep interrupted at each of MOMENTS by `how` and resumed after each, to its end: its results
+    folder, and the reports of each trial Tune's saved state had finished at an interruption."""
     name = f"cut_{how}"
     path = write_sweep(tmp_path, name, **SWEEP)
     exp = tmp_path / "results" / name
     sweep = SweepProcess(path, tmp_path, ray_session)
     held = 0  # what the record held when this driver started: a moment is reached by its own progress
-    finished: dict[str, int] = {}  # trials Tune's saved state had finished at an interruption: their reports
+    finished: dict[str, int] = {}
     for moment in MOMENTS:
         target = max(moment, held + 1)
         wait_for(lambda t=target, p=sweep.proc: recorded(exp) >= t or p.poll() is not None,
-                 f"{target} reports recorded")
-        assert sweep.proc.poll() is None, f"the sweep ended before moment {moment}: {sweep.output()[-2000:]}"
+                 f"{how}: {target} reports recorded")
+        assert sweep.proc.poll() is None, f"{how}: the sweep ended before moment {moment}: {sweep.output()[-2000:]}"
         if how == "worker_sigkill":
             os.kill(running_worker(exp), signal.SIGKILL)  # a trial worker of the sweep this test started
             continue
@@ -93,6 +94,25 @@ def test_a_sweep_interrupted_at_eight_moments_ends_as_a_straight_run(ray_session
     code, out = sweep.finish()
     assert code == 0, out[-3000:]
     assert "Traceback" not in out
+    return exp, finished
+
+
+HOWS = ("sigint", "sigterm", "sigkill", "worker_sigkill")
+
+
+@pytest.fixture(scope="module")
+def interrupted(ray_session, tmp_path_factory, straight) -> dict[str, Future]:
+    """The four interrupted sweeps, run at the same time on the session's Ray: each is a chain of drivers
+    and trial workers started one after another, which keeps about one core busy, so four at once take
+    about half the time of four in turn. A chain's failure is raised by its own test."""
+    with ThreadPoolExecutor(len(HOWS)) as pool:
+        return {how: pool.submit(interrupted_sweep, ray_session, tmp_path_factory.mktemp(how), how) for how in HOWS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", HOWS)
+def test_a_sweep_interrupted_at_eight_moments_ends_as_a_straight_run(interrupted, straight, how):
+    exp, finished = interrupted[how].result()
     assert_same_as_straight_run(exp, straight, ("train.lr",))
     now = reports(exp)
     for name, n in finished.items():  # a finished trial is not trained again by a resume
