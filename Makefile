@@ -15,12 +15,18 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: setup test test-fast lint typecheck quickstart
 setup: $(VENV)/.installed
 
+# Two workers, each a whole file at a time (a file's tests share its fixtures and its Ray, cluster or
+# lab), the files with the most slow tests first: much of the suite waits on processes (drivers and
+# trial workers starting one after another, the lab's SSH and health checks), so on 2 cores two streams
+# keep both busy. (Three were tried: load ~7 and no faster than one, each worker with its own local Ray.)
+XDIST := -n 2 --dist loadfile
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 # the edit loop: everything but the tests marked slow (process kills, Ctrl-C timing, 200 trials, clusters)
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

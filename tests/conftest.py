@@ -15,6 +15,27 @@ from PIL import Image
 REAL_DATA = os.environ.get("CIFAR_RAY_DATA")
 
 
+def pytest_configure(config):
+    """Once, before `make test`'s two workers (pytest-xdist) start their Rays: Ray's token file. Each local
+    Ray writes ~/.ray/auth_token when there is none, so two workers starting at once could each write
+    their own, and a sweep started by one would carry the other's token."""
+    if hasattr(config, "workerinput"):  # a worker: the controller has done it
+        return
+    if os.environ.get("RAY_AUTH_MODE", "token") == "token" and not (Path.home() / ".ray" / "auth_token").exists():
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()
+
+
+def pytest_collection_modifyitems(items):
+    """Files with the most slow tests first (stable: each file's tests keep their order): the workers
+    take whole files (--dist loadfile), so the longest start first instead of ending the run alone."""
+    slow: dict[Path, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own cache folder and no CIFAR_RAY_DATA unless it asks for it."""
