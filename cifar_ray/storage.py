@@ -11,7 +11,9 @@ Tune deletes the checkpoints that `CheckpointConfig(num_to_keep)` rotates out at
 experiment state on storage (saved every few seconds) can still name one of them as a trial's latest:
 a driver killed in between left a sweep whose resume failed every retry with "Could not recover from
 checkpoint as it does not exist on storage anymore". Here such a deletion waits until an experiment
-state file opened after it has been written whole (that snapshot no longer names the checkpoint).
+state that Tune wrote to its staging folder after it (`snapshot_serialized`, called by the controller
+that `cifar_ray.tune_search.new_trials_snapshot` puts in place) has been copied whole to the results
+folder: that snapshot no longer names the checkpoint.
 A driver killed meanwhile leaves the checkpoint on disk: a valid, older checkpoint of its trial.
 """
 from __future__ import annotations
@@ -47,11 +49,26 @@ def _defer_deletion(path: str) -> None:
         _DEFERRED.append((next(_ORDER), path))
 
 
-def _snapshot_started() -> Callable[[], None]:
-    """Called when an experiment state file is opened; the function it returns, once that file is
-    whole, deletes the checkpoints whose deletion was asked for before."""
+# The _ORDER mark of the newest experiment state Tune has written to its staging folder (-1: none yet)
+_SERIALIZED = [-1]
+
+
+def snapshot_serialized() -> None:
+    """Called in Tune's loop just after its controller wrote the experiment state to its staging folder
+    (cifar_ray.tune_search): that state no longer names a checkpoint whose deletion was asked for before."""
     with _LOCK:
-        mark = next(_ORDER)
+        _SERIALIZED[0] = next(_ORDER)
+
+
+def _snapshot_started() -> Callable[[], None]:
+    """Called when an experiment state file is opened on storage; the function it returns, once that
+    file is whole, deletes the checkpoints whose deletion was asked for before the staged state it copies
+    was written. Tune uploads its staging folder in a thread of its own, file after file, while its loop
+    goes on: a state written before a deletion request could be opened on storage after it, and marking
+    the opening let it delete a checkpoint the state still named (kill -9, then every retry of that trial
+    failed with "does not exist on storage anymore"; seen 2026-12-04, four interrupted sweeps at once)."""
+    with _LOCK:
+        mark = _SERIALIZED[0]
 
     def release() -> None:
         with _LOCK:

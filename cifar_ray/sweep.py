@@ -629,12 +629,13 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     if args.estimate:  # timed before the first trial starts, so nothing else shares the CPU
         lines, prior_epoch_s = estimate_lines(plan, args, running=True)
         print("\n".join(lines), flush=True)
-    tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types, stop_on_full_disk,
-                        prior_epoch_s)
-    from cifar_ray.tune_search import new_trials_snapshot
+    from cifar_ray.tune_search import new_trials_snapshot, staging_of_its_own
 
-    with new_trials_snapshot():
-        grid = tuner.fit()
+    with staging_of_its_own():
+        tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types, stop_on_full_disk,
+                            prior_epoch_s)
+        with new_trials_snapshot():
+            grid = tuner.fit()
     if plan.remote:
         return summarize_remote(plan, grid)
     if full or any(r.error is not None and disk_full(r.error) for r in grid):

@@ -10,7 +10,8 @@ sweep imports it by this path.
 
 A searcher that draws (Optuna) is restored from the same snapshot, so a trial made after it was drawn
 again in a new trial's place while the old one's folder stayed unfinished for ever; `new_trials_snapshot`
-makes Tune save its state, searcher included, in the step that makes a trial."""
+makes Tune save its state, searcher included, in the step that makes a trial; `staging_of_its_own` keeps
+two sweeps of one name begun in the same second from sharing Tune's staging folder."""
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,12 @@ def new_trials_snapshot() -> Iterator[None]:
     Costs one snapshot per step that makes trials: tests/test_reliability.py's 200-trial sweep took 96.7 s
     with it, 114.3 s without (fresh-clone `.ci/run`s, 2-core machine, 2026-12-03/04). Tune 2.60 has no
     option for it, so its controller class is replaced by a subclass in `ray.tune.tune` (the module
-    that makes it) for the duration, in this process only."""
+    that makes it) for the duration, in this process only. The subclass also tells cifar_ray.storage
+    when a state was written to Tune's staging folder: checkpoints Tune rotated out are deleted only once
+    a state written after that is whole on storage."""
     from ray.tune import tune as tune_module
+
+    from cifar_ray.storage import snapshot_serialized
 
     made = tune_module.TuneController
 
@@ -64,11 +69,42 @@ def new_trials_snapshot() -> Iterator[None]:
             made_trial, self._made_trial = self._made_trial, False
             super().checkpoint(force=force or made_trial, wait=wait or made_trial)
 
+        def save_to_dir(self) -> None:
+            super().save_to_dir()
+            snapshot_serialized()  # checkpoints rotated out before this state may go once it is on storage
+
     tune_module.TuneController = SnapshotNewTrials  # type: ignore[misc]
     try:
         yield
     finally:
         tune_module.TuneController = made  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def staging_of_its_own() -> Iterator[None]:
+    """While open, the folder Tune stages this driver's files in (experiment state, each trial's
+    params.json and result.json, before it copies them to the results folder) carries this process's id.
+    Tune names it `<Ray session folder>/artifacts/<the second the sweep began>/<sweep name>/driver_artifacts`,
+    so two sweeps of one name begun in the same second on one machine's Ray (two terminals, a script that
+    starts several, two users of one head) staged into one folder, and each copied the other's trials into
+    its own results folder: a resumed 1-trial sweep found 4 trials there, 3 of them "unfinished" for ever.
+    A resumed sweep stages where its trials say (Tune takes the folder from them). Tune 2.60 has no
+    option for it, so `StorageContext.__init__` is wrapped for the duration, in this process only."""
+    import os
+
+    from ray.train._internal import storage
+
+    made = storage.StorageContext.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        self._timestamp = f"{self._timestamp}_{os.getpid()}"
+
+    storage.StorageContext.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        storage.StorageContext.__init__ = made  # type: ignore[method-assign]
 
 
 class FolderPerTrialGenerator(BasicVariantGenerator):

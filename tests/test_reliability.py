@@ -247,6 +247,37 @@ def test_second_ctrl_c_exits_at_once_and_the_sweep_still_resumes(pressed_twice, 
     assert_records_agree(exp)
 
 
+# Tune's clock for the names of its folders, held at one second in a driver that starts with this on its
+# path: two drivers with it begin "in the same second" however far apart they run
+FROZEN_SECOND = """import ray.tune.utils
+ray.tune.utils.date_str = lambda: "2026-01-01_00-00-00"
+"""
+
+
+@pytest.mark.slow
+def test_same_named_sweeps_begun_in_one_second_keep_their_own_records(ray_session, tmp_path):
+    """Two sweeps of one name, each with its own results folder, begun in the same second on one Ray:
+    Tune stages a driver's files under the sweep's name and that second, so without a folder of each
+    driver's own the second sweep copied the first's trial into its results. Each folder holds its own
+    trial only, and its stores agree."""
+    hook = tmp_path / "frozen_second"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FROZEN_SECOND)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)}
+    for lr, where in ((0.02, "first"), (0.05, "second")):
+        (tmp_path / where).mkdir()
+        path = write_sweep(tmp_path / where, "twin", train__lr=lr)
+        code, out = SweepProcess(path, tmp_path / where, ray_session, env=env).finish()
+        assert code == 0, out[-3000:]
+    for lr, where in ((0.02, "first"), (0.05, "second")):
+        exp = tmp_path / where / "results" / "twin"
+        folders = [p.name for p in exp.iterdir() if p.is_dir() and p.name.startswith("base_")]
+        assert len(folders) == 1, (where, folders)
+        trials = analysis.load(exp).trials()
+        assert list(trials["train.lr"]) == [lr], trials
+        assert_records_agree(exp)
+
+
 @pytest.mark.slow
 def test_a_ray_the_sweep_starts_is_private_to_the_user(tmp_path):
     """Without --address the sweep starts its own Ray: its session folder, logs and auth token are the

@@ -6,7 +6,7 @@ import pickle
 import pyarrow.fs as pafs
 import pytest
 
-from cifar_ray.storage import disk_full, free_bytes, human_bytes, whole_file_filesystem
+from cifar_ray.storage import disk_full, free_bytes, human_bytes, snapshot_serialized, whole_file_filesystem
 
 
 def test_a_copy_that_runs_out_of_space_leaves_the_old_file_and_no_temporary(tmp_path, small_disk):
@@ -42,20 +42,28 @@ def _umask() -> int:
 
 
 def test_a_rotated_checkpoint_is_deleted_only_after_a_later_snapshot(tmp_path):
+    """A checkpoint Tune rotates out is deleted once a state written to the staging folder after the
+    deletion request is whole on storage; not when a state written before it is copied, even if that copy
+    is opened after the request (Tune uploads in a thread of its own while its loop goes on)."""
     from ray.train._internal.storage import _delete_fs_path
 
     fs = whole_file_filesystem()
     old = tmp_path / "trial" / "checkpoint_000001"
     old.mkdir(parents=True)
     (old / "state.pt").write_bytes(b"x")
+    snapshot_serialized()  # the controller writes a state naming checkpoint_000001
     with fs.open_output_stream(str(tmp_path / "experiment_state-a.json")) as early:  # opened before the request
         _delete_fs_path(fs=fs, fs_path=str(old))  # what Tune's checkpoint manager calls
         early.write(b"{}")
     assert old.exists(), "deleted while a snapshot naming it could still be the newest on storage"
+    with fs.open_output_stream(str(tmp_path / "experiment_state-a.json")) as copied_late:  # the same state
+        copied_late.write(b"{}")
+    assert old.exists(), "deleted when a state written before the request reached storage"
     other = tmp_path / "trial" / "notes"
     other.mkdir()
     fs.delete_dir(str(other))  # anything else goes at once
     assert not other.exists()
+    snapshot_serialized()  # a state written after the request
     with fs.open_output_stream(str(tmp_path / "experiment_state-a.json")) as later:
         later.write(b"{}")
     assert not old.exists()
