@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import sys
 import tarfile
 from pathlib import Path
 from typing import Optional
@@ -14,11 +15,21 @@ from PIL import Image
 
 REAL_DATA = os.environ.get("CIFAR_RAY_DATA")
 
+# One torch thread in each test process, and in the drivers and Ray processes it starts (they inherit
+# it; a trial sets its own count from resources.cpu). `make test` runs two workers on two cores beside
+# Ray's trial processes: with more OpenMP threads than free cores, torch's threads wait on each other.
+# Measured 2026-12-04 on the 2-core machine, the resnet18 pack of tests/test_fuse.py's float64 case (one
+# epoch): with one busy loop beside, 18.3 s and 19.1 s with 2 threads, 10.0 s and 10.5 s with 1; with
+# nothing beside, 18.4 s against 9.4 s.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_configure(config):
     """Once, before `make test`'s two workers (pytest-xdist) start their Rays: Ray's token file. Each local
     Ray writes ~/.ray/auth_token when there is none, so two workers starting at once could each write
     their own, and a sweep started by one would carry the other's token."""
+    if "torch" in sys.modules:  # imported before this file (a plugin): the thread count above, all the same
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if hasattr(config, "workerinput"):  # a worker: the controller has done it
         return
     if os.environ.get("RAY_AUTH_MODE", "token") == "token" and not (Path.home() / ".ray" / "auth_token").exists():

@@ -54,38 +54,84 @@ def test_onprem_hosts_carry_their_tags():
     assert offers["host desktop-1080ti"]["gtx1080ti"] == 1 and offers["host desktop-1080ti"]["gpu_mem_11g"] == 1
 
 
+def stand_in_ray(tmp_path: Path, agent: bool = False) -> Path:
+    """`ray` for scripts/ray-start-worker.sh: says it started and blocks; with agent=True it first starts
+    a child that ignores SIGTERM, as Ray's agents outlive a raylet whose head is gone."""
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir()
+    child = (f"import subprocess\nsubprocess.Popen([{sys.executable!r}, '-c', 'import signal, time; "
+             f"signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)', {str(fake)!r}])\n") if agent else ""
+    fake.write_text(f"#!{sys.executable}\nimport time\n{child}print('Ray runtime started.', flush=True)\n"
+                    "time.sleep(3600)\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def start_worker(tmp_path: Path, fake: Path) -> int:
+    """Run scripts/ray-start-worker.sh with the stand-in; the pid its pid file names."""
+    hosts = tmp_path / "host.json"
+    hosts.write_text(json.dumps({"cuda": 1, "t4": 1}))
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "ray-start-worker.sh"), "198.18.0.10:6379", str(hosts)],
+                          capture_output=True, text=True, env=env, timeout=WAIT_S)
+    assert done.returncode == 0 and "Ray runtime started" in done.stdout, done.stderr
+    return int((tmp_path / "cifar_ray-worker-start.pid").read_text())
+
+
+def stand_ins(fake: Path) -> list[int]:
+    """The stand-in processes this test started (their command line holds its tmp path)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(fake).encode() in (proc / "cmdline").read_bytes() and alive(int(proc.name)):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_stand_ins(fake: Path) -> None:
+    for pid in stand_ins(fake):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+
+
 def test_a_worker_started_again_ends_its_earlier_block_process(tmp_path):
     """The autoscaler may start a host twice (`ray stop`, then scripts/ray-start-worker.sh). `ray stop`
     ends the node's processes but not `ray start --block`, which then waits for ever; the second start
     must end the first. Here `ray` on PATH is a stand-in that says it started and blocks, so the test is
     about the script's own process handling (the lab, tests/test_lab.py, runs it with the real Ray)."""
-    fake = tmp_path / "bin" / "ray"
-    fake.parent.mkdir()
-    fake.write_text(f"#!{sys.executable}\nimport time\nprint('Ray runtime started.', flush=True)\ntime.sleep(3600)\n")
-    fake.chmod(0o755)
-    hosts = tmp_path / "host.json"
-    hosts.write_text(json.dumps({"cuda": 1, "t4": 1}))
-    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
-    script = ROOT / "scripts" / "ray-start-worker.sh"
-    pids: list[int] = []
+    fake = stand_in_ray(tmp_path)
     try:
-        for _ in range(2):
-            done = subprocess.run(["bash", str(script), "198.18.0.10:6379", str(hosts)], capture_output=True,
-                                  text=True, env=env, timeout=WAIT_S)
-            assert done.returncode == 0 and "Ray runtime started" in done.stdout, done.stderr
-            pid = int((tmp_path / "cifar_ray-worker-start.pid").read_text())
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            assert "--block" in cmd and "--resources=" in cmd, cmd  # the pid file names the --block process
-            pids.append(pid)
-        wait_for(lambda: not alive(pids[0]), "the first --block process to end")
-        assert alive(pids[1])
+        first = start_worker(tmp_path, fake)
+        first_ray = stand_ins(fake)
+        # the pid file names the supervisor of `ray start --block`, the group's leader
+        cmd = Path(f"/proc/{first}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert "--supervise" in cmd and "--block" in cmd and "--resources=" in cmd, cmd
+        assert len(first_ray) == 1 and os.getpgid(first_ray[0]) == first
+        second = start_worker(tmp_path, fake)
+        wait_for(lambda: not alive(first) and not alive(first_ray[0]), "the first start's processes to end")
+        assert alive(second) and len(stand_ins(fake)) == 1
     finally:
-        for proc in Path("/proc").iterdir():  # only the stand-ins this test started (their path is its tmp)
-            try:
-                if proc.name.isdigit() and str(fake).encode() in (proc / "cmdline").read_bytes():
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                continue
+        kill_stand_ins(fake)
+
+
+def test_what_a_worker_leaves_when_its_ray_ends_is_ended(tmp_path):
+    """When `ray start --block` ends (its raylet lost the head), the node's processes it did not start
+    itself, Ray's agents, are ended with it: here a stand-in child that ignores SIGTERM."""
+    fake = stand_in_ray(tmp_path, agent=True)
+    try:
+        supervisor = start_worker(tmp_path, fake)
+        both = wait_for(lambda: len(stand_ins(fake)) == 2 and stand_ins(fake), "the stand-in agent")
+        agent, = (p for p in both if b"SIG_IGN" in Path(f"/proc/{p}/cmdline").read_bytes())
+        ray, = set(both) - {agent}
+        assert os.getpgid(agent) == supervisor
+        os.kill(ray, signal.SIGKILL)
+        wait_for(lambda: not alive(agent) and not alive(supervisor), "the agent and the supervisor to end")
+    finally:
+        kill_stand_ins(fake)
 
 
 def test_typo_in_cluster_file_is_refused(tmp_path):

@@ -175,8 +175,15 @@ def test_fused_optuna_packs_its_proposals_and_resumes_without_trying_one_twice(r
         """A pack's members ended, and another pack has reported (whether or not Tune's timed state
         snapshot has seen it since: the snapshot taken when a pack is made holds it and the searcher
         that drew it, cifar_ray.tune_search.new_trials_snapshot)."""
-        ended = {p.parent.name for p in exp.glob("base_*/outcome.json")}
-        training = [p for p in exp.glob("base_*/history.jsonl") if p.parent.name not in ended and p.read_text()]
+        def pack(member: str) -> str:  # base_<pack id>_<index>
+            return member.rsplit("_", 1)[0]
+
+        members = [d.name for d in exp.glob("base_*") if d.is_dir()]
+        # a pack's members' outcomes are written one after another: a pack has ended once all of them are
+        done = {name for name in members if (exp / name / "outcome.json").exists()}
+        ended = {name for name in done if all(m in done for m in members if pack(m) == pack(name))}
+        training = [name for name in members if pack(name) not in {pack(d) for d in done}
+                    and (exp / name / "history.jsonl").exists() and (exp / name / "history.jsonl").read_text()]
         return ended if ended and training else sweep.proc.poll() is not None
 
     ended = wait_for(one_pack_ended_and_one_training, "a pack's members ended, another pack's training")

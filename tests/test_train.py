@@ -31,6 +31,14 @@ def synthetic():
     return make_synthetic(2400)
 
 
+SMALL = {"synthetic_size": 720, "val_size": 120}  # 480 training images: for tests that compare several runs
+
+
+@pytest.fixture(scope="module")
+def small_synthetic():
+    return make_synthetic(SMALL["synthetic_size"])
+
+
 def test_small_cnn_learns_synthetic_data():
     c = TrialConfig.model_validate({"model": {"name": "base"},
                                     "data": {"source": "synthetic", "val_size": 2000},
@@ -484,25 +492,25 @@ def test_alternate_flip_shows_each_image_both_ways_every_two_epochs(synthetic):
     assert torch.equal(per_epoch[0], first) and torch.equal(per_epoch[1], ~first) and torch.equal(per_epoch[2], first)
 
 
-def test_bn_momentum_sets_every_batch_norm_and_unset_keeps_the_models(synthetic):
+def test_bn_momentum_sets_every_batch_norm_and_unset_keeps_the_models(small_synthetic):
     from cifar_ray.engine import Run
 
     def momenta(c):
-        model = Run.build(c, synthetic, torch.device("cpu")).model
+        model = Run.build(c, small_synthetic, torch.device("cpu")).model
         return {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
 
-    assert momenta(cfg("whitened_cnn", model_opts={"width": 0.25})) == {0.4}  # the model's own
-    assert momenta(cfg("whitened_cnn", bn_momentum=0.2, model_opts={"width": 0.25})) == {0.2}
-    assert momenta(cfg("resnet18", bn_momentum=0.3, model_opts={"width": 0.125})) == {0.3}
+    assert momenta(cfg("whitened_cnn", model_opts={"width": 0.25}, data=SMALL)) == {0.4}  # the model's own
+    assert momenta(cfg("whitened_cnn", bn_momentum=0.2, model_opts={"width": 0.25}, data=SMALL)) == {0.2}
+    assert momenta(cfg("resnet18", bn_momentum=0.3, model_opts={"width": 0.125}, data=SMALL)) == {0.3}
     # set to the model's own value: the same run, epoch for epoch
-    plain = fit(cfg("whitened_cnn", model_opts={"width": 0.25}), synthetic)
-    same = fit(cfg("whitened_cnn", bn_momentum=0.4, model_opts={"width": 0.25}), synthetic)
+    plain = fit(cfg("whitened_cnn", model_opts={"width": 0.25}, data=SMALL), small_synthetic)
+    same = fit(cfg("whitened_cnn", bn_momentum=0.4, model_opts={"width": 0.25}, data=SMALL), small_synthetic)
     assert [h[M.VAL_LOSS] for h in plain.history] == [h[M.VAL_LOSS] for h in same.history]
-    other = fit(cfg("whitened_cnn", bn_momentum=0.05, model_opts={"width": 0.25}), synthetic)
+    other = fit(cfg("whitened_cnn", bn_momentum=0.05, model_opts={"width": 0.25}, data=SMALL), small_synthetic)
     assert [h[M.VAL_LOSS] for h in plain.history] != [h[M.VAL_LOSS] for h in other.history]
 
 
-def test_whitening_bias_trains_for_its_epochs_then_stays(synthetic):
+def test_whitening_bias_trains_for_its_epochs_then_stays(small_synthetic):
     from cifar_ray.models.whitened import WhiteningConv
 
     biases = []
@@ -510,15 +518,16 @@ def test_whitening_bias_trains_for_its_epochs_then_stays(synthetic):
     def keep(metrics, make_state):
         biases.append(next(v for k, v in make_state()["model"].items() if k.endswith("0.bias")).clone())
 
-    c = cfg("whitened_cnn", epochs=3, bias_lr_factor=64.0, whiten_bias_epochs=1, model_opts={"width": 0.25})
-    result = fit(c, synthetic, on_epoch=keep)
+    c = cfg("whitened_cnn", epochs=3, bias_lr_factor=64.0, whiten_bias_epochs=1, model_opts={"width": 0.25}, data=SMALL)
+    result = fit(c, small_synthetic, on_epoch=keep)
     whiten = next(m for m in result.model.modules() if isinstance(m, WhiteningConv))
     assert torch.equal(biases[-1], whiten.bias.detach())
     assert biases[0].abs().sum() > 0  # it trained in epoch 1 (it starts at zero)
     assert torch.equal(biases[0], biases[1]) and torch.equal(biases[1], biases[2])  # then it stayed
     # a limit past the last epoch: the run without one
-    plain = fit(cfg("whitened_cnn", epochs=2, model_opts={"width": 0.25}), synthetic)
-    late = fit(cfg("whitened_cnn", epochs=2, whiten_bias_epochs=2, model_opts={"width": 0.25}), synthetic)
+    plain = fit(cfg("whitened_cnn", epochs=2, model_opts={"width": 0.25}, data=SMALL), small_synthetic)
+    late = fit(cfg("whitened_cnn", epochs=2, whiten_bias_epochs=2, model_opts={"width": 0.25}, data=SMALL),
+               small_synthetic)
     assert [h[M.VAL_LOSS] for h in plain.history] == [h[M.VAL_LOSS] for h in late.history]
     with pytest.raises(ValueError, match="model 'base' has no whitening layer; models with one: whitened_cnn"):
         cfg("base", whiten_bias_epochs=1)
