@@ -19,8 +19,8 @@ REAL_DATA = os.environ.get("CIFAR_RAY_DATA")
 # it; a trial sets its own count from resources.cpu). `make test` runs two workers on two cores beside
 # Ray's trial processes: with more OpenMP threads than free cores, torch's threads wait on each other.
 # Measured 2026-12-04 on the 2-core machine, the resnet18 pack of tests/test_fuse.py's float64 case (one
-# epoch): with one busy loop beside, 18.3 s and 19.1 s with 2 threads, 10.0 s and 10.5 s with 1; with
-# nothing beside, 18.4 s against 9.4 s.
+# epoch): with one busy loop beside, 18.3 s and 19.1 s with 2 threads, 10.0 s and 10.5 s with 1 (with
+# both cores free 2 threads win, 5.8 s against 9.3 s, but the two workers keep both cores busy).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

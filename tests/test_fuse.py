@@ -33,11 +33,16 @@ MEMBERS = [
 # epoch agree to 6e-15 relative under SGD and 3.5e-13 under AdamW (whose first steps divide by the
 # gradient's own size), so 1e-9 on every reported loss and accuracy is far above rounding and far below
 # any real difference (a wrong dropout mask or momentum moves a loss by 1e-3 or more). In float32 the
-# same rounding (1e-7) grows with training: these members' losses agreed within 1e-4 after 2 epochs of
-# netconv and base; a chaotic run (resnet18 at lr 0.02 on random images) drifts by 1e-2 in 12 steps,
-# which is why exactness is tested in float64 and float32 only on the small models.
+# same rounding (1e-7) grows with training, and how fast depends on the kernels torch picks (its thread
+# count among them): after 2 epochs these members' netconv losses differed by up to 1.5e-3 with 1 thread
+# and 9.3e-4 with 2 (train accuracy by 7.1e-3 and 3.6e-3), base's by 2.5e-7 (measured 2026-12-04). So
+# float32 gets 5e-3 on losses and 2 images in 120 on accuracies: it still catches a member given another's
+# seed (3.1e-2 on the epoch-2 validation loss) or a 1% momentum error (1.2e-2), not a 1% learning-rate
+# one (4.5e-3); exactness is the float64 test's. A chaotic run (resnet18 at lr 0.02 on random images)
+# drifts by 1e-2 in 12 steps, so float32 is tested on the small models only.
 EXACT_TOL = 1e-9
-FP32_TOL = 1e-3
+FP32_TOL = 5e-3
+FP32_ACC_TOL = 2 / 120 + 1e-9
 
 
 def config(model: str = "netconv", augment: bool = True, **train) -> TrialConfig:
@@ -88,7 +93,7 @@ def test_a_pack_in_float32_follows_its_runs_alone(model):
     cfgs = [config(model, **m) for m in MEMBERS]
     dataset = load_dataset(cfgs[0].data)
     fused = fit_pack(cfgs, dataset, torch.device("cpu"))
-    assert_same_curves(cfgs, fused, dataset, FP32_TOL, 1 / 120 + 1e-9)  # an accuracy: at most 1 image in 120
+    assert_same_curves(cfgs, fused, dataset, FP32_TOL, FP32_ACC_TOL)
 
 
 def test_each_member_checkpoints_as_its_run_alone():
@@ -102,7 +107,8 @@ def test_each_member_checkpoints_as_its_run_alone():
         stored = state["model"][name]
         assert stored.shape == value.shape and stored.untyped_storage().nbytes() == value.untyped_storage().nbytes()
         if value.is_floating_point():
-            assert torch.allclose(stored, value, atol=1e-4), name
+            # float32, one epoch: 2.8e-4 at most with 1 thread, 1.5e-7 with 2 (another member's: 0.1 to 1.2)
+            assert torch.allclose(stored, value, atol=1e-3), name
 
 
 def test_a_diverging_member_leaves_and_the_others_go_on():
