@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -100,7 +101,26 @@ class QuietTune(logging.Filter):
             last = str(error).strip().splitlines()[-1:] if error is not None else []
             record.msg, record.args = f"{message}: {' '.join(last)[:300]}", ()
             record.exc_info, record.exc_text, record.stack_info = None, None, None
+        elif self.TRACEBACK in message or self.FRAME.search(message):
+            record.msg, record.args = one_line(message), ()
         return True
+
+    # Ray writes some tracebacks into the message text itself: its upload thread's failed sync
+    # (ray.train's syncer, e.g. a full disk), an unhandled error of a trial task the driver stopped
+    TRACEBACK = "Traceback (most recent call last):"
+    FRAME = re.compile(r'^\s*File "[^"]*", line \d+', re.MULTILINE)
+
+
+def one_line(message: str) -> str:
+    """A message with a traceback written into it, as its first line and the traceback's last line
+    (the error itself), 300 characters at most."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    head = lines[0].removesuffix(QuietTune.TRACEBACK).strip() if lines else ""
+    if head.endswith(":"):
+        head = head[:-1]
+    tail = lines[-1] if len(lines) > 1 else ""
+    text = f"{head}: {tail}" if head and tail and tail != head else head or tail
+    return text[:300]
 
 
 def quiet_logs(verbose: bool) -> None:

@@ -10,7 +10,6 @@ import logging
 import math
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -22,6 +21,7 @@ from cifar_ray.config import TrialConfig
 from cifar_ray.data import Dataset
 from cifar_ray.device import Grant, select_device, trial_threads
 from cifar_ray.engine import fit, group_settings, load_state, save_state
+from cifar_ray.files import scratch_folder
 from cifar_ray.record import STATE_FILE, member_configs, member_id, member_state_file
 
 MPS_TAG = "mps"  # custom resource a node advertises when its trials should use Apple's MPS
@@ -140,7 +140,7 @@ def run_trial(config: dict, dataset: Optional[Dataset] = None, checkpoint_every:
         if metrics[M.EPOCH] % checkpoint_every and not done:
             tune.report(flat)
             return
-        with tempfile.TemporaryDirectory(prefix="cifar_ray_ckpt_") as d:
+        with scratch_folder() as d:
             save_state(make_state(), Path(d) / STATE_FILE)
             tune.report(flat, checkpoint=tune.Checkpoint.from_directory(d))
 
@@ -211,7 +211,7 @@ def run_pack(config: dict, dataset: Optional[Dataset] = None, checkpoint_every: 
         if epoch % checkpoint_every and not ended:
             tune.report(flat)
             return
-        with tempfile.TemporaryDirectory(prefix="cifar_ray_ckpt_") as d:
+        with scratch_folder() as d:
             for name, state in zip(files, make_states(), strict=True):
                 save_state(state, Path(d) / name)
             tune.report(flat, checkpoint=tune.Checkpoint.from_directory(d))

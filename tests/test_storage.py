@@ -1,7 +1,9 @@
 """cifar_ray.storage: Tune's files written whole or not at all, and checkpoint deletions deferred until
-a later experiment snapshot is on storage. Real files; the full disk is a real tmpfs (root)."""
+a later experiment snapshot is on storage; cifar_ray.files' checkpoint scratch folders. Real files and
+processes; the full disk is a real tmpfs (root)."""
 import os
 import pickle
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -71,3 +73,31 @@ def test_a_rotated_checkpoint_is_deleted_only_after_a_later_snapshot(tmp_path):
 
 def test_sizes_read_as_people_write_them():
     assert [human_bytes(n) for n in (0, 999, 1500, 2_500_000, None)] == ["0 B", "999 B", "1.5 KB", "2.5 MB", "unknown"]
+
+
+def test_a_scratch_folder_of_an_ended_process_is_removed_by_the_next_one(tmp_path):
+    """Tune ends a trial it stops while the trial waits inside its report, so a checkpoint's scratch
+    folder is never left by its `with`: the next one on the host removes it, and only it."""
+    import subprocess
+    import sys
+
+    from cifar_ray.files import SCRATCH_PREFIX, _host_tag, scratch_folder
+
+    code = ("import sys, pathlib; from cifar_ray.files import scratch_folder\n"
+            "with scratch_folder(pathlib.Path(sys.argv[1])) as d:\n"
+            "    (d / 'state.pt').write_bytes(b'x' * 1000); print(d, flush=True); sys.stdin.read()\n")
+    ended = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    left = Path(ended.stdout.readline().strip())
+    ended.kill()  # ended inside its `with`, as a trial Tune stops inside tune.report
+    ended.wait()
+    assert left.is_dir()
+    live = tmp_path / f"{SCRATCH_PREFIX}{_host_tag()}_{os.getpid()}_live"
+    other_host = tmp_path / f"{SCRATCH_PREFIX}elsewhere_{ended.pid}_x"
+    for kept in (live, other_host):
+        kept.mkdir()
+    with scratch_folder(tmp_path) as folder:
+        assert folder.is_dir() and folder.name.startswith(f"{SCRATCH_PREFIX}{_host_tag()}_{os.getpid()}_")
+        assert not left.exists()
+    assert not folder.exists()
+    assert live.is_dir() and other_host.is_dir()
