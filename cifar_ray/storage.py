@@ -15,12 +15,18 @@ state that Tune wrote to its staging folder after it (`snapshot_serialized`, cal
 that `cifar_ray.tune_search.new_trials_snapshot` puts in place) has been copied whole to the results
 folder: that snapshot no longer names the checkpoint.
 A driver killed meanwhile leaves the checkpoint on disk: a valid, older checkpoint of its trial.
+
+Tune rewrites its experiment state and its searcher's state in the staging folder in place (open with
+"w", then json.dump) while its upload thread may still be copying the previous ones: a copy can read a
+file cut short. Such a copy of a state file is checked before it takes the name, and one that is not a
+whole JSON document is dropped (the state there stands; the next upload carries the new one).
 """
 from __future__ import annotations
 
 import errno
 import fnmatch
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +41,9 @@ from cifar_ray.files import new_file_mode
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 STATE_PATTERN = "experiment_state-*.json"  # Tune's experiment snapshot, written into the results folder
+# Tune's files that it rewrites in place in its staging folder: the experiment state, and the search
+# algorithm's (basic-variant-state-*.json for grid and random search)
+REWRITTEN_PATTERNS = (STATE_PATTERN, "*-state-*.json")
 CHECKPOINT_PATTERN = "checkpoint_*"
 
 # Deletions waiting for a later snapshot, process-wide: Tune hands each trial (and each checkpoint it
@@ -83,9 +92,11 @@ class _WholeFile:
     """A file-like object for pa.PythonFile: writes go to a temporary file beside `path`; close()
     renames it into place only when every write succeeded."""
 
-    def __init__(self, path: str, on_done: Optional[Callable[[], None]] = None):
+    def __init__(self, path: str, on_done: Optional[Callable[[], None]] = None,
+                 whole: Optional[Callable[[str], bool]] = None):
         self.path = path
         self.on_done = on_done  # called once the file has its name
+        self.whole = whole  # whether the written file is complete: one that is not never takes the name
         fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
                                         suffix=".tmp")
         os.fchmod(fd, new_file_mode())
@@ -142,6 +153,9 @@ class _WholeFile:
         except BaseException:
             self._abandon()
             raise
+        if self.whole is not None and not self.whole(self.tmp):
+            Path(self.tmp).unlink(missing_ok=True)
+            return
         os.replace(self.tmp, self.path)
         if self.on_done is not None:
             self.on_done()
@@ -197,7 +211,7 @@ class WholeFileHandler(pafs.FileSystemHandler):
 
     def copy_file(self, src: str, dest: str) -> None:
         with open(src, "rb") as source:
-            stream = _WholeFile(dest)
+            stream = _output(dest)
             try:
                 shutil.copyfileobj(source, stream, 1 << 22)
             finally:
@@ -210,11 +224,29 @@ class WholeFileHandler(pafs.FileSystemHandler):
         return self._fs.open_input_file(path)
 
     def open_output_stream(self, path: str, metadata: Optional[dict] = None):
-        is_state = fnmatch.fnmatch(os.path.basename(path), STATE_PATTERN)
-        return pa.PythonFile(_WholeFile(path, _snapshot_started() if is_state else None), mode="w")
+        return pa.PythonFile(_output(path), mode="w")
 
     def open_append_stream(self, path: str, metadata: Optional[dict] = None):
         return self._fs.open_append_stream(path)
+
+
+def _output(path: str) -> _WholeFile:
+    """A whole-file writer for `path`: an experiment state releases the deletions it makes safe once it
+    has its name; a file Tune rewrites in place takes its name only as a whole JSON document."""
+    name = os.path.basename(path)
+    is_state = fnmatch.fnmatch(name, STATE_PATTERN)
+    rewritten = any(fnmatch.fnmatch(name, pattern) for pattern in REWRITTEN_PATTERNS)
+    return _WholeFile(path, _snapshot_started() if is_state else None, _whole_json if rewritten else None)
+
+
+def _whole_json(path: str) -> bool:
+    """Whether the file is one whole JSON document (a copy of a file Tune was rewriting is cut short)."""
+    try:
+        with open(path, "rb") as f:
+            json.load(f)
+    except ValueError:  # JSONDecodeError, and bytes that are not UTF-8
+        return False
+    return True
 
 
 def whole_file_filesystem() -> pafs.FileSystem:

@@ -101,3 +101,37 @@ def test_a_scratch_folder_of_an_ended_process_is_removed_by_the_next_one(tmp_pat
         assert not left.exists()
     assert not folder.exists()
     assert live.is_dir() and other_host.is_dir()
+
+
+def test_a_state_file_copied_while_tune_rewrites_it_never_replaces_the_whole_one(tmp_path):
+    """Tune rewrites its experiment and searcher states in its staging folder in place while its upload
+    thread may be copying them: a copy cut short keeps the state on storage (and the checkpoint
+    deletions it would have made safe wait); the next whole copy replaces it. Copied as Ray's upload
+    does (pyarrow.fs.copy_files from the local staging folder)."""
+    from ray.train._internal.storage import _delete_fs_path
+
+    fs = whole_file_filesystem()
+    staging, storage = tmp_path / "staging", tmp_path / "results"
+    staging.mkdir()
+    storage.mkdir()
+    rotated = storage / "trial" / "checkpoint_000001"
+    rotated.mkdir(parents=True)
+    names = ("experiment_state-2026.json", "basic-variant-state-2026.json")
+    whole = {name: b'{"trial_data": [1, 2, 3], "runner_data": {}}' for name in names}
+    for name in names:
+        (staging / name).write_bytes(whole[name])
+    pafs.copy_files(str(staging), str(storage), destination_filesystem=fs)
+    _delete_fs_path(fs=fs, fs_path=str(rotated))
+    snapshot_serialized()  # the controller writes a state no longer naming checkpoint_000001 ...
+    for name in names:  # ... and the upload reads it while it is being written
+        (staging / name).write_bytes(whole[name][:17])
+    pafs.copy_files(str(staging), str(storage), destination_filesystem=fs)
+    assert {name: (storage / name).read_bytes() for name in names} == whole
+    assert rotated.exists(), "deleted although the state that no longer names it did not reach storage"
+    assert not list(storage.glob(".*.tmp"))
+    newer = b'{"trial_data": [1, 2, 3, 4], "runner_data": {}}'
+    for name in names:
+        (staging / name).write_bytes(newer)
+    pafs.copy_files(str(staging), str(storage), destination_filesystem=fs)
+    assert all((storage / name).read_bytes() == newer for name in names)
+    assert not rotated.exists()
