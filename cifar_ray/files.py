@@ -84,6 +84,7 @@ def printable(text: object) -> str:
 
 
 SCRATCH_PREFIX = "cifar_ray_ckpt_"
+_SWEPT: set[Path] = set()  # the folders this process has cleared of ended processes' scratch folders
 
 
 def _host_tag() -> str:
@@ -112,14 +113,16 @@ def remove_ended_scratch(root: Path) -> None:
 
 @contextmanager
 def scratch_folder(root: Optional[Path] = None) -> Iterator[Path]:
-    """A private temporary folder (in `root`, default the system's), removed on leaving, and the
-    ones of ended processes removed on entering. A trial hands its checkpoint to Tune from such a
-    folder, and Tune ends a trial it stops (ASHA, PBT, the sweep's end) while the trial waits inside
-    its report: the `with` is never left and a plain TemporaryDirectory stayed behind, one per stopped
-    trial (a resnet18 state is 45 MB). The folder's name carries host and pid for the next one to
+    """A private temporary folder (in `root`, default the system's), removed on leaving; the first
+    one a process makes in `root` removes those of ended processes. A trial hands its checkpoint to
+    Tune from such a folder, and a trial process killed while it waits inside its report (a worker or
+    driver killed, a host reset) never leaves the `with`: a plain TemporaryDirectory stayed behind each
+    time (a resnet18 state is 45 MB). The folder's name carries host and pid for a later process to
     tell whether its owner has ended."""
     root = Path(root or tempfile.gettempdir())
-    remove_ended_scratch(root)
+    if root not in _SWEPT:  # once a process: a trial makes one a checkpoint
+        _SWEPT.add(root)
+        remove_ended_scratch(root)
     folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_host_tag()}_{os.getpid()}_", dir=root))
     try:
         yield folder
