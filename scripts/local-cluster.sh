@@ -15,6 +15,9 @@ RAY="$(dirname "$PY")/ray"
 PORT=6379
 export RAY_TMPDIR="${CIFAR_RAY_LOCAL_TMPDIR:-/tmp/cifar_ray-local-$(id -u)}"
 CONFIG=clusters/local.yaml
+# Trials at this script's priority, as the sweep's own local Ray runs them (WORKER_NICENESS in
+# cifar_ray/ray_process.py): Ray's default starts workers at nice +15, starved by any other busy process.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 
 cluster_pids() {
   # The processes whose command line names this cluster's temporary root, every process descended

@@ -4,6 +4,7 @@ own process because the test session already holds a local Ray. Prints one JSON 
     python tests/cluster_run.py WORKDIR
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +26,10 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
+    from cifar_ray.ray_process import WORKER_NICENESS
     from cifar_ray.sweep import main as sweep
 
+    os.environ.setdefault(WORKER_NICENESS, "0")  # trials at this process's priority, as a sweep's own Ray
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     gpu_node = cluster.add_node(num_cpus=4, num_gpus=1, resources={"cuda": 1})
     cluster.add_node(num_cpus=2, resources={"mps": 1})

@@ -120,6 +120,9 @@ def ray_session():
     os.environ["WANDB_MODE"] = "offline"  # before ray.init: the workers inherit it
     os.environ["WANDB_SILENT"] = "true"
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    from cifar_ray.ray_process import WORKER_NICENESS
+
+    os.environ[WORKER_NICENESS] = "0"  # trials at the tests' priority, as a sweep's own Ray runs them
     import ray
 
     ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -307,6 +307,28 @@ def test_a_ray_the_sweep_starts_is_private_to_the_user(tmp_path):
     assert stat.S_IMODE(token.stat().st_mode) & 0o077 == 0, oct(token.stat().st_mode)
 
 
+def test_trials_of_a_ray_the_sweep_starts_run_at_the_sweeps_priority(tmp_path):
+    """Ray starts workers 15 nice levels below the raylet; a local Ray the sweep starts does not, so a
+    busy machine shares its cores with the trials instead of starving them (ray_process.WORKER_NICENESS).
+    Started under `nice -n 3`, the sweep's Ray and its workers run at 3, its own priority."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's socket paths are limited
+    code = ("import os, ray; from cifar_ray.ray_process import start_ray; start_ray(None, False); "
+            "print('niceness', os.nice(0), ray.get(ray.remote(lambda: os.nice(0)).remote()))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    try:
+        done = subprocess.run(["nice", "-n", "3", sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env | {"RAY_TMPDIR": str(ray_tmp), "HOME": str(tmp_path)}, timeout=WAIT_S)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["niceness", "3", "3"], done.stdout
+
+
 def _snapshot(exp: Path) -> dict[Path, bytes]:
     """Every plain file of the running sweep's results folder (W&B's own files aside) and its bytes.
     A write in flight (`.<name>.<random>.tmp`, renamed to its name when whole) is not a file written
