@@ -48,7 +48,8 @@ def reports(exp: Path) -> dict[str, int]:
 
 def unsaved_epochs(exp: Path) -> int:
     """Epochs the record holds beyond the newest checkpoint in Tune's saved state, over the trials that
-    state has not finished: what a resume after kill -9 trains again. Tune saves its state on a stop,
+    state has not finished: what a resume after kill -9 trains again (one epoch more was seen once, not
+    yet explained: the test allows the epoch in flight beside it). Tune saves its state on a stop,
     when it makes a trial and at most every 10 s otherwise (not at every checkpoint), so under load a
     killed driver's state can be a few epochs behind the record; the epochs after it are trained again
     from its checkpoint, with the same values."""
