@@ -10,10 +10,11 @@ and renames it over the old one; a failed write removes the temporary file and t
 Tune deletes the checkpoints that `CheckpointConfig(num_to_keep)` rotates out at once, while the
 experiment state on storage (saved every few seconds) can still name one of them as a trial's latest:
 a driver killed in between left a sweep whose resume failed every retry with "Could not recover from
-checkpoint as it does not exist on storage anymore". Here such a deletion waits until an experiment
-state that Tune wrote to its staging folder after it (`snapshot_serialized`, called by the controller
-that `cifar_ray.tune_search.new_trials_snapshot` puts in place) has been copied whole to the results
-folder: that snapshot no longer names the checkpoint.
+checkpoint as it does not exist on storage anymore". Here such a deletion waits until the experiment
+state that this driver's Tune wrote to its staging folder after it (`snapshot_serialized`, called by the
+controller that `cifar_ray.tune_search.new_trials_snapshot` puts in place) has been copied whole to the
+results folder: that snapshot, the newest, no longer names the checkpoint. Copies of the states of
+earlier drivers (a resumed driver uploads them again) release nothing.
 A driver killed meanwhile leaves the checkpoint on disk: a valid, older checkpoint of its trial.
 
 Tune rewrites its experiment state and its searcher's state in the staging folder in place (open with
@@ -58,26 +59,34 @@ def _defer_deletion(path: str) -> None:
         _DEFERRED.append((next(_ORDER), path))
 
 
-# The _ORDER mark of the newest experiment state Tune has written to its staging folder (-1: none yet)
-_SERIALIZED = [-1]
+# The _ORDER mark of the newest experiment state Tune has written to its staging folder (-1: none yet),
+# and that state's file name: this driver's own experiment_state-<its start>.json
+_SERIALIZED: list = [-1, None]
 
 
-def snapshot_serialized() -> None:
-    """Called in Tune's loop just after its controller wrote the experiment state to its staging folder
-    (cifar_ray.tune_search): that state no longer names a checkpoint whose deletion was asked for before."""
+def snapshot_serialized(name: str) -> None:
+    """Called in Tune's loop just after its controller wrote the experiment state `name` (a file name) to
+    its staging folder (cifar_ray.tune_search): that state no longer names a checkpoint whose deletion
+    was asked for before."""
     with _LOCK:
-        _SERIALIZED[0] = next(_ORDER)
+        _SERIALIZED[:] = [next(_ORDER), name]
 
 
-def _snapshot_started() -> Callable[[], None]:
-    """Called when an experiment state file is opened on storage; the function it returns, once that
-    file is whole, deletes the checkpoints whose deletion was asked for before the staged state it copies
-    was written. Tune uploads its staging folder in a thread of its own, file after file, while its loop
-    goes on: a state written before a deletion request could be opened on storage after it, and marking
-    the opening let it delete a checkpoint the state still named (kill -9, then every retry of that trial
-    failed with "does not exist on storage anymore"; seen 2026-12-04, four interrupted sweeps at once)."""
+def _snapshot_started(name: str) -> Optional[Callable[[], None]]:
+    """Called when an experiment state file is opened on storage. For the state this driver writes (the
+    one a resume reads: the newest), the function it returns, once that file is whole, deletes the
+    checkpoints whose deletion was asked for before the staged state it copies was written. Tune uploads
+    its staging folder in a thread of its own, file after file, while its loop goes on: a state written
+    before a deletion request could be opened on storage after it, and marking the opening let it delete
+    a checkpoint the state still named (kill -9, then every retry of that trial failed with "does not
+    exist on storage anymore"; seen 2026-12-04, four interrupted sweeps at once). The staging folder also
+    holds the states of the drivers this one resumed (Tune copies the results folder into it and uploads
+    them again): their copies release nothing. Releasing on one of them deleted checkpoints while this
+    driver's own newest state was not yet on storage (kill -9 just then; seen the same day, under load)."""
     with _LOCK:
-        mark = _SERIALIZED[0]
+        mark, own = _SERIALIZED
+    if name != own:
+        return None
 
     def release() -> None:
         with _LOCK:
@@ -236,7 +245,7 @@ def _output(path: str) -> _WholeFile:
     name = os.path.basename(path)
     is_state = fnmatch.fnmatch(name, STATE_PATTERN)
     rewritten = any(fnmatch.fnmatch(name, pattern) for pattern in REWRITTEN_PATTERNS)
-    return _WholeFile(path, _snapshot_started() if is_state else None, _whole_json if rewritten else None)
+    return _WholeFile(path, _snapshot_started(name) if is_state else None, _whole_json if rewritten else None)
 
 
 def _whole_json(path: str) -> bool:

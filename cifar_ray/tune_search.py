@@ -71,7 +71,8 @@ def new_trials_snapshot() -> Iterator[None]:
 
         def save_to_dir(self) -> None:
             super().save_to_dir()
-            snapshot_serialized()  # checkpoints rotated out before this state may go once it is on storage
+            # checkpoints rotated out before this state may go once it is on storage
+            snapshot_serialized(self.experiment_state_file_name)
 
     tune_module.TuneController = SnapshotNewTrials  # type: ignore[misc]
     try:

@@ -53,7 +53,7 @@ def test_a_rotated_checkpoint_is_deleted_only_after_a_later_snapshot(tmp_path):
     old = tmp_path / "trial" / "checkpoint_000001"
     old.mkdir(parents=True)
     (old / "state.pt").write_bytes(b"x")
-    snapshot_serialized()  # the controller writes a state naming checkpoint_000001
+    snapshot_serialized("experiment_state-a.json")  # the controller writes a state naming checkpoint_000001
     with fs.open_output_stream(str(tmp_path / "experiment_state-a.json")) as early:  # opened before the request
         _delete_fs_path(fs=fs, fs_path=str(old))  # what Tune's checkpoint manager calls
         early.write(b"{}")
@@ -65,10 +65,34 @@ def test_a_rotated_checkpoint_is_deleted_only_after_a_later_snapshot(tmp_path):
     other.mkdir()
     fs.delete_dir(str(other))  # anything else goes at once
     assert not other.exists()
-    snapshot_serialized()  # a state written after the request
+    snapshot_serialized("experiment_state-a.json")  # a state written after the request
     with fs.open_output_stream(str(tmp_path / "experiment_state-a.json")) as later:
         later.write(b"{}")
     assert not old.exists()
+
+
+def test_a_resumed_drivers_older_states_copied_again_release_no_checkpoint(tmp_path):
+    """A resumed driver's staging folder holds the states of the drivers before it (Tune copies the
+    results folder into it) and uploads them again beside its own. Only its own state, the newest one
+    that a resume reads, makes a rotated checkpoint safe to delete once it is whole on storage: an older
+    driver's state copied whole after the request still names the checkpoint as that trial's latest."""
+    from ray.train._internal.storage import _delete_fs_path
+
+    fs = whole_file_filesystem()
+    staging, storage = tmp_path / "staging", tmp_path / "results"
+    staging.mkdir()
+    storage.mkdir()
+    rotated = storage / "trial" / "checkpoint_000001"
+    rotated.mkdir(parents=True)
+    (staging / "experiment_state-earlier.json").write_bytes(b'{"trial_data": ["names checkpoint_000001"]}')
+    _delete_fs_path(fs=fs, fs_path=str(rotated))  # this driver rotates checkpoint_000001 out
+    snapshot_serialized("experiment_state-now.json")  # and writes its own state without it, not yet uploaded
+    pafs.copy_files(str(staging), str(storage), destination_filesystem=fs)  # the older state goes up again
+    assert (storage / "experiment_state-earlier.json").is_file()
+    assert rotated.exists(), "deleted when an older driver's state reached storage, before this driver's own"
+    (staging / "experiment_state-now.json").write_bytes(b'{"trial_data": ["names checkpoint_000002"]}')
+    pafs.copy_files(str(staging), str(storage), destination_filesystem=fs)
+    assert not rotated.exists()
 
 
 def test_sizes_read_as_people_write_them():
@@ -122,7 +146,7 @@ def test_a_state_file_copied_while_tune_rewrites_it_never_replaces_the_whole_one
         (staging / name).write_bytes(whole[name])
     pafs.copy_files(str(staging), str(storage), destination_filesystem=fs)
     _delete_fs_path(fs=fs, fs_path=str(rotated))
-    snapshot_serialized()  # the controller writes a state no longer naming checkpoint_000001 ...
+    snapshot_serialized(names[0])  # the controller writes a state no longer naming checkpoint_000001 ...
     for name in names:  # ... and the upload reads it while it is being written
         (staging / name).write_bytes(whole[name][:17])
     pafs.copy_files(str(staging), str(storage), destination_filesystem=fs)
