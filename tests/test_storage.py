@@ -71,6 +71,17 @@ def test_a_rotated_checkpoint_is_deleted_only_after_a_later_snapshot(tmp_path):
     assert not old.exists()
 
 
+def staging_and_storage(tmp_path: Path):
+    """Tune's staging folder and a results folder on the whole-file filesystem, with one of a trial's
+    checkpoints on storage: (filesystem, staging, storage, the checkpoint's folder)."""
+    staging, storage = tmp_path / "staging", tmp_path / "results"
+    staging.mkdir()
+    storage.mkdir()
+    rotated = storage / "trial" / "checkpoint_000001"
+    rotated.mkdir(parents=True)
+    return whole_file_filesystem(), staging, storage, rotated
+
+
 def test_a_resumed_drivers_older_states_copied_again_release_no_checkpoint(tmp_path):
     """A resumed driver's staging folder holds the states of the drivers before it (Tune copies the
     results folder into it) and uploads them again beside its own. Only its own state, the newest one
@@ -78,12 +89,7 @@ def test_a_resumed_drivers_older_states_copied_again_release_no_checkpoint(tmp_p
     driver's state copied whole after the request still names the checkpoint as that trial's latest."""
     from ray.train._internal.storage import _delete_fs_path
 
-    fs = whole_file_filesystem()
-    staging, storage = tmp_path / "staging", tmp_path / "results"
-    staging.mkdir()
-    storage.mkdir()
-    rotated = storage / "trial" / "checkpoint_000001"
-    rotated.mkdir(parents=True)
+    fs, staging, storage, rotated = staging_and_storage(tmp_path)
     (staging / "experiment_state-earlier.json").write_bytes(b'{"trial_data": ["names checkpoint_000001"]}')
     _delete_fs_path(fs=fs, fs_path=str(rotated))  # this driver rotates checkpoint_000001 out
     snapshot_serialized("experiment_state-now.json")  # and writes its own state without it, not yet uploaded
@@ -134,12 +140,7 @@ def test_a_state_file_copied_while_tune_rewrites_it_never_replaces_the_whole_one
     does (pyarrow.fs.copy_files from the local staging folder)."""
     from ray.train._internal.storage import _delete_fs_path
 
-    fs = whole_file_filesystem()
-    staging, storage = tmp_path / "staging", tmp_path / "results"
-    staging.mkdir()
-    storage.mkdir()
-    rotated = storage / "trial" / "checkpoint_000001"
-    rotated.mkdir(parents=True)
+    fs, staging, storage, rotated = staging_and_storage(tmp_path)
     names = ("experiment_state-2026.json", "basic-variant-state-2026.json")
     whole = {name: b'{"trial_data": [1, 2, 3], "runner_data": {}}' for name in names}
     for name in names:
