@@ -18,9 +18,10 @@ earlier drivers (a resumed driver uploads them again) release nothing.
 A driver killed meanwhile leaves the checkpoint on disk: a valid, older checkpoint of its trial.
 
 Tune rewrites its experiment state and its searcher's state in the staging folder in place (open with
-"w", then json.dump) while its upload thread may still be copying the previous ones: a copy can read a
-file cut short. Such a copy of a state file is checked before it takes the name, and one that is not a
-whole JSON document is dropped (the state there stands; the next upload carries the new one).
+"w", then json.dump); its upload thread, had it still been copying the previous ones, would read a file
+cut short. The sweep's controller waits for the upload before it saves (cifar_ray.tune_search's
+`finish_upload`); a copy of a state file is still checked before it takes the name, and one that is not
+a whole JSON document is dropped (the state there stands; the next upload carries the new one).
 """
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ def new_trials_snapshot() -> Iterator[None]:
     option for it, so its controller class is replaced by a subclass in `ray.tune.tune` (the module
     that makes it) for the duration, in this process only. The subclass also tells cifar_ray.storage
     when a state was written to Tune's staging folder: checkpoints Tune rotated out are deleted only once
-    a state written after that is whole on storage."""
+    a state written after that is whole on storage. And it saves only once Tune's last upload of the
+    staging folder has ended (`finish_upload`)."""
     from ray.tune import tune as tune_module
 
     from cifar_ray.storage import snapshot_serialized
@@ -70,6 +71,7 @@ def new_trials_snapshot() -> Iterator[None]:
             super().checkpoint(force=force or made_trial, wait=wait or made_trial)
 
         def save_to_dir(self) -> None:
+            finish_upload(self._storage)
             super().save_to_dir()
             # checkpoints rotated out before this state may go once it is on storage
             snapshot_serialized(self.experiment_state_file_name)
@@ -79,6 +81,24 @@ def new_trials_snapshot() -> Iterator[None]:
         yield
     finally:
         tune_module.TuneController = made  # type: ignore[misc]
+
+
+def finish_upload(storage: Any) -> None:
+    """Waits for the upload of the driver's staging folder that Tune's thread may still be running.
+    Tune saves its state into that folder (the searcher's through a temporary file it renames at once)
+    while that upload, in a thread, lists the folder and copies it file after file; it waits for the
+    upload only after saving (a forced snapshot), or not at all (a timed one). An upload that had listed
+    a temporary file then failed "[Errno 2] Failed to open local file '.../.<uuid>-tmp-basic-variant-
+    state-...json'": an ERROR line on a user's console and an upload round lost (seen under load,
+    2026-12-04). An upload that fails for another reason (a full disk) is logged as Tune logs it."""
+    import logging
+
+    try:
+        storage.syncer.wait()
+    except Exception:
+        logging.getLogger("ray.tune.execution.experiment_state").error(
+            f"Saving experiment state to storage at '{storage.experiment_fs_path}' failed with exception: ",
+            exc_info=True)
 
 
 @contextlib.contextmanager

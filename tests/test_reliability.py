@@ -444,6 +444,70 @@ def test_a_failed_upload_of_rays_sync_thread_is_one_line_without_traceback():
     assert lines == ["Last sync command failed with the following error: OSError: [Errno 28] No space left on device"]
 
 
+def test_tune_saves_its_state_only_once_its_last_upload_has_ended(ray_session, tmp_path, monkeypatch, capfd):
+    """Tune's upload thread lists its staging folder and copies it file after file while its loop goes
+    on; a save into the folder meanwhile (the searcher's state goes through a temporary file renamed at
+    once) failed an upload that had listed the temporary file: an ERROR line on the console (seen under
+    load). Here each upload is held until the loop either saves or waits for it, and the loop snapshots
+    at every step (TUNE_GLOBAL_CHECKPOINT_S=0): without cifar_ray.tune_search.finish_upload nearly every
+    save begins while an upload is held."""
+    from ray.train._internal import syncer as ray_syncer
+    from ray.tune.execution.tune_controller import TuneController
+
+    lock = threading.Lock()
+    uploads: list[threading.Event] = []  # one per upload in flight: set to let it go on
+    saves_during_upload, let_go_by_a_wait, stuck = [], [], []
+    thread = ray_syncer._BackgroundProcess
+    start, save, join = thread.start, TuneController.save_to_dir, thread.wait
+
+    def held(upload):
+        def held_upload(*args, **kwargs):
+            go = threading.Event()
+            with lock:
+                uploads.append(go)
+            try:
+                if not go.wait(WAIT_S):  # a safety net: neither a save nor a wait came
+                    stuck.append(1)
+                return upload(*args, **kwargs)
+            finally:
+                with lock:
+                    uploads.remove(go)
+        return held_upload
+
+    def held_start(self, *args, **kwargs):  # the thread of one upload (the syncer, pickled, keeps Ray's)
+        self._fn = held(self._fn)
+        return start(self, *args, **kwargs)
+
+    def watched_save(self):
+        with lock:
+            if uploads:
+                saves_during_upload.append(len(uploads))
+            for go in uploads:
+                go.set()
+        return save(self)
+
+    def watched_wait(self, timeout=None):
+        with lock:
+            let_go_by_a_wait.extend(1 for go in uploads if not go.is_set())
+            for go in uploads:
+                go.set()
+        return join(self, timeout)
+
+    monkeypatch.setattr(thread, "start", held_start)
+    monkeypatch.setattr(TuneController, "save_to_dir", watched_save)
+    monkeypatch.setattr(thread, "wait", watched_wait)
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    path = write_sweep(tmp_path, "uploads", train__epochs=2, train__lr={"grid": [0.01, 0.02]})
+    assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
+    out = capfd.readouterr()
+    assert not stuck
+    assert saves_during_upload == [], f"{len(saves_during_upload)} saves began while an upload ran"
+    assert len(let_go_by_a_wait) >= 3, "the loop did not wait for its uploads"  # a snapshot per step
+    assert "Saving experiment state" not in out.out + out.err
+    df = results_of(tmp_path, "uploads")
+    assert sorted(df["epochs"]) == [2, 2] and set(df["status"]) == {"completed"}
+
+
 def test_a_missing_ray_tmpdir_is_one_line(tmp_path):
     import subprocess
     import sys
