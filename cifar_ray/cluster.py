@@ -152,6 +152,9 @@ def check_feasible(requests: dict[str, dict[str, float]],
 # ---------------------------------------------------------------- cluster files
 
 FAKE_PROVIDER = "fake_multinode"  # Ray's provider that starts node types as raylets on this machine
+# the node type that provider tags the head it runs with: a config's head type must bear this name, else
+# the autoscaler counts no head of its head type and starts extra head-type raylets, one after another
+FAKE_HEAD_TYPE = "ray.head.default"
 TWIN_OF = "cluster.yaml"  # a fake-multinode file in clusters/ mirrors the repository's cluster.yaml
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster file on the head
 SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "fuse.sshfs", "lustre", "gpfs", "ceph", "glusterfs",
@@ -168,6 +171,12 @@ def validate_cluster_file(path: str) -> dict:
     raw = parse_yaml(p.read_text(), path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping (a Ray cluster file)")
+    fake = (raw.get("provider") or {}).get("type") == FAKE_PROVIDER
+    if fake and raw.get("head_node_type") != FAKE_HEAD_TYPE:
+        raise ConfigError(f"{path}: head_node_type is {raw.get('head_node_type')!r}; Ray's {FAKE_PROVIDER} provider "
+                          f"names its head's type {FAKE_HEAD_TYPE!r}, and under another name the autoscaler starts "
+                          f"extra head nodes: name the head's entry in available_node_types {FAKE_HEAD_TYPE} and set "
+                          f"head_node_type: {FAKE_HEAD_TYPE}")
     try:
         # Ray's validator is private API: this is the one place that calls it.
         import logging
@@ -176,7 +185,7 @@ def validate_cluster_file(path: str) -> dict:
 
         # its "setting max workers for head node type to 0" is not news to someone validating a file
         logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)
-        if (raw.get("provider") or {}).get("type") == FAKE_PROVIDER:
+        if fake:
             # prepare_config merges a defaults file the wheel lacks for this provider; such a file is
             # complete on its own (clusters/local.yaml), so the schema is checked as it stands
             config = copy.deepcopy(raw)
@@ -221,8 +230,11 @@ def node_type_offers(config: dict) -> dict[str, dict[str, float]]:
 
 def twin_problems(local_path: str, local: dict, cloud_path: str, cloud: dict) -> list[str]:
     """A fake-multinode twin must offer the same node type names, GPU counts and tags as the cloud
-    file (CPUs are scaled to the machine), so a sweep placed correctly on it is placed correctly there."""
+    file (CPUs are scaled to the machine), so a sweep placed correctly on it is placed correctly there.
+    The heads are compared as heads: the twin's bears the name its provider gives it (FAKE_HEAD_TYPE)."""
     mine, theirs = node_type_offers(local), node_type_offers(cloud)
+    if local.get("head_node_type") in mine and cloud.get("head_node_type") in theirs:
+        mine[cloud["head_node_type"]] = mine.pop(local["head_node_type"])
     problems = []
     if set(mine) != set(theirs):
         problems.append(f"{local_path}: node types {', '.join(sorted(mine))} differ from {cloud_path}'s "

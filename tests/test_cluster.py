@@ -244,6 +244,22 @@ def test_the_local_twin_mirrors_cluster_yaml_and_a_drift_is_named(tmp_path, caps
     assert any("node types" in p for p in problems) and any("node type a10g" in p for p in problems)
 
 
+def test_a_fake_multinode_head_under_another_name_is_refused(tmp_path):
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "clusters" / "local.yaml").read_text())
+    doc["available_node_types"]["head"] = doc["available_node_types"].pop("ray.head.default")
+    doc["head_node_type"] = "head"
+    path = tmp_path / "local.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as refused:
+        validate_cluster_file(str(path))
+    assert str(refused.value) == (
+        f"{path}: head_node_type is 'head'; Ray's fake_multinode provider names its head's type "
+        "'ray.head.default', and under another name the autoscaler starts extra head nodes: name the head's "
+        "entry in available_node_types ray.head.default and set head_node_type: ray.head.default")
+
+
 def test_a_node_is_matched_to_its_node_type():
     from cifar_ray.cluster import match_node_type
 
@@ -262,10 +278,11 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _alive_node_types(env: dict, address: str) -> list[dict]:
-    """Alive nodes' resources, asked from a separate process (this one may hold the session's Ray)."""
+def _cluster_nodes(env: dict, address: str) -> list[dict]:
+    """Ray's list of the cluster's nodes, gone ones too (their Resources empty), asked from a separate
+    process (this one may hold the session's Ray)."""
     code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-            "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % address)
+            "print(json.dumps([{k: n[k] for k in ('NodeID', 'Alive', 'Resources')} for n in ray.nodes()]))" % address)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -287,17 +304,20 @@ def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp
     script = [str(ROOT / "scripts" / "local-cluster.sh")]
     address = "auto"  # found through RAY_TMPDIR: the head advertises a fake node address
     sweep_env = env | {"RAY_TMPDIR": ray_tmp}
-    types = node_type_offers(validate_cluster_file(str(ROOT / "clusters" / "local.yaml")))
+    local = validate_cluster_file(str(ROOT / "clusters" / "local.yaml"))
+    types, head = node_type_offers(local), local["head_node_type"]
 
     def running_types() -> list:
-        return sorted(str(match_node_type(r, types)) for r in _alive_node_types(sweep_env, address))
+        return sorted(str(match_node_type(n["Resources"], types)) for n in _cluster_nodes(sweep_env, address)
+                      if n["Alive"])
 
     up = subprocess.run([*script, "up"], env=env, capture_output=True, text=True, timeout=WAIT_S)
     try:
         assert up.returncode == 0, up.stderr
         assert f"RAY_TMPDIR={ray_tmp} python -m cifar_ray.sweep" in up.stdout
         assert "--address auto --cluster-config clusters/local.yaml" in up.stdout
-        assert running_types() == ["head"]  # the worker types start from zero
+        assert running_types() == [head]  # the worker types start from zero
+        (head_id,) = [n["NodeID"] for n in _cluster_nodes(sweep_env, address) if n["Alive"]]
         path = write_sweep(tmp_path, "twin", model={"name": {"grid": ["base", "net3"]}},
                            resources={"cpu": 1, "gpu": 1, "tags": {"t4": 1}},
                            resources_by_model={"net3": {"cpu": 1, "gpu": 1, "tags": {"a100": 1}}})
@@ -315,7 +335,11 @@ def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp
         assert refused.returncode == 4, refused.stderr[-2000:]
         assert "t4_spot" in refused.stderr and "h100" in refused.stderr
         # after the idle timeout (15 s) the autoscaler removes the workers again
-        wait_for(lambda: running_types() == ["head"], "the idle worker nodes to go away")
+        wait_for(lambda: running_types() == [head], "the idle worker nodes to go away")
+        # and the cluster never had a node besides the head and those the trials ran on (with another name
+        # for the head's type, the autoscaler started head-type nodes one after another: 9-15 in this test)
+        ever = {n["NodeID"] for n in _cluster_nodes(sweep_env, address)}
+        assert ever == {head_id, *df["node_id"]}, "nodes started that no trial ran on"
     finally:
         started = _processes_with_env("RAY_TMPDIR", ray_tmp)  # the cluster's, its agents included
         down = subprocess.run([*script, "down"], env=env, capture_output=True, text=True, timeout=120)
