@@ -291,6 +291,7 @@ def _cluster_nodes(env: dict, address: str) -> list[dict]:
 @pytest.mark.slow
 def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp_path):
     import os
+    import shutil
     import tempfile
 
     from cifar_ray.cluster import match_node_type
@@ -311,6 +312,7 @@ def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp
         return sorted(str(match_node_type(n["Resources"], types)) for n in _cluster_nodes(sweep_env, address)
                       if n["Alive"])
 
+    passed = False
     up = subprocess.run([*script, "up"], env=env, capture_output=True, text=True, timeout=WAIT_S)
     try:
         assert up.returncode == 0, up.stderr
@@ -340,6 +342,7 @@ def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp
         # for the head's type, the autoscaler started head-type nodes one after another: 9-15 in this test)
         ever = {n["NodeID"] for n in _cluster_nodes(sweep_env, address)}
         assert ever == {head_id, *df["node_id"]}, "nodes started that no trial ran on"
+        passed = True
     finally:
         started = _processes_with_env("RAY_TMPDIR", ray_tmp)  # the cluster's, its agents included
         down = subprocess.run([*script, "down"], env=env, capture_output=True, text=True, timeout=120)
@@ -348,3 +351,5 @@ def test_a_local_autoscaling_cluster_places_trials_by_tag_and_scales_to_zero(tmp
         assert not left.stdout.strip(), f"processes of the local cluster left: {left.stdout}"
         running = {pid: name for pid, name in started.items() if alive(pid)}
         assert not running, f"down returned while these of its processes still ran: {running}"
+        if passed:  # a failed run keeps the cluster's Ray folder (its logs) for a look
+            shutil.rmtree(ray_tmp)
