@@ -32,7 +32,7 @@ def config_keys(trials: pd.DataFrame, domains: dict[str, Domain]) -> list[str]:
     """The searched keys of the sweep (its domains, else the config columns that vary), seed aside."""
     keys = [k for k in domains if k in trials and k != SEED]
     if not keys:
-        keys = [c for c in trials.columns if "." in c and c != SEED and trials[c].astype(str).nunique() > 1]
+        keys = [c for c in trials.columns if "." in c and c != SEED and distinct_values(trials[c]) > 1]
     return keys
 
 
@@ -41,6 +41,12 @@ def _label(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+def distinct_values(column: pd.Series) -> int:
+    """How many values a config column holds, unset (null, NaN) counted as one: a choice of
+    [null, 3] (train.whiten_bias_epochs) is two values, where nunique() drops the unset."""
+    return column.map(lambda v: repr(_label(v))).nunique()
 
 
 # ---------------------------------------------------------------- importance
@@ -73,7 +79,7 @@ def importance(trials: pd.DataFrame, domains: dict[str, Domain], metric: str, mo
     best = f"best_{metric}"
     df = trials[np.isfinite(pd.to_numeric(trials.get(best, pd.Series(dtype=float)), errors="coerce"))] \
         if best in trials else trials.iloc[0:0]
-    keys = [k for k in config_keys(trials, domains) if k in df and df[k].map(_label).nunique() >= 2]
+    keys = [k for k in config_keys(trials, domains) if k in df and distinct_values(df[k]) >= 2]
     if len(keys) < 2 or len(df) < MIN_TRIALS:
         raise ValueError(f"importance needs at least {MIN_TRIALS} trials with a finite {metric} and two searched keys "
                          f"with two values or more each; this sweep has {len(df)} such trials and "

@@ -16,9 +16,11 @@ from cifar_ray import metrics as M
 from cifar_ray.analysis import AnalysisError, Sweep, load, ranked, write_parquet
 from cifar_ray.figures import format_cell, markdown_table, md, pyplot, save_figure
 from cifar_ray.files import atomic_write_text, printable
+from cifar_ray.insight import distinct_values
 from cifar_ray.record import CURVES_FILE, TRIALS_FILE
 
 TOP_CURVES = 5  # trials drawn in the learning-curve figure
+LEGEND_CHARS = 60  # a longer configuration would cover the plot: the legend names the trial instead
 REPORT_FILE = "report.md"
 TEST_REPORT_FILE = "test_report.txt"
 FIGURES = ("curves.png", "heatmap.png", "architectures.png", "per_class.png", "confusion.png", "importance.png",
@@ -30,7 +32,7 @@ WRITTEN = (REPORT_FILE, TEST_REPORT_FILE, TRIALS_FILE, CURVES_FILE, *FIGURES)  #
 def searched_keys(trials: pd.DataFrame) -> list[str]:
     """Config columns that vary between trials (train.seed aside)."""
     cols = [c for c in trials.columns if "." in c and c != "train.seed"]
-    return [c for c in cols if trials[c].astype(str).nunique() > 1]
+    return [c for c in cols if distinct_values(trials[c]) > 1]
 
 
 def trial_table(sweep: Sweep, trials: pd.DataFrame) -> pd.DataFrame:
@@ -46,6 +48,13 @@ def trial_table(sweep: Sweep, trials: pd.DataFrame) -> pd.DataFrame:
     return ranked(table, best, sweep.mode)
 
 
+def curve_label(trial_id: str, settings: list[str]) -> str:
+    """A curve's legend entry: its searched settings where they are short, else its trial id (the
+    report's trial table gives the configuration; a sweep of ten keys would fill the plot)."""
+    label = ", ".join(settings)
+    return label if label and len(label) <= LEGEND_CHARS else trial_id
+
+
 def plot_curves(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Optional[Path]:
     if curves.empty:
         return None
@@ -56,7 +65,7 @@ def plot_curves(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: P
     for i, trial_id in enumerate(top):
         c = curves[curves["trial_id"] == trial_id].drop_duplicates(M.EPOCH, keep="last")
         row = trials.set_index("trial_id").loc[trial_id]
-        label = ", ".join(f"{k.split('.', 1)[1]}={format_cell(row[k])}" for k in keys) or trial_id
+        label = curve_label(trial_id, [f"{k.split('.', 1)[1]}={format_cell(row[k])}" for k in keys])
         color = f"C{i}"
         ax_acc.plot(c[M.EPOCH], 100 * c[M.VAL_ACC], color=color, marker="o", label=f"{label} (val)")
         ax_acc.plot(c[M.EPOCH], 100 * c[M.TRAIN_ACC], color=color, linestyle="--", alpha=0.7)

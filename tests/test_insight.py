@@ -13,6 +13,7 @@ import yaml
 
 from cifar_ray import analysis
 from cifar_ray.insight import settled_epoch
+from cifar_ray.report import curve_label, write_report
 
 
 def fake_sweep(tmp_path: Path, name: str, sections: dict, trials: list[tuple[dict, list[float], str]],
@@ -59,6 +60,32 @@ def test_a_key_that_does_nothing_gets_low_importance(tmp_path):
     assert imp["importance"].is_monotonic_decreasing and (imp["method"] == "ped_anova").all()
     assert imp.iloc[0]["key"] == "train.lr" and imp.iloc[0]["importance"] > 0.8
     assert imp.set_index("key").loc[["train.momentum", "train.optimizer"], "importance"].max() < 0.15
+
+
+def test_a_choice_with_null_is_a_searched_key_in_importance_and_the_report(tmp_path):
+    # bn_momentum: null (the model's own) or 0.2; null trials are the good ones. Missing values used to
+    # count as no value at all, so the key vanished from the importance and the report's trial table.
+    rng = np.random.default_rng(0)
+    trials = [({"train.lr": lr, "train.bn_momentum": bn},
+               [0.2, lr_only(0.01, 0.002 * rng.normal()) - (0.2 if bn else 0.0)], "completed")
+              for lr, bn in itertools.product(LR_GRID * 2, [None, 0.2])]
+    sections = {"train": {"lr": {"choice": LR_GRID}, "bn_momentum": {"choice": [None, 0.2]}}}
+    folder = fake_sweep(tmp_path, "null", sections, trials)
+    imp = analysis.load(folder).importance()  # without null as a value: "needs ... two searched keys"
+    assert set(imp["key"]) == {"train.lr", "train.bn_momentum"}
+    assert imp.set_index("key").loc["train.bn_momentum", "importance"] > 0.2
+    cmp = analysis.load(folder).compare()
+    assert len(cmp) == 6 and cmp["n"].tolist() == [2] * 6  # null is a configuration of its own
+    report = write_report(str(folder), str(tmp_path / "report")).read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| trial_id"))
+    assert "train.bn_momentum" in header and "train.lr" in header
+
+
+def test_a_curve_is_labelled_by_its_settings_or_by_its_trial_when_they_are_long():
+    assert curve_label("abc_00001", ["lr=0.1", "momentum=0.9"]) == "lr=0.1, momentum=0.9"
+    long = [f"key{i}=0.123456" for i in range(10)]
+    assert curve_label("abc_00001", long) == "abc_00001"
+    assert curve_label("abc_00001", []) == "abc_00001"
 
 
 def test_importance_of_a_small_grid_and_its_limits(tmp_path):
