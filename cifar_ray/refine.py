@@ -83,6 +83,14 @@ def _points(lo: float, hi: float, n: int, log: bool) -> list[float]:
     return list(dict.fromkeys(_round(float(v)) for v in raw))
 
 
+def used_values(column: list[Any], dom: Domain) -> list[Any]:
+    """The values the kept trials ran with. A table holds a null as NaN: where the domain lists null
+    (train.whiten_bias_epochs: [null, 3]) it is that value, else a value the trial did not record."""
+    nullable = dom.kind in ("grid", "choice") and any(v is None for v in dom.values)
+    missing = [isinstance(v, float) and math.isnan(v) for v in column]
+    return [None if gone else v for v, gone in zip(column, missing, strict=True) if nullable or not gone]
+
+
 def refine_domain(key: str, dom: Domain, values: list[Any], base: dict) -> Any:
     """The new domain (as the sweep file writes it) or constant for one searched key."""
     def number(v: Any) -> bool:
@@ -155,7 +163,7 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
     base = first_candidate(Space(_flat_constants(doc) | domains, None))
     changes = []
     for key, dom in domains.items():
-        values = [v for v in kept[key].tolist() if not (isinstance(v, float) and math.isnan(v))] if key in kept else []
+        values = used_values(kept[key].tolist(), dom) if key in kept else []
         if not values:
             continue
         new = refine_domain(key, dom, values, base)

@@ -68,16 +68,19 @@ def plot_curves(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: P
         label = curve_label(trial_id, [f"{k.split('.', 1)[1]}={format_cell(row[k])}" for k in keys])
         color = f"C{i}"
         ax_acc.plot(c[M.EPOCH], 100 * c[M.VAL_ACC], color=color, marker="o", label=f"{label} (val)")
-        ax_acc.plot(c[M.EPOCH], 100 * c[M.TRAIN_ACC], color=color, linestyle="--", alpha=0.7)
-        ax_loss.plot(c[M.EPOCH], c[M.VAL_LOSS], color=color, marker="o", label=label)
+        if M.TRAIN_ACC in c:  # a trainable reports what it measures; the engine's report both
+            ax_acc.plot(c[M.EPOCH], 100 * c[M.TRAIN_ACC], color=color, linestyle="--", alpha=0.7)
+        if M.VAL_LOSS in c:
+            ax_loss.plot(c[M.EPOCH], c[M.VAL_LOSS], color=color, marker="o", label=label)
     ax_acc.set(title=f"Accuracy of the top {len(top)} trials (solid: validation, dashed: train)",
                xlabel="epoch", ylabel="accuracy (%)")
     ax_loss.set(title="Validation loss", xlabel="epoch", ylabel="cross-entropy loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    ax_acc.legend(fontsize=8)
-    ax_loss.legend(fontsize=8)
+    for ax in (ax_acc, ax_loss):
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, out / "curves.png")
 

@@ -13,6 +13,7 @@ import yaml
 
 from cifar_ray import analysis
 from cifar_ray.insight import settled_epoch
+from cifar_ray.refine import main as refine_main
 from cifar_ray.report import curve_label, write_report
 
 
@@ -76,6 +77,8 @@ def test_a_choice_with_null_is_a_searched_key_in_importance_and_the_report(tmp_p
     assert imp.set_index("key").loc["train.bn_momentum", "importance"] > 0.2
     cmp = analysis.load(folder).compare()
     assert len(cmp) == 6 and cmp["n"].tolist() == [2] * 6  # null is a configuration of its own
+    refine_main([str(folder), "--top", "12", "--out", str(tmp_path / "next.yaml")])
+    assert yaml.safe_load((tmp_path / "next.yaml").read_text())["train"]["bn_momentum"] == {"choice": [None, 0.2]}
     report = write_report(str(folder), str(tmp_path / "report")).read_text()
     header = next(line for line in report.splitlines() if line.startswith("| trial_id"))
     assert "train.bn_momentum" in header and "train.lr" in header
