@@ -4,9 +4,10 @@
 
 Numeric keys get a domain spanning the top K trials' values with a margin of half that span on each
 side (log domains stay log: the margin is then a factor), kept inside what the configuration allows;
-a grid stays a grid with as many points, a random domain stays random. Categorical keys keep the
-values the top K used. Unsearched keys, seeds, search, scheduler and resources are unchanged. The file
-gets a new name (`<name>_refined`) and a header saying where it came from and which trials it kept.
+a grid of floats stays a grid with as many points, a random domain stays random. A choice (a menu) and
+a grid of anything else keep the values the top K used. Unsearched keys, seeds, search, scheduler and
+resources are unchanged. The file gets a new name (`<name>_refined`) and a header saying where it came
+from and which trials it kept.
 """
 from __future__ import annotations
 
@@ -97,9 +98,11 @@ def refine_domain(key: str, dom: Domain, values: list[Any], base: dict) -> Any:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     listed = dom.kind in ("grid", "choice")
-    # a listing of anything but floats (names, flags, policies, batch sizes) keeps the values the top K used
-    if listed and not (all(number(v) for v in (*dom.values, *values)) and not all(isinstance(v, int)
-                                                                               for v in dom.values)):
+    # A choice is a menu (Optuna samples it as categories), and so is a grid of anything but floats
+    # (names, flags, policies, batch sizes): both keep the values the top K used. Re-spacing a menu
+    # proposes values nobody listed (bn_momentum choice[0.2, 0.4, 0.6] became [0.3, 0.5, 0.7]).
+    floats = all(number(v) for v in (*dom.values, *values)) and not all(isinstance(v, int) for v in dom.values)
+    if dom.kind == "choice" or (listed and not floats):
         kept = [v for v in dom.values if any(v == u for u in values)] or list(dict.fromkeys(values))
         return kept[0] if len(kept) == 1 else {dom.kind: kept}
     if not all(number(v) for v in values):
@@ -132,6 +135,12 @@ def refined_name(name: str) -> str:
     if not match:
         return f"{name}_refined"[:100]
     return f"{name[:match.start()]}_refined{int(match.group(1) or 1) + 1}"
+
+
+def _shown(value: Any, dom: Domain) -> str:
+    """A kept trial's value in the header: a null the table holds as NaN is written as null."""
+    (used,) = used_values([value], dom) or [value]
+    return format_value(used)
 
 
 def _describe(value: Any) -> str:
@@ -174,7 +183,7 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
     dropped = drop_machine_settings(doc)
     shown_keys = list(domains)
     kept_lines = [f"#   {printable(row['trial_id'])}: {sweep.metric} {row[best]:.4f}"
-                  + (f" ({', '.join(f'{k}={printable(format_value(row[k]))}' for k in shown_keys if k in row)})"
+                  + (f" ({', '.join(f'{k}={printable(_shown(row[k], domains[k]))}' for k in shown_keys if k in row)})"
                      if shown_keys else "") for _, row in kept.iterrows()]
     header = [f"# {name}: refined from {printable(sweep.path)} (sweep {printable(stored['name'])}, {sweep.metric} "
               f"{sweep.mode}) on {dt.date.today().isoformat()} by python -m cifar_ray.refine --top {top}.",

@@ -71,7 +71,9 @@ class Space:
 
 
 def format_value(v: Any) -> str:
-    """A value as the dry run, errors and the summary show it: floats in %g."""
+    """A value as the dry run, errors and the summary show it: floats in %g, None as the file writes it."""
+    if v is None:
+        return "null"
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 

@@ -236,6 +236,30 @@ def test_refine_keeps_a_grid_a_grid_and_refuses_what_it_cannot_do(tmp_path, caps
     assert refine_main([str(tmp_path / "missing")]) == 2
 
 
+
+def test_refine_keeps_a_choice_to_the_values_the_top_trials_used_and_writes_their_null(tmp_path):
+    # a choice is a menu: bn_momentum choice[0.2, 0.4, 0.6] with winners at 0.4 and 0.6 used to come back
+    # re-spaced as [0.3, 0.5, 0.7], values nobody listed; a float grid is still re-spaced (test above)
+    trials = [({"train.lr": lr, "train.bn_momentum": bn, "train.whiten_bias_epochs": wb},
+               [lr_only(lr) + (0.01 if bn in (0.4, 0.6) else 0.0) + (0.002 if wb is None else 0.0)], "completed")
+              for lr, bn, wb in itertools.product(LR_GRID, [0.2, 0.4, 0.6], [None, 3])]
+    sections = {"model": {"name": "whitened_cnn"},
+                "train": {"lr": {"grid": LR_GRID}, "bn_momentum": {"choice": [0.2, 0.4, 0.6]},
+                          "whiten_bias_epochs": {"choice": [None, 3]}}}
+    exp = fake_sweep(tmp_path, "menu", sections, trials)
+    out = tmp_path / "next.yaml"
+    assert refine_main([str(exp), "--top", "3", "--out", str(out)]) == 0
+    text = out.read_text()
+    doc = yaml.safe_load(text)
+    # the top 3: lr 0.01 at bn 0.4/0.6 with wb null, then one of them with wb 3
+    assert doc["train"]["bn_momentum"] == {"choice": [0.4, 0.6]}
+    assert doc["train"]["whiten_bias_epochs"] == {"choice": [None, 3]}
+    kept = [line for line in text.splitlines() if line.startswith("#   abcde_")]
+    assert len(kept) == 3 and sum("train.whiten_bias_epochs=null" in line for line in kept) == 2
+    assert "nan" not in text and "None" not in text
+    assert "#   train.whiten_bias_epochs: choice[null, 3] -> choice[null, 3]" in text
+
+
 # ---------------------------------------------------------------- --dry-run --estimate
 
 def test_estimate_names_what_it_measured_and_ends_with_the_wall_time(tmp_path, capsys):
