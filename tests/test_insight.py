@@ -236,7 +236,6 @@ def test_refine_keeps_a_grid_a_grid_and_refuses_what_it_cannot_do(tmp_path, caps
     assert refine_main([str(tmp_path / "missing")]) == 2
 
 
-
 def test_refine_keeps_a_choice_to_the_values_the_top_trials_used_and_writes_their_null(tmp_path):
     # a choice is a menu: bn_momentum choice[0.2, 0.4, 0.6] with winners at 0.4 and 0.6 used to come back
     # re-spaced as [0.3, 0.5, 0.7], values nobody listed; a float grid is still re-spaced (test above)
