@@ -97,12 +97,11 @@ def refine_domain(key: str, dom: Domain, values: list[Any], base: dict) -> Any:
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    listed = dom.kind in ("grid", "choice")
     # A choice is a menu (Optuna samples it as categories), and so is a grid of anything but floats
     # (names, flags, policies, batch sizes): both keep the values the top K used. Re-spacing a menu
     # proposes values nobody listed (bn_momentum choice[0.2, 0.4, 0.6] became [0.3, 0.5, 0.7]).
     floats = all(number(v) for v in (*dom.values, *values)) and not all(isinstance(v, int) for v in dom.values)
-    if dom.kind == "choice" or (listed and not floats):
+    if dom.kind == "choice" or (dom.kind == "grid" and not floats):
         kept = [v for v in dom.values if any(v == u for u in values)] or list(dict.fromkeys(values))
         return kept[0] if len(kept) == 1 else {dom.kind: kept}
     if not all(number(v) for v in values):
@@ -116,7 +115,7 @@ def refine_domain(key: str, dom: Domain, values: list[Any], base: dict) -> Any:
         return lo if lo == hi else {"randint": [lo, hi]}
     if hi <= lo:
         return _round(lo)
-    if dom.kind in ("grid", "choice"):
+    if dom.kind == "grid":
         points = _points(lo, hi, max(len(dom.values), 3), is_log(dom))
         return points[0] if len(points) == 1 else {dom.kind: points}
     return {dom.kind: [_round(lo), _round(hi)]}
