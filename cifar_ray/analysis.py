@@ -313,13 +313,29 @@ def local_data(config: dict, data: Optional[str], trial_id: str) -> dict:
     return out
 
 
+def as_json_mappings(df: pd.DataFrame) -> pd.DataFrame:
+    """Config columns holding a mapping (an augment policy) with their cells as JSON text. Parquet has
+    no type for "a policy's name or a mapping of any keys": pyarrow refuses a column that mixes the two
+    (a grid of [flip_crop, {hflip: 0.5}]), and stores mappings of different keys as one struct whose
+    absent keys read back as null ({alternate_flip: true} became {..., hflip: None}), a value the
+    schema refuses. `json.loads` gives the mapping back; a name stays plain text."""
+    import json
+
+    keys = [c for c in df.columns if str(c).split(".", 1)[0] in ("model", "data", "train")
+            and df[c].map(lambda v: isinstance(v, dict)).any()]
+    if not keys:
+        return df
+    return df.assign(**{c: df[c].map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
+                        for c in keys})
+
+
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:
     """Write through pyarrow to a new temporary file, then rename: readers never see half a file and
     a link at `path` is replaced, not written through."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = pa.Table.from_pandas(as_json_mappings(df), preserve_index=False)
     return atomic_write(path, lambda f: pq.write_table(table, f))
 
 

@@ -15,6 +15,7 @@ two sweeps of one name begun in the same second from sharing Tune's staging fold
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import pickle
 from typing import Any, Iterator, Optional
@@ -129,10 +130,25 @@ def staging_of_its_own() -> Iterator[None]:
 
 
 class FolderPerTrialGenerator(BasicVariantGenerator):
-    """BasicVariantGenerator whose trials carry their folder name from the moment they are made."""
+    """BasicVariantGenerator whose trials carry their folder name from the moment they are made, and
+    whose points may hold mappings as values (a grid of augment policies). Tune reads a mapping in a
+    point as nested keys to look up in the param_space ("KeyError: 'hflip'"), so such values are kept
+    aside here, by point, and put in the trial's config when Tune makes it: the n-th trial it makes is
+    the n-th point (`%05d` in its id counts them). Saved with the generator's state for a resume."""
+
+    def __init__(self, points_to_evaluate: Optional[list[dict]] = None, **kwargs: Any):
+        points = [dict(p) for p in points_to_evaluate or []]
+        keys = {k for p in points for k, v in p.items() if isinstance(v, dict)}  # a policy's name beside them too
+        self._whole = [{k: p.pop(k) for k in keys if k in p} for p in points]
+        super().__init__(points_to_evaluate=points or None, **kwargs)
 
     def next_trial(self) -> Optional[Any]:
-        return name_folder(super().next_trial())
+        trial = super().next_trial()
+        whole = getattr(self, "_whole", [])  # a generator pickled before it held them has none
+        n = int(trial.trial_id.rsplit("_", 1)[1]) if trial is not None else len(whole)
+        if n < len(whole):
+            trial.config.update(copy.deepcopy(whole[n]))
+        return name_folder(trial)
 
 
 class PackedSearch(Searcher):

@@ -24,13 +24,19 @@ def to_tune(dom: Domain) -> Any:  # a Tune search domain or grid_search dict
 
 
 def param_space(space: Space) -> dict[str, Any]:
-    """Tune's param_space: flat dotted keys, domains as Tune search objects."""
+    """Tune's param_space: flat dotted keys, domains as Tune search objects. A grid of mappings (augment
+    policies) stands as its first value: every trial's point gives its own (tune_search.FolderPerTrialGenerator)."""
     from ray import tune
 
-    out = {k: to_tune(v) if isinstance(v, Domain) else v for k, v in space.values.items()}
+    out = {k: (v.values[0] if _grid_of_mappings(v) else to_tune(v)) if isinstance(v, Domain) else v
+           for k, v in space.values.items()}
     if space.seeds:
         out["train.seed"] = tune.grid_search(list(space.seeds))
     return out
+
+
+def _grid_of_mappings(dom: Domain) -> bool:
+    return dom.kind == "grid" and any(isinstance(v, dict) for v in dom.values)
 
 
 def mutations(sweep: SweepConfig, space: Space, where: str) -> dict[str, Any]:

@@ -109,6 +109,34 @@ def test_a_sweep_console_is_quiet(ray_session, tmp_path):
         line for line in lines if line.startswith("4/4 done"))), out
 
 
+def test_a_grid_of_augment_policies_runs_each_trial_with_its_own_and_records_it(ray_session, tmp_path):
+    """Mappings and a policy's name in one grid: Tune took a mapping in a grid point for nested keys and
+    stopped the sweep (KeyError: 'hflip'), and trials.parquet refused the mixed column. Each trial
+    trains with its policy: its curve is that of a sweep of that policy alone."""
+    import pandas as pd
+
+    from cifar_ray import analysis
+
+    policies = [{"hflip": 0.5, "crop_padding": 2}, "flip_crop", {"alternate_flip": True}]
+    path = write_sweep(tmp_path, "policies", train__epochs=1, data__augment={"grid": policies})
+    alone = write_sweep(tmp_path, "alone", train__epochs=1, data__augment=policies[2])
+    for p in (path, alone):
+        assert main([str(p), "--storage-path", str(tmp_path / "results")]) == 0
+    exp = tmp_path / "results" / "policies"
+    sweep = analysis.load(exp)
+    trials = sweep.trials().sort_values("trial_id")
+    assert list(trials["data.augment"]) == policies and set(trials["status"]) == {"completed"}
+    stored = pd.read_parquet(exp / "trials.parquet").sort_values("trial_id")  # a mapping as its JSON text
+    assert [json.loads(v) if v.startswith("{") else v for v in stored["data.augment"]] == policies
+    curves = sweep.curves().set_index("trial_id")
+    own = curves.loc[trials["trial_id"].iloc[2]]
+    straight = analysis.load(tmp_path / "results" / "alone").curves().iloc[0]
+    for col in ("train_loss", "val_loss", "val_acc"):
+        assert own[col] == straight[col], col
+    assert curves["train_loss"].nunique() == 3  # three policies, three runs
+    assert_records_agree(exp)
+
+
 def test_diverging_trial_is_diverged_while_others_finish(ray_session, tmp_path):
     path = write_sweep(tmp_path, "diverge", train__epochs=3, train__lr={"grid": [0.05, 10.0]}, train__momentum=0.99,
                        train__batch_size=16)
