@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from cifar_ray.config import ConfigError, default
+from cifar_ray.config import ConfigError
 from cifar_ray.files import printable
 from cifar_ray.models import model_spec
-from cifar_ray.space import Domain, Space
+from cifar_ray.space import Space
 from cifar_ray.sweep_config import ResourcesConfig, SweepConfig
 
 ACCELERATOR_PREFIX = "accelerator_type:"
@@ -26,8 +26,7 @@ class InfeasibleError(RuntimeError):
 
 
 def model_names(space: Space) -> list[str]:
-    name = space.values.get("model.name", default("model.name"))
-    return list(dict.fromkeys(name.values)) if isinstance(name, Domain) else [name]
+    return list(dict.fromkeys(space.values_of("model.name")))
 
 
 def request(r: ResourcesConfig) -> dict[str, float]:

@@ -62,10 +62,12 @@ def _variants(space: Space, trials: Optional[list[dict]]) -> list[dict]:
     base = first_candidate(space)
     keys = [k for k in _timing_keys(space) if isinstance(space.values[k], Domain)]
     choices = [space.values[k].candidates() for k in keys]
-    if math.prod(len(c) for c in choices) > MAX_TIMED:
+    starts = [base | c for c in space.listed] or [dict(base)]  # each listed configuration
+    if math.prod(len(c) for c in choices) * len(starts) > MAX_TIMED:
         rng = random.Random(0)
-        return [base | {k: rng.choice(c) for k, c in zip(keys, choices, strict=True)} for _ in range(MAX_TIMED)]
-    out = [dict(base)]
+        return [rng.choice(starts) | {k: rng.choice(c) for k, c in zip(keys, choices, strict=True)}
+                for _ in range(MAX_TIMED)]
+    out = starts
     for key, candidates in zip(keys, choices, strict=True):
         out = [v | {key: c} for v in out for c in candidates]
     return out
@@ -250,7 +252,7 @@ def estimate_epochs(sweep: SweepConfig, space: Space, trials: Optional[list[dict
         mean_epoch = sum(trial_seconds(v)[0] for v in variants) / len(variants)
         mean_total = sum(trial_seconds(v)[1] for v in variants) / len(variants)
         combos = math.prod(len(space.values[k].candidates()) for k in _timing_keys(space)
-                           if isinstance(space.values[k], Domain))
+                           if isinstance(space.values[k], Domain)) * (len(space.listed) or 1)
         over = (f"a seeded sample of {len(variants)} of the {combos:,} combinations of the searched model/batch "
                 "candidates") if combos > len(variants) else "the searched model/batch candidates"
         lines.append(f"  each of {n_trials} trials (mean over {over}): {mean_epoch:.1f} s an epoch, "

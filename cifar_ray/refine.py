@@ -5,9 +5,9 @@
 Numeric keys get a domain spanning the top K trials' values with a margin of half that span on each
 side (log domains stay log: the margin is then a factor), kept inside what the configuration allows;
 a grid of floats stays a grid with as many points, a random domain stays random. A choice (a menu) and
-a grid of anything else keep the values the top K used. Unsearched keys, seeds, search, scheduler and
-resources are unchanged. The file gets a new name (`<name>_refined`) and a header saying where it came
-from and which trials it kept.
+a grid of anything else keep the values the top K used, and `configurations:` keeps the configurations
+they ran. Unsearched keys, seeds, search, scheduler and resources are unchanged. The file gets a new
+name (`<name>_refined`) and a header saying where it came from and which trials it kept.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import yaml
 from cifar_ray.analysis import AnalysisError, load, ranked
 from cifar_ray.config import ConfigError
 from cifar_ray.files import new_file_mode, printable
-from cifar_ray.space import Domain, first_candidate, format_value, is_log, stored_domains
+from cifar_ray.space import Domain, first_candidate, format_value, is_log, listed_domains, stored_domains, stored_listed
 
 DEFAULT_TOP = 3
 MARGIN = 0.5  # of the top trials' span, on each side (in log space for log domains)
@@ -90,6 +90,22 @@ def used_values(column: list[Any], dom: Domain) -> list[Any]:
     nullable = dom.kind in ("grid", "choice") and any(v is None for v in dom.values)
     missing = [isinstance(v, float) and math.isnan(v) for v in column]
     return [None if gone else v for v, gone in zip(column, missing, strict=True) if nullable or not gone]
+
+
+def listed_keys(listed: tuple[dict[str, Any], ...]) -> list[str]:
+    return list(listed[0]) if listed else []
+
+
+def used_configurations(kept: pd.DataFrame, listed: tuple[dict[str, Any], ...]) -> list[int]:
+    """The indexes of the configurations some kept trial ran (its listed keys' values all match)."""
+    def same(recorded: Any, given: Any) -> bool:
+        if isinstance(recorded, float) and math.isnan(recorded):
+            return given is None
+        return bool(recorded == given)
+
+    rows = [row for _, row in kept.iterrows()]
+    return [i for i, config in enumerate(listed)
+            if any(all(k in row and same(row[k], v) for k, v in config.items()) for row in rows)]
 
 
 def refine_domain(key: str, dom: Domain, values: list[Any], base: dict) -> Any:
@@ -166,7 +182,8 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
     if finished.empty:
         raise RefineError(f"{sweep.path}: no trial has reported a finite {sweep.metric}; nothing to refine around")
     kept = ranked(finished, best, sweep.mode).head(top)
-    domains = {k: d for k, d in stored_domains(stored).items() if k != "train.seed"}
+    listed = stored_listed(stored)
+    domains = {k: d for k, d in stored_domains(stored).items() if k != "train.seed" and k not in listed_keys(listed)}
     doc = {k: v for k, v in stored.items() if k not in STORED_ONLY}
     base = first_candidate(Space(_flat_constants(doc) | domains, None))
     changes = []
@@ -177,12 +194,17 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
         new = refine_domain(key, dom, values, base)
         _set(doc, key, new)
         changes.append(f"#   {key}: {dom.describe()} -> {_describe(new)}")
+    if listed:  # the configurations are menu items: keep those the top K ran
+        used = used_configurations(kept, listed)
+        doc["configurations"] = [doc["configurations"][i] for i in used]
+        changes.append(f"#   configurations: {len(listed)} -> {len(used)} (kept {', '.join(map(str, used))})")
     name = refined_name(str(stored["name"]))
     doc["name"] = name
     dropped = drop_machine_settings(doc)
-    shown_keys = list(domains)
+    searched = listed_domains(listed) | domains
+    shown_keys = list(searched)
     kept_lines = [f"#   {printable(row['trial_id'])}: {sweep.metric} {row[best]:.4f}"
-                  + (f" ({', '.join(f'{k}={printable(_shown(row[k], domains[k]))}' for k in shown_keys if k in row)})"
+                  + (f" ({', '.join(f'{k}={printable(_shown(row[k], searched[k]))}' for k in shown_keys if k in row)})"
                      if shown_keys else "") for _, row in kept.iterrows()]
     header = [f"# {name}: refined from {printable(sweep.path)} (sweep {printable(stored['name'])}, {sweep.metric} "
               f"{sweep.mode}) on {dt.date.today().isoformat()} by python -m cifar_ray.refine --top {top}.",

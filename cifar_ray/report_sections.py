@@ -3,6 +3,7 @@ ranking settled. Each returns its Markdown lines (a figure and a sentence or two
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,7 @@ from cifar_ray.space import Domain, is_log
 
 SECTION_FIGURES = ("importance.png", "seeds.png", "parallel.png", "early_vs_final.png")
 TOP_CONFIGS = 12  # configurations drawn in the seeds figure
+LABEL_WIDTH = 60  # characters a line of a configuration's label in the seeds figure
 STANDS_OUT = 0.1  # a key "mattered most" when its importance leads the next by this much
 
 
@@ -75,16 +77,18 @@ def seeds_section(sweep: Sweep, trials: pd.DataFrame, out: Path) -> list[str]:
                         "interval and Welch's t-test against the best):", "", "```yaml", seeds, "```", ""]
     scale = 100 if sweep.metric.endswith("acc") else 1
     top = cmp.head(TOP_CONFIGS).iloc[::-1]
-    labels = [", ".join(f"{k.split('.', 1)[-1]}={_short(r[k])}" for k in keys) or "all" for _, r in top.iterrows()]
+    labels = [textwrap.fill(", ".join(f"{k.split('.', 1)[-1]}={_short(r[k])}" for k in keys) or "all", LABEL_WIDTH)
+              + f" (n={n})" for (_, r), n in zip(top.iterrows(), top["n"], strict=True)]
+    rows = sum(lab.count("\n") + 1 for lab in labels)  # a configuration of many keys takes several lines
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(top) + 1.8))
+    fig, ax = plt.subplots(figsize=(8 + (3 if rows > len(labels) else 0), 0.3 * rows + 0.2 * len(top) + 1.8))
     y = np.arange(len(top))
     low = (top["mean"] - top["ci_low"]).fillna(0) * scale
     high = (top["ci_high"] - top["mean"]).fillna(0) * scale
     colors = ["C3" if i == len(top) - 1 else "C0" for i in range(len(top))]
     ax.errorbar(top["mean"] * scale, y, xerr=[low, high], fmt="none", ecolor="gray", capsize=3)
     ax.scatter(top["mean"] * scale, y, c=colors, zorder=3)
-    ax.set_yticks(y, [f"{lab} (n={n})" for lab, n in zip(labels, top["n"], strict=True)], fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
     unit = " (%)" if scale == 100 else ""
     ax.set(xlabel=f"mean best {sweep.metric}{unit}, bars: 95% interval over seeds",
            title="Configurations over their seeds (best in red)")

@@ -45,29 +45,47 @@ class Domain:
 
 @dataclass(frozen=True)
 class Space:
-    """Constants and domains by flat key, plus the seeds that repeat every configuration."""
+    """Constants and domains by flat key, the listed configurations, and the seeds that repeat every
+    configuration."""
 
-    values: dict[str, Any]  # key -> constant or Domain
+    values: dict[str, Any]  # key -> constant or Domain; a listed key holds the first configuration's value
     seeds: Optional[tuple[int, ...]]
+    # `configurations:`: each one's value of every key any of them lists (the sections' value where it
+    # lists none), the same keys in the same order in each; empty when the file lists none
+    listed: tuple[dict[str, Any], ...] = ()
 
     def domains(self) -> dict[str, Domain]:
         return {k: v for k, v in self.values.items() if isinstance(v, Domain)}
 
+    def listed_keys(self) -> list[str]:
+        return list(self.listed[0]) if self.listed else []
+
     def searched_keys(self) -> list[str]:
-        keys = list(self.domains())
+        keys = self.listed_keys() + list(self.domains())
         return keys + (["train.seed"] if self.seeds and "train.seed" not in keys else [])
+
+    def values_of(self, key: str) -> list[Any]:
+        """Every value `key` takes in the sweep: a domain's candidates, the configurations' values, or the
+        one constant (the schema's default where the file gives none)."""
+        from cifar_ray.config import default
+
+        value = self.values.get(key, default(key))
+        if isinstance(value, Domain):
+            return value.candidates()
+        return distinct([c[key] for c in self.listed]) if key in self.listed_keys() else [value]
 
     def has_random(self) -> bool:
         return any(d.kind in RANDOM_KINDS for d in self.domains().values())
 
     def grid_size(self) -> int:
         n = math.prod(len(d.values) for d in self.domains().values() if d.kind == "grid")
-        return n * (len(self.seeds) if self.seeds else 1)
+        return n * (len(self.seeds) if self.seeds else 1) * (len(self.listed) or 1)
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between a sweep and its --resume."""
-        return {k: (v.describe() if isinstance(v, Domain) else v) for k, v in sorted(self.values.items())} | {
+        out = {k: (v.describe() if isinstance(v, Domain) else v) for k, v in sorted(self.values.items())} | {
             "seeds": list(self.seeds) if self.seeds else None}
+        return out | ({"configurations": [dict(c) for c in self.listed]} if self.listed else {})
 
 
 def format_value(v: Any) -> str:
@@ -75,6 +93,16 @@ def format_value(v: Any) -> str:
     if v is None:
         return "null"
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def distinct(values: list[Any]) -> list[Any]:
+    """Values without repeats, in their first order; mappings (augment policies) compared by content."""
+    import json
+
+    seen: dict[str, Any] = {}
+    for v in values:
+        seen.setdefault(json.dumps(v, sort_keys=True, default=str), v)
+    return list(seen.values())
 
 
 def first_candidate(space: "Space") -> dict[str, Any]:
@@ -151,10 +179,98 @@ def build_space(sweep: SweepConfig, where: str) -> Space:
     seeds = tuple(sweep.seeds) if sweep.seeds else None
     if seeds and "train.seed" in values:
         raise ConfigError(f"{where}: seeds: and train.seed: both set; keep one")
-    space = Space(values, seeds)
+    listed: tuple[dict[str, Any], ...] = ()
+    if sweep.configurations is not None:
+        values, listed = with_configurations(values, sweep.configurations, where)
+        if seeds and "train.seed" in listed[0]:
+            raise ConfigError(f"{where}: seeds: and train.seed in configurations: both set; keep one")
+    space = Space(values, seeds, listed)
     _check_candidates(space, where)
     _check_search(space, sweep, where)
     return space
+
+
+def configuration_keys(entry: Any, at: str) -> dict[str, Any]:
+    """One entry of `configurations:` as flat keys. Keys are dotted as in --set (`train.lr: 0.1`), or
+    under their section (`train: {lr: 0.1}`); a mapping below that (data.augment) is one value that
+    replaces the sections' whole mapping, as --set does."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{at}: must be a mapping of keys to values, e.g. {{train.lr: 0.1, train.momentum: 0.9}}")
+    flat: dict[str, Any] = {}
+    for key, value in entry.items():
+        pairs = ([(f"{key}.{k}", v) for k, v in value.items()] if key in SECTIONS and isinstance(value, dict)
+                 else [(str(key), value)])
+        for k, v in pairs:
+            section = k.split(".", 1)[0]
+            if section not in SECTIONS or "." not in k:
+                raise ConfigError(f"{at}: {k}: not a key of model, data or train; name it as in --set, e.g. train.lr")
+            if is_domain(v):
+                raise ConfigError(f"{at}.{k}: a configuration gives values, not domains; search {k} in the "
+                                  f"{section} section instead")
+            if isinstance(v, list) or (isinstance(v, dict) and not k.endswith("augment")):
+                raise ConfigError(f"{at}.{k}: values are scalars (a mapping only for data.augment), got {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{at}.{k}: {v} is not a finite number")
+            if k in UNSEARCHABLE:
+                raise ConfigError(f"{at}.{k}: cannot differ between configurations (one data set and device per "
+                                  "sweep); give it in the sections")
+            if k in flat:
+                raise ConfigError(f"{at}.{k}: given twice")
+            flat[k] = v
+    return flat
+
+
+def with_configurations(values: dict[str, Any], entries: list[Any], where: str
+                        ) -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
+    """The sections' flat values and `configurations:` -> (the values, each listed key holding the first
+    configuration's value; every configuration's value of every listed key). A listed key that is a
+    mapping (data.augment) takes the sections' keys below it into one value, so a configuration
+    replaces the whole policy. ConfigError for a key both searched and listed, a repeated configuration,
+    and a key given whole in one place and by its parts in another."""
+    from cifar_ray.config import default
+
+    flats = [configuration_keys(e, f"{where}: configurations[{i}]") for i, e in enumerate(entries)]
+    keys = list(dict.fromkeys(k for f in flats for k in f))
+    values = dict(values)
+    for i, flat in enumerate(flats):
+        at = f"{where}: configurations[{i}]"
+        for key in flat:
+            for other, value in values.items():
+                nested = other.startswith(key + ".") or key.startswith(other + ".")
+                if isinstance(value, Domain) and (other == key or nested):
+                    raise ConfigError(f"{at}.{key}: {other} is searched ({value.describe()}) in the "
+                                      f"{other.split('.', 1)[0]} section; list it in every configuration or search "
+                                      "it, not both")
+                if key.startswith(other + "."):
+                    raise ConfigError(f"{at}.{key}: the sections give {other} as {format_value(value)}; give "
+                                      f"{other} whole in the configuration")
+            whole = [k for k in keys if key.startswith(k + ".")]
+            if whole:
+                raise ConfigError(f"{at}.{key}: another configuration gives {whole[0]} whole; give it whole here too")
+    base: dict[str, Any] = {}
+    for key in keys:
+        parts = {k[len(key) + 1:]: v for k, v in values.items() if k.startswith(key + ".")}
+        if parts:  # the sections' policy keys, one value now
+            base[key] = unflatten(parts)
+            values = {k: v for k, v in values.items() if not k.startswith(key + ".")}
+        elif key in values:
+            base[key] = values[key]
+        else:
+            try:
+                dflt = default(key)
+            except AttributeError:  # not a key of the schema: the check of the first configuration naming it says so
+                i = next(i for i, f in enumerate(flats) if key in f)
+                firsts = {k: (v.candidates()[0] if isinstance(v, Domain) else v) for k, v in values.items()}
+                trial_from(firsts | flats[i], f"{where}: configurations[{i}]")
+                raise ConfigError(f"{where}: configurations[{i}].{key}: not a key of model, data or train") from None
+            base[key] = dflt.model_dump() if hasattr(dflt, "model_dump") else dflt
+    listed = tuple({k: flat.get(k, base[k]) for k in keys} for flat in flats)
+    for i, config in enumerate(listed):
+        for j in range(i):
+            if distinct([listed[j], config]) == [listed[j]]:
+                raise ConfigError(f"{where}: configurations[{i}] is configurations[{j}] again; repeat a "
+                                  "configuration with seeds: or search.samples")
+    return values | listed[0], listed
 
 
 def trial_from(flat: dict[str, Any], where: str) -> TrialConfig:
@@ -174,12 +290,16 @@ def trial_from(flat: dict[str, Any], where: str) -> TrialConfig:
 def _check_candidates(space: Space, where: str) -> None:
     domains = space.domains()
     first = first_candidate(space)
-    trial_from(first, where)
-    combos = math.prod(len(d.candidates()) for d in domains.values())
+    configs = [(f"{where}: configurations[{i}]", c) for i, c in enumerate(space.listed)] or [(where, {})]
+    for at, config in configs:
+        trial_from(first | config, at)
+    combos = math.prod(len(d.candidates()) for d in domains.values()) * len(configs)
     if combos <= FULL_CHECK_LIMIT:  # every combination, so model x option clashes are found
         keys = list(domains)
-        for picks in itertools.product(*(domains[k].candidates() for k in keys)):
-            _check_one(first | dict(zip(keys, picks, strict=True)), dict(zip(keys, picks, strict=True)), domains, where)
+        for at, config in configs:
+            for picks in itertools.product(*(domains[k].candidates() for k in keys)):
+                picked = dict(zip(keys, picks, strict=True))
+                _check_one(first | config | picked, picked, domains, at)
     else:  # one domain at a time
         for key, dom in domains.items():
             for v in dom.candidates():
@@ -196,12 +316,12 @@ def _check_one(flat: dict[str, Any], picked: dict[str, Any], domains: dict[str, 
 
 def _check_search(space: Space, sweep: SweepConfig, where: str) -> None:
     kinds = {d.kind for d in space.domains().values()}
-    if sweep.search.kind == "optuna" and ("grid" in kinds or space.seeds):
-        raise ConfigError(f"{where}: search.kind: optuna samples its own points and cannot run a grid or seeds:; "
-                          "use choice instead of grid, or search.kind: grid")
+    if sweep.search.kind == "optuna" and ("grid" in kinds or space.seeds or space.listed):
+        raise ConfigError(f"{where}: search.kind: optuna samples its own points and cannot run a grid, seeds: or "
+                          "configurations:; use choice instead of grid, or search.kind: grid (or random)")
     if sweep.search.kind == "optuna" and sweep.search.order == "shuffled":
         raise ConfigError(f"{where}: search.order: optuna chooses its own order; remove search.order")
-    if sweep.search.kind != "grid" and not space.domains() and not space.seeds:
+    if sweep.search.kind != "grid" and not space.domains() and not space.seeds and not space.listed:
         raise ConfigError(f"{where}: search.kind: {sweep.search.kind} has nothing to search; add a domain such as "
                           "train.lr: {loguniform: [0.0001, 0.1]}")
     n = trial_count(space, sweep)
@@ -222,15 +342,16 @@ def shuffles(sweep: SweepConfig) -> bool:
 
 
 def grid_points(space: Space, sweep: SweepConfig) -> list[dict[str, Any]]:
-    """The grid keys (and train.seed) of every trial in the order trials start: the grid in the file's
-    order (first key outermost, seeds innermost), `search.samples` times, shuffled when shuffles().
-    Empty when nothing is a grid."""
+    """The listed and grid keys (and train.seed) of every trial in the order trials start: the
+    configurations outermost, then the grid in the file's order (first key outermost, seeds innermost),
+    `search.samples` times, shuffled when shuffles(). Empty when nothing is a grid or listed."""
     grid = {k: d.values for k, d in space.domains().items() if d.kind == "grid"}
     if space.seeds:
         grid["train.seed"] = space.seeds
-    if not grid:
+    if not grid and not space.listed:
         return []
-    one = [dict(zip(grid, picks, strict=True)) for picks in itertools.product(*grid.values())]
+    one = [config | dict(zip(grid, picks, strict=True)) for config in space.listed or ({},)
+           for picks in itertools.product(*grid.values())]
     points = one * sweep.search.samples
     if shuffles(sweep):
         random.Random(sweep.search.seed or 0).shuffle(points)
@@ -258,15 +379,40 @@ def stored_domains(doc: dict[str, Any]) -> dict[str, Domain]:
                     out[key] = parse_domain(key, value, "sweep.yaml")
                 except ConfigError:
                     continue
+    entries = doc.get("configurations") if isinstance(doc, dict) else None
+    if isinstance(entries, list) and entries:
+        out = listed_domains(stored_listed(doc)) | out
     seeds = doc.get("seeds") if isinstance(doc, dict) else None
     if isinstance(seeds, list) and seeds and "train.seed" not in out:
         out["train.seed"] = Domain("grid", tuple(seeds))
     return out
 
 
+def stored_listed(doc: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The configurations of a stored sweep copy as Space.listed holds them; () where it lists none or
+    they do not parse."""
+    entries = doc.get("configurations")
+    if not isinstance(entries, list) or not entries:
+        return ()
+    values = {}
+    for section in SECTIONS:
+        tree = doc.get(section)
+        values.update(flatten(tree, section) if isinstance(tree, dict) else {})
+    try:
+        return with_configurations(values, entries, "sweep.yaml")[1]
+    except ConfigError:
+        return ()
+
+
+def listed_domains(listed: tuple[dict[str, Any], ...]) -> dict[str, Domain]:
+    """The listed keys as analysis reads searched keys: a choice of the values the configurations give."""
+    return {k: Domain("choice", tuple(distinct([c[k] for c in listed]))) for k in (listed[0] if listed else {})}
+
+
 def searched_domains(space: Space) -> dict[str, Domain]:
-    """Every searched key's domain, the seeds as a grid of their own."""
-    out = dict(space.domains())
+    """Every searched key's domain, the listed keys as a choice of their values, the seeds as a grid of
+    their own."""
+    out = listed_domains(space.listed) | space.domains()
     if space.seeds and "train.seed" not in out:
         out["train.seed"] = Domain("grid", space.seeds)
     return out

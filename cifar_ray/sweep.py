@@ -195,6 +195,10 @@ def describe(plan: Plan) -> str:
             lines.append(f"  trial {i:>3}: {shown}  [{_resources_text(requests[name])}]")
         total = sum(int(t.get("train.epochs", default("train.epochs"))) for t in trials)
     else:
+        if space.listed:
+            lines.append(f"  configurations ({len(space.listed)}, each with every draw below):")
+            lines += [f"    [{i}] " + "  ".join(f"{k}={format_value(v)}" for k, v in c.items())
+                      for i, c in enumerate(space.listed)]
         lines.append("  domains:")
         lines += [f"    {k}: {d.describe()}" for k, d in space.domains().items()]
         if space.seeds:

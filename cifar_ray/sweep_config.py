@@ -88,6 +88,9 @@ class SweepConfig(Strict):
     train: dict[str, Any] = Field(default_factory=dict)
     seeds: Optional[list[int]] = Field(None, min_length=1,
                                        description="repeat every configuration with these train.seed values")
+    configurations: Optional[list[Any]] = Field(None, min_length=1, max_length=MAX_TRIALS,
+                                                description="whole configurations to run, each the keys it changes "
+                                                "in the sections (train.lr: 0.1); checked by cifar_ray.space")
     search: SearchConfig = SearchConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     resources: ResourcesConfig = ResourcesConfig()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cifar_ray.config import ConfigError
-from cifar_ray.space import Domain, Space, is_domain, parse_domain
+from cifar_ray.space import Domain, Space, is_domain, listed_domains, parse_domain
 from cifar_ray.sweep_config import SweepConfig
 
 
@@ -25,11 +25,15 @@ def to_tune(dom: Domain) -> Any:  # a Tune search domain or grid_search dict
 
 def param_space(space: Space) -> dict[str, Any]:
     """Tune's param_space: flat dotted keys, domains as Tune search objects. A grid of mappings (augment
-    policies) stands as its first value: every trial's point gives its own (tune_search.FolderPerTrialGenerator)."""
+    policies) stands as its first value: every trial's point gives its own (tune_search.FolderPerTrialGenerator).
+    A key `configurations:` lists is a grid of its values there, so Tune accepts each point's value."""
     from ray import tune
 
     out = {k: (v.values[0] if _grid_of_mappings(v) else to_tune(v)) if isinstance(v, Domain) else v
            for k, v in space.values.items()}
+    for key, dom in listed_domains(space.listed).items():  # every trial's point gives its value
+        mappings = _grid_of_mappings(Domain("grid", dom.values))
+        out[key] = dom.values[0] if mappings else tune.grid_search(list(dom.values))
     if space.seeds:
         out["train.seed"] = tune.grid_search(list(space.seeds))
     return out

@@ -259,6 +259,29 @@ def test_refine_keeps_a_choice_to_the_values_the_top_trials_used_and_writes_thei
     assert "#   train.whiten_bias_epochs: choice[null, 3] -> choice[null, 3]" in text
 
 
+def test_a_configurations_sweep_compares_by_configuration_and_refine_keeps_those_the_top_trials_ran(tmp_path):
+    listed = [{"train.lr": 0.01}, {"train.lr": 0.1, "train.momentum": 0.5}, {"train": {"optimizer": "adam"}}]
+    values = [{"train.lr": 0.01, "train.momentum": 0.9, "train.optimizer": "sgd"},
+              {"train.lr": 0.1, "train.momentum": 0.5, "train.optimizer": "sgd"},
+              {"train.lr": 0.05, "train.momentum": 0.9, "train.optimizer": "adam"}]
+    level = [0.60, 0.50, 0.70]  # adam best, then the first, then the second
+    trials = [({**values[c], "train.seed": seed}, [level[c] + 0.01 * seed], "completed")
+              for c in range(3) for seed in range(3)]
+    sections = {"train": {"lr": 0.05, "momentum": 0.9}, "configurations": listed, "seeds": [0, 1, 2]}
+    exp = fake_sweep(tmp_path, "listed", sections, trials)
+    compared = analysis.load(exp).compare()
+    assert list(compared["train.optimizer"]) == ["adam", "sgd", "sgd"]
+    assert list(compared["train.lr"]) == [0.05, 0.01, 0.1]
+    assert set(compared["n"]) == {3} and compared["p_vs_best"].iloc[1] < 0.05
+    for top, kept in ((3, [2]), (4, [2, 0])):
+        out = tmp_path / f"next{top}.yaml"
+        assert refine_main([str(exp), "--top", str(top), "--out", str(out)]) == 0
+        doc = yaml.safe_load(out.read_text())
+        assert doc["configurations"] == [listed[i] for i in sorted(kept)], top  # in the file's order
+        assert doc["train"] == {"lr": 0.05, "momentum": 0.9} and doc["seeds"] == [0, 1, 2]
+        assert f"#   configurations: 3 -> {len(kept)} (kept {', '.join(map(str, sorted(kept)))})" in out.read_text()
+
+
 # ---------------------------------------------------------------- --dry-run --estimate
 
 def test_estimate_names_what_it_measured_and_ends_with_the_wall_time(tmp_path, capsys):

@@ -137,6 +137,35 @@ def test_a_grid_of_augment_policies_runs_each_trial_with_its_own_and_records_it(
     assert_records_agree(exp)
 
 
+def test_configurations_over_seeds_run_as_listed_and_compare_over_their_seeds(ray_session, tmp_path):
+    """Three whole configurations, two seeds each: every trial runs its configuration's values (its curve
+    is that of a sweep of those values alone), and compare() groups the trials by configuration."""
+    from cifar_ray import analysis
+
+    configurations = [{}, {"train.lr": 0.01, "train.momentum": 0.5}, {"train": {"optimizer": "adam", "lr": 0.002}}]
+    path = write_sweep(tmp_path, "listed", train__epochs=1, configurations=configurations, seeds=[0, 1])
+    alone = write_sweep(tmp_path, "alone", train__epochs=1, train__lr=0.01, train__momentum=0.5, train__seed=1)
+    for p in (path, alone):
+        assert main([str(p), "--storage-path", str(tmp_path / "results")]) == 0
+    exp = tmp_path / "results" / "listed"
+    sweep = analysis.load(exp)
+    trials = sweep.trials().sort_values("trial_id")
+    keys = ["train.optimizer", "train.lr", "train.momentum", "train.seed"]
+    assert [tuple(r) for r in trials[keys].itertuples(index=False)] == [
+        ("sgd", 0.05, 0.9, 0), ("sgd", 0.05, 0.9, 1), ("sgd", 0.01, 0.5, 0), ("sgd", 0.01, 0.5, 1),
+        ("adam", 0.002, 0.9, 0), ("adam", 0.002, 0.9, 1)]
+    assert set(trials["status"]) == {"completed"}
+    compared = sweep.compare()
+    assert len(compared) == 3 and set(compared["n"]) == {2}
+    assert {(r["train.optimizer"], r["train.lr"]) for _, r in compared.iterrows()} == {
+        ("sgd", 0.05), ("sgd", 0.01), ("adam", 0.002)}
+    own = sweep.curves().set_index("trial_id").loc[trials["trial_id"].iloc[3]]
+    straight = analysis.load(tmp_path / "results" / "alone").curves().iloc[0]
+    for col in ("train_loss", "val_loss", "val_acc"):
+        assert own[col] == straight[col], col
+    assert_records_agree(exp)
+
+
 def test_diverging_trial_is_diverged_while_others_finish(ray_session, tmp_path):
     path = write_sweep(tmp_path, "diverge", train__epochs=3, train__lr={"grid": [0.05, 10.0]}, train__momentum=0.99,
                        train__batch_size=16)

@@ -157,3 +157,52 @@ def test_dry_run_lists_trials_in_start_order(capsys):
     assert len(listed) == len(expected) and all(f"train.lr={t['train.lr']:g}" in line for line, t in zip(listed,
             expected, strict=True))
     assert "shuffled order" in out
+
+
+# ---------------------------------------------------------------- configurations:
+
+CONFIGURATIONS = ("configurations=[{}, {train.optimizer: muon, train.muon_lr: 0.18, "
+                  "data.augment: {alternate_flip: true, crop_padding: 2}}, {train: {lr: 1.0, label_smoothing: 0.1}}]")
+
+
+def test_configurations_run_each_listed_set_of_keys_over_the_seeds():
+    from cifar_ray.config import TrialConfig
+
+    sweep = read_sweep(str(ROOT / "sweeps/fast.yaml"), [CONFIGURATIONS, "seeds=[0, 1]"])
+    space = build_space(sweep, "f")
+    trials = expand_grid(space, sweep)
+    assert trial_count(space, sweep) == 6 and len(trials) == 6
+    keys = ["train.optimizer", "train.muon_lr", "data.augment", "train.lr", "train.label_smoothing", "train.seed"]
+    assert space.searched_keys() == keys
+    fast, alternate = {"hflip": 0.5, "crop_padding": 2}, {"alternate_flip": True, "crop_padding": 2}
+    # each configuration changes what it names; the sections (fast.yaml's) and the defaults give the rest
+    assert [tuple(t[k] for k in keys) for t in trials] == [
+        ("sgd", 0.02, fast, 1.5, 0.2, 0), ("sgd", 0.02, fast, 1.5, 0.2, 1),
+        ("muon", 0.18, alternate, 1.5, 0.2, 0), ("muon", 0.18, alternate, 1.5, 0.2, 1),
+        ("sgd", 0.02, fast, 1.0, 0.1, 0), ("sgd", 0.02, fast, 1.0, 0.1, 1)]
+    # a policy is one value that a configuration replaces whole (as --set does), never merged key by key
+    assert not any(k.startswith("data.augment.") for t in trials for k in t)
+    assert all(t["train.momentum"] == 0.85 and t["model.name"] == "whitened_cnn" for t in trials)
+    assert [TrialConfig.from_flat(t).train.optimizer for t in trials] == ["sgd", "sgd", "muon", "muon", "sgd", "sgd"]
+    # a resume refuses another list; a file without one keeps the fingerprint it had
+    other = read_sweep(str(ROOT / "sweeps/fast.yaml"), [CONFIGURATIONS.replace("0.18", "0.2"), "seeds=[0, 1]"])
+    assert build_space(other, "f").fingerprint() != space.fingerprint()
+    plain = read_sweep(str(ROOT / "sweeps/fast.yaml"))
+    assert "configurations" not in build_space(plain, "f").fingerprint()
+
+
+def test_configurations_with_a_grid_and_random_draws(capsys):
+    # a grid runs within every configuration; a random draw is made for each trial
+    sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"),
+                       ["configurations=[{train.optimizer: adam, train.lr: 0.001}, {}]", "train.lr=0.05"])
+    space = build_space(sweep, "q")
+    points = grid_points(space, sweep)
+    assert [(p["train.optimizer"], p["train.lr"], p["train.momentum"]) for p in points] == [
+        ("adam", 0.001, 0.5), ("adam", 0.001, 0.9), ("sgd", 0.05, 0.5), ("sgd", 0.05, 0.9)]
+    sets = ["train.momentum=0.9", "train.lr=0.05", "train.weight_decay={loguniform: [0.00001, 0.001]}",
+            "search={kind: random, samples: 3}", "configurations=[{train.optimizer: adam, train.lr: 0.001}, {}]"]
+    assert main([str(ROOT / "sweeps/quickstart.yaml"), "--dry-run", *(a for s in sets for a in ("--set", s))]) == 0
+    out = capsys.readouterr().out
+    assert "sweep quickstart: 6 trials, random search" in out
+    assert "configurations (2, each with every draw below):" in out
+    assert "[0] train.optimizer=adam  train.lr=0.001" in out and "[1] train.optimizer=sgd  train.lr=0.05" in out
