@@ -21,7 +21,8 @@ Tune rewrites its experiment state and its searcher's state in the staging folde
 "w", then json.dump); its upload thread, had it still been copying the previous ones, would read a file
 cut short. The sweep's controller waits for the upload before it saves (cifar_ray.tune_search's
 `finish_upload`); a copy of a state file is still checked before it takes the name, and one that is not
-a whole JSON document is dropped (the state there stands; the next upload carries the new one).
+whole (JSON, or the searcher's pickle) is dropped (the state there stands; the next upload carries the
+new one).
 """
 from __future__ import annotations
 
@@ -242,21 +243,42 @@ class WholeFileHandler(pafs.FileSystemHandler):
 
 def _output(path: str) -> _WholeFile:
     """A whole-file writer for `path`: an experiment state releases the deletions it makes safe once it
-    has its name; a file Tune rewrites in place takes its name only as a whole JSON document."""
+    has its name; a file Tune rewrites in place takes its name only whole (_whole_state)."""
     name = os.path.basename(path)
     is_state = fnmatch.fnmatch(name, STATE_PATTERN)
     rewritten = any(fnmatch.fnmatch(name, pattern) for pattern in REWRITTEN_PATTERNS)
-    return _WholeFile(path, _snapshot_started(name) if is_state else None, _whole_json if rewritten else None)
+    return _WholeFile(path, _snapshot_started(name) if is_state else None, _whole_state if rewritten else None)
 
 
-def _whole_json(path: str) -> bool:
-    """Whether the file is one whole JSON document (a copy of a file Tune was rewriting is cut short)."""
+def _whole_state(path: str) -> bool:
+    """Whether the file is one whole state (a copy of a file Tune was rewriting is cut short): a JSON
+    document, or, for the searcher state that Ray writes as a pickle under a .json name
+    (basic-variant-state-*.json: ray.tune's _atomic_save), one whole pickle. Checking every state as JSON
+    dropped each searcher state, so a resume that did not find the old driver's staging folder (its own
+    Ray, another machine) restarted the generator empty and ended with the trials it had made."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:1] == b"\x80":  # a pickle's PROTO opcode; JSON never starts so
+        return _whole_pickle(data)
     try:
-        with open(path, "rb") as f:
-            json.load(f)
+        json.loads(data)
     except ValueError:  # JSONDecodeError, and bytes that are not UTF-8
         return False
     return True
+
+
+def _whole_pickle(data: bytes) -> bool:
+    """Whether `data` is one pickle that ends at its last byte: its opcodes are read, never run."""
+    import io
+    import pickletools
+
+    stream = io.BytesIO(data)
+    try:
+        for _ in pickletools.genops(stream):
+            pass
+    except Exception:  # ValueError and others on a pickle cut short
+        return False
+    return stream.tell() == len(data)
 
 
 def whole_file_filesystem() -> pafs.FileSystem:

@@ -355,13 +355,16 @@ CURVE_COLUMNS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "val_cl
 
 def curves_by_config(exp: Path, keys: tuple[str, ...]) -> dict:
     """(values of `keys`) -> the trial's curve (epoch -> {column: value}), from analysis.curves()."""
+    import json
+
     from cifar_ray import analysis
 
     sweep = analysis.load(exp)
     trials = sweep.trials().set_index("trial_id")
     out = {}
     for trial_id, curve in sweep.curves().groupby("trial_id"):
-        config = tuple(trials.loc[trial_id, k] for k in keys)
+        config = tuple(json.dumps(v, sort_keys=True) if isinstance(v := trials.loc[trial_id, k], dict) else v
+                       for k in keys)  # an augment policy is a mapping
         assert config not in out, f"{exp}: two trials with {dict(zip(keys, config, strict=True))}"
         out[config] = {int(r["epoch"]): {c: r[c] for c in CURVE_COLUMNS} for _, r in curve.iterrows()}
     return out

@@ -214,3 +214,35 @@ def test_a_trial_tunes_timed_snapshot_missed_is_continued_after_kill_9(ray_sessi
         assert epochs_seen == set(range(1, epochs + 1)), (folder, epochs_seen)
     assert set(analysis.load(exp).trials()["status"]) == {"completed"}
     assert_same_as_straight_run(exp, straight / "results" / "lost", ("train.lr",))
+
+
+def test_trials_the_search_had_not_made_run_after_a_resume_without_the_old_staging_folder(ray_session, tmp_path):
+    """kill -9 of the driver while the first of three trials trains (max_concurrent_trials 1: the search
+    makes each trial when a slot frees), its staging folder gone, as on a resume with a new Ray or on
+    another machine: the search's state comes from the results folder, and the resumed sweep makes the
+    two trials it had not made, each with its own configuration (a policy among them), as a straight run
+    does. Ray's pickled searcher state was dropped by the check for whole JSON, and the resume ended,
+    exit 0, with one trial of three."""
+    import shutil
+
+    changes = dict(train__epochs=2, data={**SLOWER_DATA, "augment": {"hflip": 0.5}}, max_concurrent_trials=1,
+                   configurations=[{}, {"train.lr": 0.02, "data.augment": {"alternate_flip": True}},
+                                   {"train.lr": 0.01}])
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert main([str(write_sweep(straight, "made", **changes)), "--storage-path", str(straight / "results")]) == 0
+    path = write_sweep(tmp_path, "made", **changes)
+    exp = tmp_path / "results" / "made"
+    sweep = SweepProcess(path, tmp_path, ray_session)
+    wait_for(lambda: recorded(exp) >= 1 or sweep.proc.poll() is not None, "the first trial's first report")
+    assert sweep.proc.poll() is None, sweep.output()[-2000:]
+    sweep.kill()
+    assert len(list(exp.glob("base_*"))) == 1  # the search had made one trial
+    staged = list((Path(ray_session.address_info["session_dir"]) / "artifacts").glob(f"*_{sweep.pid}"))
+    assert len(staged) == 1, staged  # the killed driver's own staging folder (its pid ends the name)
+    shutil.rmtree(staged[0])
+    code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
+    assert code == 0, out[-3000:]
+    assert len([p for p in exp.glob("base_*") if p.is_dir()]) == 3
+    assert set(analysis.load(exp).trials()["status"]) == {"completed"}
+    assert_same_as_straight_run(exp, straight / "results" / "made", ("train.lr", "data.augment"))

@@ -160,3 +160,29 @@ def test_a_state_file_copied_while_tune_rewrites_it_never_replaces_the_whole_one
     pafs.copy_files(str(staging), str(storage), destination_filesystem=fs)
     assert all((storage / name).read_bytes() == newer for name in names)
     assert not rotated.exists()
+
+
+def test_the_searchers_pickled_state_reaches_the_results_folder_whole_and_a_copy_cut_short_does_not(tmp_path):
+    """Ray writes a grid or random search's state as a pickle under a .json name (basic-variant-state-
+    *.json). Checked as JSON, every copy was dropped, so a resume that did not find the old driver's
+    staging folder restarted the search with nothing left to make (the trials it had not yet made were
+    lost; tests/test_resume_property.py runs that). Written by Ray's own save_to_dir, copied as its upload
+    does, restored by its own restore_from_dir."""
+    from ray.tune.search import BasicVariantGenerator
+
+    fs, staging, storage, _ = staging_and_storage(tmp_path)
+    BasicVariantGenerator(points_to_evaluate=[{"train.lr": 0.1}]).save_to_dir(str(staging), session_str="2026")
+    name = "basic-variant-state-2026.json"
+    whole = (staging / name).read_bytes()
+    assert whole[:1] == b"\x80"  # a pickle, whatever the name says
+    pafs.copy_files(str(staging), str(storage), destination_filesystem=fs)
+    assert (storage / name).read_bytes() == whole
+    for cut in (1, len(whole) // 2, len(whole) - 1):  # a copy read while Ray rewrote the file
+        (staging / name).write_bytes(whole[:cut])
+        pafs.copy_files(str(staging), str(storage), destination_filesystem=fs)
+        assert (storage / name).read_bytes() == whole, cut
+    assert not list(storage.glob(".*.tmp"))
+    restored = BasicVariantGenerator()
+    assert restored.has_checkpoint(str(storage))
+    restored.restore_from_dir(str(storage))
+    assert restored._points_to_evaluate == [{"train.lr": 0.1}]
