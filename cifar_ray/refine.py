@@ -8,10 +8,16 @@ a grid of floats stays a grid with as many points, a random domain stays random.
 a grid of anything else keep the values the top K used, and `configurations:` keeps the configurations
 they ran. Unsearched keys, seeds, search, scheduler and resources are unchanged. The file gets a new
 name (`<name>_refined`) and a header saying where it came from and which trials it kept.
+
+    python -m cifar_ray.refine results/fast_search --confirm [--top 2] [--seeds 0,1,2]
+
+instead writes `<name>_confirm`: the top K trials' configurations again, each with the seeds, to tell
+whether the best is better beyond seed noise (confirm()).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import math
 import re
@@ -29,6 +35,7 @@ from cifar_ray.files import new_file_mode, printable
 from cifar_ray.space import Domain, first_candidate, format_value, is_log, listed_domains, stored_domains, stored_listed
 
 DEFAULT_TOP = 3
+DEFAULT_SEEDS = (0, 1, 2)  # --confirm: three runs a configuration, the fewest a t-test reads
 MARGIN = 0.5  # of the top trials' span, on each side (in log space for log domains)
 MIN_FACTOR = 2.0  # log domains whose top values coincide: [v / 2, v * 2]
 MIN_LINEAR = 0.25  # linear domains whose top values coincide: v +- 25% of |v| (0.1 around 0)
@@ -165,10 +172,8 @@ def _describe(value: Any) -> str:
     return format_value(value)
 
 
-def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
-    """(file text, new name) of the refined sweep file."""
-    from cifar_ray.space import Space
-
+def _top_trials(results: str | Path, top: int) -> tuple[Any, dict, pd.DataFrame, pd.DataFrame]:
+    """(the sweep, its stored file, its finished trials, the best `top` of them, best first)."""
     if top < 1:
         raise RefineError(f"--top {top}: must be 1 or more")
     sweep = load(results)
@@ -181,7 +186,15 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
     finished = trials[np.isfinite(pd.to_numeric(trials.get(best), errors="coerce"))] if best in trials else trials
     if finished.empty:
         raise RefineError(f"{sweep.path}: no trial has reported a finite {sweep.metric}; nothing to refine around")
-    kept = ranked(finished, best, sweep.mode).head(top)
+    return sweep, stored, finished, ranked(finished, best, sweep.mode).head(top)
+
+
+def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
+    """(file text, new name) of the refined sweep file."""
+    from cifar_ray.space import Space
+
+    sweep, stored, finished, kept = _top_trials(results, top)
+    best = f"best_{sweep.metric}"
     listed = stored_listed(stored)
     domains = {k: d for k, d in stored_domains(stored).items() if k != "train.seed" and k not in listed_keys(listed)}
     doc = {k: v for k, v in stored.items() if k not in STORED_ONLY}
@@ -214,6 +227,79 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
         header.append(f"# Not carried over from the folder: {', '.join(dropped)} (this machine's defaults apply; "
                       "give the data with --data)")
     return "\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False), name
+
+
+def confirm(results: str | Path, top: int = DEFAULT_TOP, seeds: tuple[int, ...] = DEFAULT_SEEDS) -> tuple[str, str]:
+    """(file text, new name) of a sweep that runs the configurations of the `top` trials again, each with
+    `seeds`, to the end (grid search, FIFO): whether the best beats the others beyond seed noise, which
+    one run per configuration cannot tell. The sections become the best trial's configuration
+    (configurations[0], `{}`); each other entry lists the keys it changes. Values are the trials' own,
+    unrounded; trials that ran one configuration with several seeds count once."""
+    from cifar_ray.space import distinct
+
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise RefineError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds, e.g. 0,1,2")
+    sweep, stored, finished, kept = _top_trials(results, top)
+    best = f"best_{sweep.metric}"
+    domains = {k: d for k, d in stored_domains(stored).items() if k != "train.seed"}
+    configs: list[dict[str, Any]] = []
+    sources: dict[int, list[str]] = {}  # configuration -> the kept trials that ran it
+    for _, row in kept.iterrows():
+        config = {k: _ran(row, k, dom) for k, dom in domains.items() if k in row}
+        found = [i for i, c in enumerate(configs) if distinct([c, config]) == [c]]
+        if not found:
+            configs.append(config)
+        sources.setdefault(found[0] if found else len(configs) - 1, []).append(
+            f"{printable(row['trial_id'])} ({sweep.metric} {row[best]:.4f})")
+    doc = {k: v for k, v in stored.items() if k not in (*STORED_ONLY, "configurations", "seeds")}
+    for key, value in configs[0].items():
+        _clear(doc, key)
+        _set(doc, key, copy.deepcopy(value))
+    changed: list[dict[str, Any]] = [{k: v for k, v in c.items() if distinct([v, configs[0][k]]) != [v]}
+                                     for c in configs[1:]]
+    listed = [copy.deepcopy(c) for c in [{}, *changed]]  # no value shared between entries: YAML writes an alias
+    doc["search"] = {"kind": "grid"}
+    doc["scheduler"] = {"kind": "fifo"}  # every seed runs to the end: ASHA or PBT would cut the comparison
+    at = list(doc).index("train") + 1 if "train" in doc else len(doc)  # after the sections, as people write it
+    items = list(doc.items())
+    doc = dict(items[:at] + [("configurations", listed), ("seeds", list(seeds))] + items[at:])
+    name = f"{str(stored['name'])[:92]}_confirm"
+    doc["name"] = name
+    dropped = drop_machine_settings(doc)
+    header = [f"# {name}: the top {len(kept)} of {len(finished)} finished trials of {printable(sweep.path)} (sweep "
+              f"{printable(stored['name'])}, {sweep.metric} {sweep.mode}) run again with seeds "
+              f"{', '.join(map(str, seeds))}, written on {dt.date.today().isoformat()} by python -m "
+              f"cifar_ray.refine --confirm --top {top}.",
+              "# Whether the best beats the others beyond seed noise: python -m cifar_ray.report on its results.",
+              *(f"#   configurations[{i}]{' (the sections)' if i == 0 else ''}: {', '.join(sources[i])}"
+                for i in range(len(configs))),
+              "# search: grid and scheduler: fifo (every seed runs to the end); the searched keys are the trials' "
+              "own values."]
+    if dropped:
+        header.append(f"# Not carried over from the folder: {', '.join(dropped)} (this machine's defaults apply; "
+                      "give the data with --data)")
+    return "\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False), name
+
+
+def _ran(row: pd.Series, key: str, dom: Domain) -> Any:
+    """The value a trial ran `key` with, as the sweep file writes it: a listed value as listed (3, not
+    the table's 3.0), a table's NaN as the null the domain lists, numpy scalars as Python's."""
+    (value,) = used_values([row[key]], dom) or [None]
+    if dom.kind in ("grid", "choice"):
+        same = [v for v in dom.values if v == value]
+        if same:
+            return same[0]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _clear(doc: dict, key: str) -> None:
+    """Remove `key` from its section: a domain, or the keys below it (the parts of a policy)."""
+    node: Any = doc
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
 
 
 def drop_machine_settings(doc: dict) -> list[str]:
@@ -281,15 +367,30 @@ def write_checked(out: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise RefineError(f"--seeds {printable(text)}: give whole numbers separated by commas, e.g. 0,1,2") from None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cifar_ray.refine",
                                 description="Write a sweep file narrowed around the best trials of a sweep.")
     p.add_argument("results", help="the sweep's results folder, e.g. results/quickstart")
     p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"trials to refine around (default {DEFAULT_TOP})")
-    p.add_argument("--out", help="the new sweep file (default ./<name>_refined.yaml); never overwritten")
+    p.add_argument("--out", help="the new sweep file (default ./<name>_refined.yaml, or <name>_confirm.yaml); "
+                   "never overwritten")
+    p.add_argument("--confirm", action="store_true",
+                   help="instead of narrowing, run the top trials' configurations again with --seeds (grid, FIFO)")
+    seeds = ",".join(map(str, DEFAULT_SEEDS))
+    p.add_argument("--seeds", default=seeds, help=f"--confirm: each configuration's seeds (default {seeds})")
     args = p.parse_args(argv)
     try:
-        text, name = refine(args.results, args.top)
+        if args.confirm:
+            text, name = confirm(args.results, args.top, parse_seeds(args.seeds))
+        else:
+            text, name = refine(args.results, args.top)
         out = Path(args.out or f"{name}.yaml")
         write_checked(out, text)
     except (AnalysisError, RefineError, ConfigError) as err:

@@ -282,6 +282,46 @@ def test_a_configurations_sweep_compares_by_configuration_and_refine_keeps_those
         assert f"#   configurations: 3 -> {len(kept)} (kept {', '.join(map(str, sorted(kept)))})" in out.read_text()
 
 
+def test_refine_confirm_writes_the_top_configurations_with_seeds_as_the_trials_ran_them(tmp_path, capsys):
+    """One run per configuration cannot say whether the best is better; --confirm writes a sweep of the
+    top trials' configurations, each with three seeds, run to the end. The values are the trials' own
+    (unrounded, a null as null, a listed 3 as 3, a policy whole); two trials of one configuration count once."""
+    from cifar_ray.space import build_space, expand_grid
+    from cifar_ray.sweep_config import read_sweep
+
+    fast, alternate = {"hflip": 0.5, "crop_padding": 2}, {"alternate_flip": True, "crop_padding": 2}
+    ran = [  # (lr, optimizer, whiten_bias_epochs, augment, seed, best val_acc)
+        (0.123456789, "muon", None, alternate, 0, 0.90), (0.123456789, "muon", None, alternate, 1, 0.89),
+        (0.0314159, "sgd", 3, fast, 0, 0.88), (0.5, "sgd", None, fast, 0, 0.70), (0.9, "muon", 3, fast, 0, 0.60)]
+    trials = [({"train.lr": lr, "train.optimizer": opt, "train.whiten_bias_epochs": wb, "data.augment": aug,
+                "train.seed": seed}, [acc - 0.1, acc], "completed") for lr, opt, wb, aug, seed, acc in ran]
+    sections = {"model": {"name": "whitened_cnn"}, "data": {"augment": {"choice": [fast, alternate]}},
+                "train": {"lr": {"loguniform": [0.01, 1.0]}, "optimizer": {"choice": ["sgd", "muon"]},
+                          "whiten_bias_epochs": {"choice": [None, 3]}, "epochs": 2},
+                "search": {"kind": "optuna", "samples": 5}, "scheduler": {"kind": "asha", "grace_period": 1}}
+    exp = fake_sweep(tmp_path, "tpe", sections, trials)
+    out = tmp_path / "confirm.yaml"
+    assert refine_main([str(exp), "--confirm", "--top", "3", "--out", str(out)]) == 0
+    text = out.read_text()
+    doc = yaml.safe_load(text)
+    assert doc["name"] == "tpe_confirm" and doc["seeds"] == [0, 1, 2]
+    assert doc["search"] == {"kind": "grid"} and doc["scheduler"] == {"kind": "fifo"}
+    assert doc["configurations"] == [{}, {"train.lr": 0.0314159, "train.optimizer": "sgd",
+                                          "train.whiten_bias_epochs": 3, "data.augment": fast}]
+    assert "#   configurations[0] (the sections): abcde_00000 (val_acc 0.9000), abcde_00001 (val_acc 0.8900)" in text
+    assert "#   configurations[1]: abcde_00002 (val_acc 0.8800)" in text
+    sweep = read_sweep(str(out))
+    runs = expand_grid(build_space(sweep, "c"), sweep)
+    keys = ("train.lr", "train.optimizer", "train.whiten_bias_epochs", "data.augment", "train.seed")
+    assert [tuple(t[k] for k in keys) for t in runs] == [
+        (0.123456789, "muon", None, alternate, 0), (0.123456789, "muon", None, alternate, 1),
+        (0.123456789, "muon", None, alternate, 2), (0.0314159, "sgd", 3, fast, 0), (0.0314159, "sgd", 3, fast, 1),
+        (0.0314159, "sgd", 3, fast, 2)]
+    assert all(t["train.epochs"] == 2 for t in runs)
+    assert refine_main([str(exp), "--confirm", "--seeds", "0,0"]) == 2
+    assert "--seeds 0,0: give distinct seeds" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- --dry-run --estimate
 
 def test_estimate_names_what_it_measured_and_ends_with_the_wall_time(tmp_path, capsys):
