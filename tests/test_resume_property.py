@@ -217,15 +217,16 @@ def test_a_trial_tunes_timed_snapshot_missed_is_continued_after_kill_9(ray_sessi
 
 
 def test_trials_the_search_had_not_made_run_after_a_resume_without_the_old_staging_folder(ray_session, tmp_path):
-    """kill -9 of the driver while the first of three trials trains (max_concurrent_trials 1: the search
+    """kill -9 of the driver while the second of three trials trains (max_concurrent_trials 1: the search
     makes each trial when a slot frees), its staging folder gone, as on a resume with a new Ray or on
-    another machine: the search's state comes from the results folder, and the resumed sweep makes the
-    two trials it had not made, each with its own configuration (a policy among them), as a straight run
+    another machine: the search's state comes from the results folder, the resumed sweep continues the
+    second trial with its own policy and makes the third, which it had not made, as a straight run
     does. Ray's pickled searcher state was dropped by the check for whole JSON, and the resume ended,
-    exit 0, with one trial of three."""
+    exit 0, with two trials of three."""
     import shutil
 
-    changes = dict(train__epochs=2, data={**SLOWER_DATA, "augment": {"hflip": 0.5}}, max_concurrent_trials=1,
+    epochs = 4  # the second trial's first report leaves it three epochs to train before the third is made
+    changes = dict(train__epochs=epochs, data={**SLOWER_DATA, "augment": {"hflip": 0.5}}, max_concurrent_trials=1,
                    configurations=[{}, {"train.lr": 0.02, "data.augment": {"alternate_flip": True}},
                                    {"train.lr": 0.01}])
     straight = tmp_path / "straight"
@@ -234,10 +235,10 @@ def test_trials_the_search_had_not_made_run_after_a_resume_without_the_old_stagi
     path = write_sweep(tmp_path, "made", **changes)
     exp = tmp_path / "results" / "made"
     sweep = SweepProcess(path, tmp_path, ray_session)
-    wait_for(lambda: recorded(exp) >= 1 or sweep.proc.poll() is not None, "the first trial's first report")
+    wait_for(lambda: recorded(exp) >= epochs + 1 or sweep.proc.poll() is not None, "the second trial's first report")
     assert sweep.proc.poll() is None, sweep.output()[-2000:]
     sweep.kill()
-    assert len(list(exp.glob("base_*"))) == 1  # the search had made one trial
+    assert len(list(exp.glob("base_*"))) == 2  # the search had made two trials
     staged = list((Path(ray_session.address_info["session_dir"]) / "artifacts").glob(f"*_{sweep.pid}"))
     assert len(staged) == 1, staged  # the killed driver's own staging folder (its pid ends the name)
     shutil.rmtree(staged[0])
