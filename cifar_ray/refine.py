@@ -99,10 +99,6 @@ def used_values(column: list[Any], dom: Domain) -> list[Any]:
     return [None if gone else v for v, gone in zip(column, missing, strict=True) if nullable or not gone]
 
 
-def listed_keys(listed: tuple[dict[str, Any], ...]) -> list[str]:
-    return list(listed[0]) if listed else []
-
-
 def used_configurations(kept: pd.DataFrame, listed: tuple[dict[str, Any], ...]) -> list[int]:
     """The indexes of the configurations some kept trial ran (its listed keys' values all match)."""
     def same(recorded: Any, given: Any) -> bool:
@@ -196,7 +192,7 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
     sweep, stored, finished, kept = _top_trials(results, top)
     best = f"best_{sweep.metric}"
     listed = stored_listed(stored)
-    domains = {k: d for k, d in stored_domains(stored).items() if k != "train.seed" and k not in listed_keys(listed)}
+    domains = {k: d for k, d in stored_domains(stored).items() if k != "train.seed" and k not in listed_domains(listed)}
     doc = {k: v for k, v in stored.items() if k not in STORED_ONLY}
     base = first_candidate(Space(_flat_constants(doc) | domains, None))
     changes = []
@@ -235,7 +231,7 @@ def confirm(results: str | Path, top: int = DEFAULT_TOP, seeds: tuple[int, ...] 
     one run per configuration cannot tell. The sections become the best trial's configuration
     (configurations[0], `{}`); each other entry lists the keys it changes. Values are the trials' own,
     unrounded; trials that ran one configuration with several seeds count once."""
-    from cifar_ray.space import distinct
+    from cifar_ray.space import same
 
     if not seeds or len(set(seeds)) != len(seeds):
         raise RefineError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds, e.g. 0,1,2")
@@ -246,7 +242,7 @@ def confirm(results: str | Path, top: int = DEFAULT_TOP, seeds: tuple[int, ...] 
     sources: dict[int, list[str]] = {}  # configuration -> the kept trials that ran it
     for _, row in kept.iterrows():
         config = {k: _ran(row, k, dom) for k, dom in domains.items() if k in row}
-        found = [i for i, c in enumerate(configs) if distinct([c, config]) == [c]]
+        found = [i for i, c in enumerate(configs) if same(c, config)]
         if not found:
             configs.append(config)
         sources.setdefault(found[0] if found else len(configs) - 1, []).append(
@@ -255,8 +251,7 @@ def confirm(results: str | Path, top: int = DEFAULT_TOP, seeds: tuple[int, ...] 
     for key, value in configs[0].items():
         _clear(doc, key)
         _set(doc, key, copy.deepcopy(value))
-    changed: list[dict[str, Any]] = [{k: v for k, v in c.items() if distinct([v, configs[0][k]]) != [v]}
-                                     for c in configs[1:]]
+    changed: list[dict[str, Any]] = [{k: v for k, v in c.items() if not same(v, configs[0][k])} for c in configs[1:]]
     listed = [copy.deepcopy(c) for c in [{}, *changed]]  # no value shared between entries: YAML writes an alias
     doc["search"] = {"kind": "grid"}
     doc["scheduler"] = {"kind": "fifo"}  # every seed runs to the end: ASHA or PBT would cut the comparison

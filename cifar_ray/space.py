@@ -105,6 +105,11 @@ def distinct(values: list[Any]) -> list[Any]:
     return list(seen.values())
 
 
+def same(a: Any, b: Any) -> bool:
+    """Whether two values are one, compared as distinct() compares them."""
+    return len(distinct([a, b])) == 1
+
+
 def first_candidate(space: "Space") -> dict[str, Any]:
     """Each key's first value (a domain's first candidate): the trial the dry run checks first and the
     one whose data the driver loads."""
@@ -267,7 +272,7 @@ def with_configurations(values: dict[str, Any], entries: list[Any], where: str
     listed = tuple({k: flat.get(k, base[k]) for k in keys} for flat in flats)
     for i, config in enumerate(listed):
         for j in range(i):
-            if distinct([listed[j], config]) == [listed[j]]:
+            if same(listed[j], config):
                 raise ConfigError(f"{where}: configurations[{i}] is configurations[{j}] again; repeat a "
                                   "configuration with seeds: or search.samples")
     return values | listed[0], listed
