@@ -101,14 +101,12 @@ def used_values(column: list[Any], dom: Domain) -> list[Any]:
 
 def used_configurations(kept: pd.DataFrame, listed: tuple[dict[str, Any], ...]) -> list[int]:
     """The indexes of the configurations some kept trial ran (its listed keys' values all match)."""
-    def same(recorded: Any, given: Any) -> bool:
-        if isinstance(recorded, float) and math.isnan(recorded):
-            return given is None
-        return bool(recorded == given)
+    from cifar_ray.space import same
 
+    domains = listed_domains(listed)
     rows = [row for _, row in kept.iterrows()]
     return [i for i, config in enumerate(listed)
-            if any(all(k in row and same(row[k], v) for k, v in config.items()) for row in rows)]
+            if any(all(k in row and same(_ran(row, k, domains[k]), v) for k, v in config.items()) for row in rows)]
 
 
 def refine_domain(key: str, dom: Domain, values: list[Any], base: dict) -> Any:
@@ -281,9 +279,9 @@ def _ran(row: pd.Series, key: str, dom: Domain) -> Any:
     the table's 3.0), a table's NaN as the null the domain lists, numpy scalars as Python's."""
     (value,) = used_values([row[key]], dom) or [None]
     if dom.kind in ("grid", "choice"):
-        same = [v for v in dom.values if v == value]
-        if same:
-            return same[0]
+        listed = [v for v in dom.values if v == value]
+        if listed:
+            return listed[0]
     return value.item() if isinstance(value, np.generic) else value
 
 
