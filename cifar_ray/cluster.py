@@ -14,6 +14,7 @@ from typing import Any, Optional
 from cifar_ray.config import ConfigError
 from cifar_ray.files import printable
 from cifar_ray.models import model_spec
+from cifar_ray.pipes import run_main
 from cifar_ray.space import Space
 from cifar_ray.sweep_config import ResourcesConfig, SweepConfig
 
@@ -166,7 +167,7 @@ def validate_cluster_file(path: str) -> dict:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{path}: no such file")
+        raise ConfigError(f"{path}: {'a folder, not a cluster file' if p.is_dir() else 'no such file'}")
     raw = parse_yaml(p.read_text(), path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping (a Ray cluster file)")
@@ -435,4 +436,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -22,6 +22,7 @@ import numpy as np
 
 from cifar_ray.config import DataConfig
 from cifar_ray.files import atomic_write, printable
+from cifar_ray.pipes import run_main
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -490,4 +491,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -32,6 +32,7 @@ import yaml
 from cifar_ray.analysis import AnalysisError, load, ranked
 from cifar_ray.config import ConfigError
 from cifar_ray.files import new_file_mode, printable
+from cifar_ray.pipes import run_main
 from cifar_ray.space import Domain, first_candidate, format_value, is_log, listed_domains, stored_domains, stored_listed
 
 DEFAULT_TOP = 3
@@ -396,4 +397,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -17,6 +17,7 @@ from cifar_ray.analysis import AnalysisError, Sweep, load, ranked, write_parquet
 from cifar_ray.figures import format_cell, markdown_table, md, pyplot, save_figure
 from cifar_ray.files import atomic_write_text, printable
 from cifar_ray.insight import distinct_values
+from cifar_ray.pipes import run_main
 from cifar_ray.record import CURVES_FILE, TRIALS_FILE
 
 TOP_CURVES = 5  # trials drawn in the learning-curve figure
@@ -297,4 +298,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -83,8 +83,11 @@ def seeds_section(sweep: Sweep, trials: pd.DataFrame, out: Path) -> list[str]:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8 + (3 if rows > len(labels) else 0), 0.3 * rows + 0.2 * len(top) + 1.8))
     y = np.arange(len(top))
-    low = (top["mean"] - top["ci_low"]).fillna(0) * scale
-    high = (top["ci_high"] - top["mean"]).fillna(0) * scale
+    ends = top["ci_low"], top["ci_high"]
+    if scale == 100:  # an accuracy lies in [0, 1]: the bar of a 2-seed interval past it only says "wide"
+        ends = ends[0].clip(lower=0.0), ends[1].clip(upper=1.0)
+    low = (top["mean"] - ends[0]).fillna(0) * scale
+    high = (ends[1] - top["mean"]).fillna(0) * scale
     colors = ["C3" if i == len(top) - 1 else "C0" for i in range(len(top))]
     ax.errorbar(top["mean"] * scale, y, xerr=[low, high], fmt="none", ecolor="gray", capsize=3)
     ax.scatter(top["mean"] * scale, y, c=colors, zorder=3)

@@ -26,6 +26,7 @@ import yaml
 from cifar_ray import metrics as M
 from cifar_ray.config import ConfigError, TrialConfig, default
 from cifar_ray.files import atomic_write_text, printable
+from cifar_ray.pipes import run_main
 from cifar_ray.ray_process import exit_at_once_on_ctrl_c, forward_sigterm, keep_secrets_out, quiet_logs, start_ray
 from cifar_ray.record import SWEEP_FILE
 from cifar_ray.space import (
@@ -128,6 +129,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         # trials run in their own folders (and on other nodes): a relative path must not depend on them
         sweep = sweep.model_copy(update={"data": {**sweep.data, "source": str(Path(source).expanduser().resolve())}})
     space = build_space(sweep, args.file)
+    from cifar_ray.data import resolve_source
+
+    resolve_source(TrialConfig.from_flat(first_candidate(space)).data)  # a path not there fails the dry run too
     _check_scheduler(sweep, space, args.file)
     from cifar_ray.cluster import check_placement
 
@@ -727,4 +731,4 @@ def exit_cli(code: int) -> None:
 
 if __name__ == "__main__":
     # command(), not main(): the exit-at-once Ctrl-C handler stays in place through the shutdown
-    exit_cli(command())
+    exit_cli(run_main(command))

@@ -166,6 +166,9 @@ def parse_yaml(text: str, where: str) -> Any:
 def read_sweep_tree(path: str) -> dict[str, Any]:
     """The sweep file as a plain mapping, or ConfigError naming the problem."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{path}: a folder, not a sweep file (a sweep's results folder is resumed with its file: "
+                          "python -m cifar_ray.sweep FILE --resume)")
     if not p.is_file():
         raise ConfigError(f"{path}: no such file")
     size = p.stat().st_size

@@ -37,6 +37,7 @@ from cifar_ray.engine import (
 from cifar_ray.evaluation import Evaluation, evaluate, evaluate_split, format_report, shifted, tta_logits
 from cifar_ray.files import printable
 from cifar_ray.models import ModelError
+from cifar_ray.pipes import run_main
 
 if TYPE_CHECKING:  # retrain reads results folders (pandas): imported only for --from
     from cifar_ray.retrain import Chosen
@@ -168,4 +169,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

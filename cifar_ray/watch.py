@@ -17,6 +17,7 @@ from typing import Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from cifar_ray.files import printable
+from cifar_ray.pipes import run_main
 from cifar_ray.record import JOURNAL_FILE
 
 DEFAULT_HOST = "127.0.0.1"
@@ -190,4 +191,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -224,6 +224,7 @@ class SweepProcess:
         import subprocess
         import sys
 
+        self.artifacts = Path(ray_session.address_info["session_dir"]) / "artifacts"  # Tune's staging folders
         self.log = tmp_path / f"{path.stem}-{len(list(tmp_path.glob(path.stem + '-*.log')))}.log"
         self._out = open(self.log, "w")
         self.proc = subprocess.Popen(
@@ -245,9 +246,19 @@ class SweepProcess:
         self._out.close()
         return self.proc.returncode, self.output()
 
-    def kill(self) -> None:
-        self.proc.kill()  # SIGKILL to the process this test started
+    def kill(self) -> list[Path]:
+        """SIGKILL to the process this test started, then its staging folder in the session's Ray goes too,
+        as on a resume with a new Ray (a sweep that starts its own) or on another machine: a resume must
+        find all it needs in the results folder. The folders removed (the killed driver's pid ends the
+        name; none when it died before Tune made one)."""
+        import shutil
+
+        self.proc.kill()
         self.finish()
+        staged = list(self.artifacts.glob(f"*_{self.pid}"))
+        for folder in staged:
+            shutil.rmtree(folder)
+        return staged
 
 
 # ---------------------------------------------------------------- W&B against the record

@@ -127,6 +127,25 @@ def test_compare_with_seeds_separates_noise_from_a_real_gap(tmp_path):
     assert c["ci_high"] - c["mean"] == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-4)
 
 
+
+def test_the_seeds_figure_keeps_an_accuracys_interval_within_0_to_100(tmp_path, monkeypatch):
+    # two seeds 40 points apart: the Student t interval (12.7 x sd / sqrt 2) runs far past both ends
+    trials = [({"train.lr": lr, "train.seed": s}, [v], "completed")
+              for lr, vals in ((0.01, (0.5, 0.9)), (0.1, (0.60, 0.62))) for s, v in zip((0, 1), vals, strict=True)]
+    exp = fake_sweep(tmp_path, "wide", {"train": {"lr": {"grid": [0.01, 0.1]}}, "seeds": [0, 1]}, trials)
+    cmp = analysis.load(exp).compare()
+    assert cmp["ci_low"].min() < 0 and cmp["ci_high"].max() > 1  # compare() itself keeps the plain interval
+    import cifar_ray.report_sections as sections
+
+    drawn = []
+    real_save = sections.save_figure
+    monkeypatch.setattr(sections, "save_figure", lambda fig, path: (path.name == "seeds.png" and drawn.append(
+                        fig.axes[0].get_xlim())) or real_save(fig, path))
+    write_report(str(exp), str(tmp_path / "report"))
+    (low, high), = drawn
+    assert -5.01 <= low and high <= 105.01  # the bars end at 0 and 100; matplotlib's 5% margin around them
+    assert (tmp_path / "report" / "seeds.png").stat().st_size > 0
+
 def test_compare_ranks_by_mean_for_a_min_metric(tmp_path):
     trials = [({"train.lr": lr, "train.seed": s}, [v + 0.01 * s], "completed")
               for lr, v in ((0.01, 0.9), (0.1, 0.3)) for s in (0, 1)]

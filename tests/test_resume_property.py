@@ -223,8 +223,6 @@ def test_trials_the_search_had_not_made_run_after_a_resume_without_the_old_stagi
     second trial with its own policy and makes the third, which it had not made, as a straight run
     does. Ray's pickled searcher state was dropped by the check for whole JSON, and the resume ended,
     exit 0, with two trials of three."""
-    import shutil
-
     epochs = 4  # the second trial's first report leaves it three epochs to train before the third is made
     changes = dict(train__epochs=epochs, data={**SLOWER_DATA, "augment": {"hflip": 0.5}}, max_concurrent_trials=1,
                    configurations=[{}, {"train.lr": 0.02, "data.augment": {"alternate_flip": True}},
@@ -237,11 +235,9 @@ def test_trials_the_search_had_not_made_run_after_a_resume_without_the_old_stagi
     sweep = SweepProcess(path, tmp_path, ray_session)
     wait_for(lambda: recorded(exp) >= epochs + 1 or sweep.proc.poll() is not None, "the second trial's first report")
     assert sweep.proc.poll() is None, sweep.output()[-2000:]
-    sweep.kill()
+    staged = sweep.kill()
+    assert len(staged) == 1, staged  # the killed driver's own staging folder, removed
     assert len(list(exp.glob("base_*"))) == 2  # the search had made two trials
-    staged = list((Path(ray_session.address_info["session_dir"]) / "artifacts").glob(f"*_{sweep.pid}"))
-    assert len(staged) == 1, staged  # the killed driver's own staging folder (its pid ends the name)
-    shutil.rmtree(staged[0])
     code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
     assert code == 0, out[-3000:]
     assert len([p for p in exp.glob("base_*") if p.is_dir()]) == 3

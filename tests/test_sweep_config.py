@@ -1,4 +1,5 @@
 """Sweep files: schema, search space, dry runs and every way a file can be wrong (no Ray started)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,14 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path):
 def test_missing_file_and_bad_option(tmp_path, capsys):
     assert main([str(tmp_path / "nope.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2  # a results folder given where its sweep file belongs
+    assert "a folder, not a sweep file" in capsys.readouterr().err
+    # a data path that is not there fails the dry run as it fails the run, naming the key
+    missing = str(tmp_path / "cifar10-jpeg.tar.gz")
+    assert main([str(ROOT / "sweeps/quickstart.yaml"), "--dry-run", "--data", missing]) == 2
+    assert f"data.source: {missing}: no such file or folder" in capsys.readouterr().err
+    assert main([str(ROOT / "sweeps/quickstart.yaml"), "--dry-run", "--set", f"data.source={missing}"]) == 2
+    assert "data.source" in capsys.readouterr().err
     assert main([str(ROOT / "sweeps/quickstart.yaml"), "--set", "train.lr=-1", "--dry-run"]) == 2
     assert "train.lr" in capsys.readouterr().err
 
@@ -206,3 +215,38 @@ def test_configurations_with_a_grid_and_random_draws(capsys):
     assert "sweep quickstart: 6 trials, random search" in out
     assert "configurations (2, each with every draw below):" in out
     assert "[0] train.optimizer=adam  train.lr=0.001" in out and "[1] train.optimizer=sgd  train.lr=0.05" in out
+
+
+
+def _quiet_stop(command: list[str], cwd: Path, read_first: bool, unbuffered: str) -> tuple[int, bytes, str]:
+    """Run `python -m COMMAND | head -1` (read_first) or `| true` (the reader gone before any write)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    proc = subprocess.Popen([sys.executable, "-m", *command], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline() if read_first else b""
+    proc.stdout.close()  # the pipe's reader is gone: the writer's next write fails with EPIPE
+    err = proc.stderr.read().decode()
+    return proc.wait(timeout=WAIT_S), first, err
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_a_listing_read_by_head_ends_quietly_with_the_sigpipe_status(unbuffered, tmp_path):
+    """`... | head -1`: the reader takes a line and goes; the command stops with 141 (128 + SIGPIPE), as
+    a Unix tool does, and prints no traceback. The listing (4,000 trial lines, ~300 kB) is larger than a
+    pipe holds, so the write is cut short whatever the timing."""
+    seeds = "train.seed={grid: [" + ", ".join(map(str, range(200))) + "]}"
+    rc, first, err = _quiet_stop(["cifar_ray.sweep", str(ROOT / "sweeps/resnet_grid.yaml"), "--dry-run",
+                                  "--set", seeds], tmp_path, True, unbuffered)
+    assert rc == 141, err
+    assert first.startswith(b"sweep resnet_grid: 4000 trials"), first
+    assert err == "", err
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_a_command_whose_reader_left_before_it_wrote_ends_quietly(unbuffered, tmp_path):
+    rc, _, err = _quiet_stop(["cifar_ray.models"], tmp_path, False, unbuffered)
+    assert rc == 141, err
+    assert err == "", err

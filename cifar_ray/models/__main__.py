@@ -5,6 +5,7 @@ import sys
 
 from cifar_ray.models import build_model, list_models, model_spec
 from cifar_ray.models.stats import count_parameters, forward_gflops
+from cifar_ray.pipes import run_main
 
 
 def main() -> int:
@@ -20,4 +21,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
