@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cifar_ray import metrics as M
+from cifar_ray.applies import acts, row_config
 from cifar_ray.space import Domain, is_log
 
 SEED = "train.seed"
@@ -73,8 +74,7 @@ def importance(trials: pd.DataFrame, domains: dict[str, Domain], metric: str, mo
     distribution of each key among the top trials with all trials; its top quantile is the best
     10% of trials, but at least 3 and at most half, so small grids are judged on more than one trial.
     method="fanova" uses Optuna's fANOVA, which needs scikit-learn."""
-    import optuna
-    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
     best = f"best_{metric}"
     df = trials[np.isfinite(pd.to_numeric(trials.get(best, pd.Series(dtype=float)), errors="coerce"))] \
@@ -84,18 +84,49 @@ def importance(trials: pd.DataFrame, domains: dict[str, Domain], metric: str, mo
         raise ValueError(f"importance needs at least {MIN_TRIALS} trials with a finite {metric} and two searched keys "
                          f"with two values or more each; this sweep has {len(df)} such trials and "
                          f"{len(keys)} such keys ({', '.join(keys) or 'none'})")
-    if method == "ped_anova":
-        quantile = min(0.5, max(0.1, 3 / len(df)))
-        evaluator = PedAnovaImportanceEvaluator(target_quantile=quantile)
-    elif method == "fanova":
+    # a key counts only in the trials where it acts (cifar_ray.applies: Adam's trials say nothing of momentum)
+    acting = {k: df.apply(lambda row, k=k: acts(k, row_config(row)), axis=1) for k in keys}
+    if method not in ("ped_anova", "fanova"):
+        raise ValueError(f"method={method!r}: use 'ped_anova' or 'fanova'")
+    if method == "fanova":
+        partial = [k for k in keys if not acting[k].all()]
+        if partial:
+            raise ValueError(f"method='fanova' models all keys at once and {', '.join(partial)} do not act in every "
+                             "trial; method='ped_anova' reads each key in the trials where it acts")
         try:
             import sklearn  # noqa: F401
         except ImportError:
             raise ValueError("method='fanova' needs scikit-learn (pip install scikit-learn); the default "
                              "method='ped_anova' needs nothing more") from None
-        evaluator = FanovaImportanceEvaluator(seed=0)  # type: ignore[assignment]  # both are evaluators
+        scores = _importances(df, keys, domains, best, mode, FanovaImportanceEvaluator(seed=0))
     else:
-        raise ValueError(f"method={method!r}: use 'ped_anova' or 'fanova'")
+        # PED-ANOVA scores each key on its own (its top trials' values against all trials'), so each is
+        # read over the trials where it acts, and the scores are normalised together after
+        scores = {}
+        for key in keys:
+            sub = df[acting[key]]
+            if len(sub) < MIN_TRIALS or distinct_values(sub[key]) < 2:
+                continue  # too few trials where it acts to say anything of it
+            quantile = min(0.5, max(0.1, 3 / len(sub)))
+            scores |= _importances(sub, [key], domains, best, mode,
+                                   PedAnovaImportanceEvaluator(target_quantile=quantile), normalize=False)
+        if not scores:
+            raise ValueError(f"importance needs at least {MIN_TRIALS} trials where a key acts, with two values of it "
+                             f"or more; none of {', '.join(keys)} has that")
+        total = sum(scores.values())
+        scores = {k: (v / total if total > 0 else 0.0) for k, v in scores.items()}
+    out = pd.DataFrame({"key": list(scores), "importance": [float(v) for v in scores.values()], "method": method})
+    if out["importance"].sum() <= 0:  # every trial equally good: nothing to attribute
+        out["importance"] = 1 / len(out)
+    return out.sort_values("importance", ascending=False, ignore_index=True)
+
+
+def _importances(df: pd.DataFrame, keys: list[str], domains: dict[str, Domain], best: str, mode: str,
+                 evaluator: Any, normalize: bool = True) -> dict[str, float]:
+    """Optuna's importance of `keys` over the trials of `df` (a study made of them)."""
+    import optuna
+    from optuna.importance import get_param_importances
+
     dists, columns = {}, {}
     for key in keys:
         dists[key], columns[key] = _distribution(key, df[key], domains.get(key))
@@ -107,13 +138,12 @@ def importance(trials: pd.DataFrame, domains: dict[str, Domain], metric: str, mo
             optuna.trial.create_trial(params={k: columns[k][i] for k in keys}, distributions=dists,
                                       value=float(df[best].iloc[i]))
             for i in range(len(df))])
-        scores = get_param_importances(study, evaluator=evaluator, params=keys, normalize=True)
+        with warnings.catch_warnings():  # normalize= is "experimental" in Optuna 4; PED-ANOVA's scores are final
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            scores = get_param_importances(study, evaluator=evaluator, params=keys, normalize=normalize)
+        return {k: float(v) for k, v in scores.items()}
     finally:
         optuna.logging.set_verbosity(verbosity)
-    out = pd.DataFrame({"key": list(scores), "importance": [float(v) for v in scores.values()], "method": method})
-    if out["importance"].sum() <= 0:  # every trial equally good: nothing to attribute
-        out["importance"] = 1 / len(out)
-    return out.sort_values("importance", ascending=False, ignore_index=True)
 
 
 # ---------------------------------------------------------------- seed noise

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cifar_ray import metrics as M
+from cifar_ray.applies import acts
 
 TUNE_TRIAL_ID = "tune_trial_id"  # user attribute naming the Tune trial
 USER_ATTRS = ("node", "host", "device", "accelerator", "node_type")  # copied from a trial's reports when present
@@ -191,7 +192,7 @@ def params_of(config: dict, distributions: dict) -> dict[str, tuple[Any, Any]]:
 
     out = {}
     for key, dist in distributions.items():
-        if key not in config:
+        if key not in config or not acts(key, config):  # a key where it does nothing is no param of the trial
             continue
         try:
             internal = dist.to_internal_repr(choice_value(config[key]))

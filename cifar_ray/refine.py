@@ -30,6 +30,7 @@ import pandas as pd
 import yaml
 
 from cifar_ray.analysis import AnalysisError, load, ranked
+from cifar_ray.applies import acts, row_config
 from cifar_ray.config import ConfigError
 from cifar_ray.files import new_file_mode, printable
 from cifar_ray.pipes import run_main
@@ -196,7 +197,14 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
     base = first_candidate(Space(_flat_constants(doc) | domains, None))
     changes = []
     for key, dom in domains.items():
-        values = used_values(kept[key].tolist(), dom) if key in kept else []
+        # a key is read where it acts: an Adam trial's momentum is whatever it was given (cifar_ray.applies)
+        acting = kept[[acts(key, row_config(row)) for _, row in kept.iterrows()]] if key in kept else kept.iloc[0:0]
+        if key in kept and acting.empty:  # the top trials all ran where it does nothing: fix it to one value
+            new = dom.candidates()[0]
+            _set(doc, key, new)
+            changes.append(f"#   {key}: {dom.describe()} -> {_describe(new)} (it acted in none of the top trials)")
+            continue
+        values = used_values(acting[key].tolist(), dom) if key in kept else []
         if not values:
             continue
         new = refine_domain(key, dom, values, base)

@@ -24,6 +24,7 @@ RANDOM_KINDS = ("choice", "uniform", "loguniform", "randint")
 UNSEARCHABLE = ("data.source", "data.synthetic_size", "data.cache_dir", "data.data_dir", "train.device")
 SECTIONS = ("model", "data", "train")
 FULL_CHECK_LIMIT = 4096  # combinations of candidate values checked exhaustively up to this many
+ENUMERATE_LIMIT = 20 * MAX_TRIALS  # grid points listed to leave out repeats; a larger grid is refused unlisted
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,13 @@ class Space:
         return any(d.kind in RANDOM_KINDS for d in self.domains().values())
 
     def grid_size(self) -> int:
+        """Trials one round of the grid makes (a point of `search.samples`): the grid, seeds and
+        configurations multiplied out, less the points that repeat another in every key that acts."""
+        if self.product_size() > ENUMERATE_LIMIT:  # refused as too large anyway (MAX_TRIALS)
+            return self.product_size()
+        return max(len(one_round(self)), 1)
+
+    def product_size(self) -> int:
         n = math.prod(len(d.values) for d in self.domains().values() if d.kind == "grid")
         return n * (len(self.seeds) if self.seeds else 1) * (len(self.listed) or 1)
 
@@ -191,8 +199,20 @@ def build_space(sweep: SweepConfig, where: str) -> Space:
             raise ConfigError(f"{where}: seeds: and train.seed in configurations: both set; keep one")
     space = Space(values, seeds, listed)
     _check_candidates(space, where)
+    _check_acting(space, where)
     _check_search(space, sweep, where)
     return space
+
+
+def _check_acting(space: Space, where: str) -> None:
+    """A searched key that acts in no trial of the sweep (momentum with Adam alone) searches nothing."""
+    from cifar_ray.applies import never_acting
+
+    for key in space.searched_keys():
+        cond = never_acting(key, space.values_of)
+        if cond is not None:
+            raise ConfigError(f"{where}: {key}: searched, but it acts only when {cond.text()}, and no trial "
+                              f"of this sweep has that; give it one value, or search {cond.parent} too")
 
 
 def configuration_keys(entry: Any, at: str) -> dict[str, Any]:
@@ -346,18 +366,45 @@ def shuffles(sweep: SweepConfig) -> bool:
     return order == "shuffled" or (order == "auto" and sweep.scheduler.kind == "asha")
 
 
-def grid_points(space: Space, sweep: SweepConfig) -> list[dict[str, Any]]:
-    """The listed and grid keys (and train.seed) of every trial in the order trials start: the
-    configurations outermost, then the grid in the file's order (first key outermost, seeds innermost),
-    `search.samples` times, shuffled when shuffles(). Empty when nothing is a grid or listed."""
+def one_round(space: Space) -> list[dict[str, Any]]:
+    """The listed and grid keys (and train.seed) of each trial of one round, in the file's order: the
+    configurations outermost, then the grid (first key outermost, seeds innermost). A point equal to an
+    earlier one in every key that acts in it is left out (cifar_ray.applies: momentum under adam, or
+    under onecycle): that trial would train the same again. Empty when nothing is a grid or listed."""
     grid = {k: d.values for k, d in space.domains().items() if d.kind == "grid"}
     if space.seeds:
         grid["train.seed"] = space.seeds
     if not grid and not space.listed:
         return []
-    one = [config | dict(zip(grid, picks, strict=True)) for config in space.listed or ({},)
-           for picks in itertools.product(*grid.values())]
-    points = one * sweep.search.samples
+    points = [config | dict(zip(grid, picks, strict=True)) for config in space.listed or ({},)
+              for picks in itertools.product(*grid.values())]
+    return _acting_once(space, points)
+
+
+def _acting_once(space: Space, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import json
+
+    from cifar_ray.applies import CONDITIONS, acts
+
+    constants = {k: v for k, v in space.values.items() if not isinstance(v, Domain)}
+    drawn = {k for k, d in space.domains().items() if d.kind in RANDOM_KINDS}  # not known until a trial is made
+    conditional = [k for k in points[0] if k in CONDITIONS and not any(c.parent in drawn for c in CONDITIONS[k])]
+    if not conditional:
+        return points
+    kept, seen = [], set()
+    for point in points:
+        known = constants | point
+        acting = {k: v for k, v in point.items() if k not in conditional or acts(k, known)}
+        label = json.dumps(acting, sort_keys=True, default=str)
+        if label not in seen:
+            seen.add(label)
+            kept.append(point)
+    return kept
+
+
+def grid_points(space: Space, sweep: SweepConfig) -> list[dict[str, Any]]:
+    """one_round's points `search.samples` times, in the order trials start: shuffled when shuffles()."""
+    points = one_round(space) * sweep.search.samples
     if shuffles(sweep):
         random.Random(sweep.search.seed or 0).shuffle(points)
     return points

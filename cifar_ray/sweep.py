@@ -24,6 +24,7 @@ from typing import Any, Optional
 import yaml
 
 from cifar_ray import metrics as M
+from cifar_ray.applies import acts, depends_within, row_config
 from cifar_ray.config import ConfigError, TrialConfig, default
 from cifar_ray.files import atomic_write_text, printable
 from cifar_ray.pipes import run_main
@@ -173,6 +174,37 @@ def _resources_text(req: dict[str, float]) -> str:
     return ", ".join(f"{k}={format_value(v)}" for k, v in req.items() if v)
 
 
+def searched_text(trial: dict[str, Any], keys: list[str]) -> str:
+    """A trial's searched keys as the dry run lists them; '-' where a key does not act in it."""
+    return "  ".join(f"{k}={format_value(trial[k]) if acts(k, trial) else '-'}" for k in keys) or "(no searched keys)"
+
+
+def repeats_left_out(space: Space, trials: list[dict[str, Any]]) -> list[str]:
+    """The dry run's note on grid points left out because they repeat a trial in every key that acts,
+    with the reason of each key that did not act in some trial ("-" on the trial lines)."""
+    from cifar_ray.applies import why_inert
+
+    left = space.product_size() - space.grid_size()
+    if left <= 0:
+        return []
+    reasons = {k: why_inert(k, t) for t in trials for k in space.searched_keys() if not acts(k, t)}
+    return [f"  {left} grid points left out: each repeats a trial below in every key that acts in it "
+            f"({'; '.join(f'{k} {r}' for k, r in reasons.items())}); '-' marks such a key"]
+
+
+def _acting_note(key: str, space: Space, search: str) -> str:
+    """The dry run's note on a searched key that acts only under values of another searched key."""
+    from cifar_ray.applies import switches
+
+    conds = switches(key, space.searched_keys(), space.values_of)
+    if not conds:
+        return ""
+    where = " and ".join(c.text() for c in conds)
+    if search == "optuna":
+        return f"  (asked only where {where})"
+    return f"  (drawn for every trial; acts only where {where})"
+
+
 def describe(plan: Plan) -> str:
     from cifar_ray.cluster import model_names, requests_by_model
 
@@ -193,10 +225,10 @@ def describe(plan: Plan) -> str:
         lines += describe_packs(plan.packs, keys, requests)
         total = sum(int(t.get("train.epochs", default("train.epochs"))) for p in plan.packs for t in p)
     elif trials is not None:
+        lines += repeats_left_out(space, trials)
         for i, t in enumerate(trials, 1):
             name = t.get("model.name", default("model.name"))
-            shown = "  ".join(f"{k}={format_value(t[k])}" for k in keys) or "(no searched keys)"
-            lines.append(f"  trial {i:>3}: {shown}  [{_resources_text(requests[name])}]")
+            lines.append(f"  trial {i:>3}: {searched_text(t, keys)}  [{_resources_text(requests[name])}]")
         total = sum(int(t.get("train.epochs", default("train.epochs"))) for t in trials)
     else:
         if space.listed:
@@ -204,7 +236,8 @@ def describe(plan: Plan) -> str:
             lines += [f"    [{i}] " + "  ".join(f"{k}={format_value(v)}" for k, v in c.items())
                       for i, c in enumerate(space.listed)]
         lines.append("  domains:")
-        lines += [f"    {k}: {d.describe()}" for k, d in space.domains().items()]
+        lines += [f"    {k}: {d.describe()}{_acting_note(k, space, sweep.search.kind)}"
+                  for k, d in space.domains().items()]
         if space.seeds:
             lines.append(f"    train.seed: grid[{', '.join(map(str, space.seeds))}]")
         lines.append(f"  samples: {sweep.search.samples} x grid {space.grid_size()}")
@@ -231,8 +264,7 @@ def describe_packs(packs: list[list[dict[str, Any]]], keys: list[str], requests:
         lines.append(f"  pack {p:>3}: {name}, {len(members)} members  [{_resources_text(requests[name])} for the pack]")
         for t in members:
             number += 1
-            shown = "  ".join(f"{k}={format_value(t[k])}" for k in keys) or "(no searched keys)"
-            lines.append(f"    trial {number:>3}: {shown}")
+            lines.append(f"    trial {number:>3}: {searched_text(t, keys)}")
     return lines
 
 
@@ -384,9 +416,7 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
         search_alg = packed_optuna(plan)
         num_samples = plan.tune_trials
     elif sweep.search.kind == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=sweep.search.seed)
+        search_alg = optuna_search(plan)
     else:
         # Grid trials start in grid_points' order (the dry run's), each point one sample; random
         # domains are still drawn per trial. A fused sweep's trials are its packs, drawn up front.
@@ -417,28 +447,49 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     )
 
 
-def packed_optuna(plan: Plan):
-    """A fused Optuna sweep's searcher: Optuna over the searched keys, one proposal per member."""
+def optuna_search(plan: Plan, own_space: bool = False):
+    """Tune's OptunaSearch for the sweep. Where a searched key acts only under a value of another
+    (tune_search.ActingSpace), or the searcher must hold its space itself (own_space: a fused sweep's
+    param_space holds packs), it is made with the space; otherwise it reads Tune's param_space."""
     from ray.tune.search.optuna import OptunaSearch
 
     from cifar_ray.space import Domain
-    from cifar_ray.tune_search import PackedSearch
+    from cifar_ray.tune_search import ActingSpace
     from cifar_ray.tune_space import to_tune
 
+    sweep, domains = plan.sweep, plan.space.domains()
+    if depends_within(domains, plan.space.values_of):
+        constants = {k: v for k, v in plan.space.values.items() if not isinstance(v, Domain)}
+        return OptunaSearch(space=ActingSpace(domains, constants), metric=sweep.metric, mode=sweep.mode,
+                            seed=sweep.search.seed)
+    if own_space:
+        space = OptunaSearch.convert_search_space({k: to_tune(d) for k, d in domains.items()})
+        return OptunaSearch(space=space, metric=sweep.metric, mode=sweep.mode, seed=sweep.search.seed)
+    return OptunaSearch(seed=sweep.search.seed)
+
+
+def packed_optuna(plan: Plan):
+    """A fused Optuna sweep's searcher: Optuna over the searched keys, one proposal per member."""
+    from cifar_ray.space import Domain
+    from cifar_ray.tune_search import PackedSearch
+
     sweep, space = plan.sweep, plan.space
-    domains = {k: to_tune(d) for k, d in space.domains().items()}
     shared = {k: v for k, v in space.values.items() if not isinstance(v, Domain)}
-    inner = OptunaSearch(space=OptunaSearch.convert_search_space(domains), metric=sweep.metric, mode=sweep.mode,
-                         seed=sweep.search.seed)
-    return PackedSearch(inner, sweep.resources.fuse, trial_count(space, sweep), shared,
+    return PackedSearch(optuna_search(plan, own_space=True), sweep.resources.fuse, trial_count(space, sweep), shared,
                         pack_head(first_candidate(space)), sweep.metric, sweep.mode)
 
 
 def tune_param_space(plan: Plan) -> dict[str, Any]:
     """Tune's param_space: the sweep's domains; a fused sweep's packs are whole configs (pack_points)."""
     from cifar_ray.record import PACK_MEMBERS
+    from cifar_ray.space import Domain
 
-    return {"model.name": "", "train.epochs": 0, PACK_MEMBERS: ""} if plan.fused else param_space(plan.space)
+    if plan.fused:
+        return {"model.name": "", "train.epochs": 0, PACK_MEMBERS: ""}
+    if plan.sweep.search.kind == "optuna" and depends_within(plan.space.domains(), plan.space.values_of):
+        # the searcher holds the space (Tune refuses domains in both places): the constants alone here
+        return {k: v for k, v in plan.space.values.items() if not isinstance(v, Domain)}
+    return param_space(plan.space)
 
 
 def pack_points(plan: Plan) -> list[dict[str, Any]]:
@@ -531,7 +582,9 @@ def summarize(plan: Plan, trials) -> tuple[str, int]:
         from cifar_ray.analysis import ranked
 
         best = ranked(ok, best_col, sweep.mode).iloc[0]
-        shown = ", ".join(f"{k}={format_value(best[k])}" for k in plan.space.searched_keys() if k in best)
+        config = row_config(best)
+        shown = ", ".join(f"{k}={format_value(best[k]) if acts(k, config) else '-'}"  # '-': no part of this trial
+                          for k in plan.space.searched_keys() if k in best)
         lines.append(f"best trial {best['trial_id']}: {sweep.metric} {best[best_col]:.4f}  ({shown})")
     errored = trials[trials["status"] == M.ERRORED] if len(trials) else trials
     for _, row in errored.iterrows():

@@ -225,3 +225,34 @@ class PackedSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+
+
+class ActingSpace:
+    """Optuna's define-by-run search space for a sweep with keys that act only under some value of
+    another searched key (cifar_ray.applies): a trial is asked for such a key only where it acts, so an
+    SGD trial has no muon_lr and Optuna's model of muon_lr learns from Muon's trials alone. The keys
+    they depend on come first. Pickled in the sweep's searcher state: a resumed sweep imports it by this path."""
+
+    def __init__(self, domains: dict[str, Any], constants: dict[str, Any]):
+        from cifar_ray.applies import CONDITIONS
+
+        # (key, kind, values) in the order asked: the keys others depend on before those
+        self.domains = sorted(((k, d.kind, tuple(d.values)) for k, d in domains.items()),
+                              key=lambda item: item[0] in CONDITIONS)
+        self.constants = dict(constants)
+
+    def __call__(self, trial: Any) -> None:
+        from cifar_ray.applies import acts
+
+        picked: dict[str, Any] = {}
+        for key, kind, values in self.domains:
+            if not acts(key, self.constants | picked):
+                continue
+            if kind == "choice":
+                picked[key] = trial.suggest_categorical(key, list(values))
+            elif kind == "randint":  # inclusive both ends, as the sweep file writes it
+                picked[key] = trial.suggest_int(key, values[0], values[1])
+            else:
+                picked[key] = trial.suggest_float(key, values[0], values[1], log=kind == "loguniform")
+        return None
+

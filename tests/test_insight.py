@@ -63,6 +63,37 @@ def test_a_key_that_does_nothing_gets_low_importance(tmp_path):
     assert imp.set_index("key").loc[["train.momentum", "train.optimizer"], "importance"].max() < 0.15
 
 
+
+def test_a_key_is_read_only_in_the_trials_where_it_acts(tmp_path):
+    # a random search over optimizer x momentum x lr: with SGD, momentum decides (higher is better); Adam has
+    # no momentum (cifar_ray.applies) and beats every SGD trial whatever momentum value it was drawn with.
+    # Read over all trials, momentum's top trials are Adam's and their values are noise.
+    rng = np.random.default_rng(1)
+    trials = []
+    for i in range(24):
+        opt, m, lr = ("sgd", "adam")[i % 2], float(rng.uniform(0.5, 0.95)), float(rng.uniform(0.001, 0.1))
+        acc = 0.4 + 0.5 * (m - 0.5) if opt == "sgd" else 0.7 + 0.001 * rng.normal()
+        trials.append(({"train.optimizer": opt, "train.momentum": m, "train.lr": lr}, [acc], "completed"))
+    sections = {"train": {"optimizer": {"choice": ["sgd", "adam"]}, "momentum": {"uniform": [0.5, 0.95]},
+                          "lr": {"uniform": [0.001, 0.1]}}}
+    exp = fake_sweep(tmp_path, "inert", sections, trials)
+    imp = analysis.load(exp).importance().set_index("key")["importance"]
+    # read over all 24 trials: optimizer 0.63, momentum 0.34 (its top trials' values were Adam's noise)
+    assert imp.index[0] == "train.momentum" and imp["train.momentum"] > 0.5, imp
+    assert imp["train.lr"] < 0.05, imp
+    assert imp.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="train.momentum do not act in every trial"):
+        analysis.load(exp).importance(method="fanova")
+    # refine narrows momentum around the SGD trials among the top 16 (12 Adam, then SGD's best: high momentum)
+    sgd_top = sorted((t[0]["train.momentum"] for t in trials if t[0]["train.optimizer"] == "sgd"), reverse=True)[:4]
+    refine_main([str(exp), "--top", "16", "--out", str(tmp_path / "wide.yaml")])
+    lo, hi = yaml.safe_load((tmp_path / "wide.yaml").read_text())["train"]["momentum"]["uniform"]
+    assert lo > 0.7 and lo <= min(sgd_top) and hi >= max(sgd_top), (lo, hi, sgd_top)
+    # the top 5 are all Adam: momentum acted in none of them, and the next sweep (Adam alone) fixes it
+    refine_main([str(exp), "--top", "5", "--out", str(tmp_path / "adam.yaml")])
+    train = yaml.safe_load((tmp_path / "adam.yaml").read_text())["train"]
+    assert train["optimizer"] == "adam" and isinstance(train["momentum"], float), train
+
 def test_a_choice_with_null_is_a_searched_key_in_importance_and_the_report(tmp_path):
     # bn_momentum: null (the model's own) or 0.2; null trials are the good ones. Missing values used to
     # count as no value at all, so the key vanished from the importance and the report's trial table.

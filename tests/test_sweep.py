@@ -166,6 +166,39 @@ def test_configurations_over_seeds_run_as_listed_and_compare_over_their_seeds(ra
     assert_records_agree(exp)
 
 
+
+def test_optuna_asks_for_a_key_only_in_the_trials_where_it_acts(ray_session, tmp_path):
+    """optimizer and momentum searched: Adam has no momentum, so Optuna proposes one only to SGD trials (a
+    define-by-run space); each trial's record and the journal hold it where it acted, and it trained so."""
+    from cifar_ray import analysis
+    from conftest import journal_trials
+
+    path = write_sweep(tmp_path, "acting", train__epochs=1, train__optimizer={"choice": ["sgd", "adam"]},
+                       train__momentum={"uniform": [0.5, 0.95]}, train__lr={"loguniform": [0.001, 0.05]},
+                       search={"kind": "optuna", "samples": 6, "seed": 0})
+    assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 0
+    exp = tmp_path / "results" / "acting"
+    trials = analysis.load(exp).trials().set_index("trial_id")
+    assert len(trials) == 6 and set(trials["status"]) == {"completed"}
+    assert {"sgd", "adam"} <= set(trials["train.optimizer"]), trials["train.optimizer"]  # Optuna drew both
+    journal = journal_trials(exp)
+    for trial_id, row in trials.iterrows():
+        params = json.loads(next(exp.glob(f"*_{trial_id}/params.json")).read_text())
+        sgd = row["train.optimizer"] == "sgd"
+        assert ("train.momentum" in params) == sgd, params  # asked only where it acts
+        assert ("train.momentum" in journal[trial_id].params) == sgd, journal[trial_id].params
+        if sgd:
+            assert 0.5 <= params["train.momentum"] <= 0.95
+    # an Adam trial trained as the same values without momentum in a sweep of their own
+    adam = trials[trials["train.optimizer"] == "adam"].iloc[0]
+    alone = write_sweep(tmp_path, "alone", train__epochs=1, train__optimizer="adam", train__lr=float(adam["train.lr"]))
+    assert main([str(alone), "--storage-path", str(tmp_path / "results")]) == 0
+    straight = analysis.load(tmp_path / "results" / "alone").curves().iloc[0]
+    own = analysis.load(exp).curves().set_index("trial_id").loc[adam.name]
+    for col in ("train_loss", "val_loss", "val_acc"):
+        assert own[col] == straight[col], col
+    assert_records_agree(exp)
+
 def test_diverging_trial_is_diverged_while_others_finish(ray_session, tmp_path):
     path = write_sweep(tmp_path, "diverge", train__epochs=3, train__lr={"grid": [0.05, 10.0]}, train__momentum=0.99,
                        train__batch_size=16)

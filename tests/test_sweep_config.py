@@ -200,14 +200,38 @@ def test_configurations_run_each_listed_set_of_keys_over_the_seeds():
     assert "configurations" not in build_space(plain, "f").fingerprint()
 
 
+
+def test_a_grid_runs_a_key_once_where_it_does_not_act(capsys):
+    # Adam has no momentum: the optimizer x lr x momentum grid runs each Adam lr once, not once per momentum
+    sets = ["train.optimizer={grid: [sgd, adam]}", "train.lr={grid: [0.01, 0.1]}",
+            "train.momentum={grid: [0, 0.5, 0.9]}"]
+    assert main([str(ROOT / "sweeps/quickstart.yaml"), "--dry-run", *(a for s in sets for a in ("--set", s))]) == 0
+    out = capsys.readouterr().out
+    assert "8 trials" in out and "4 grid points left out" in out, out
+    assert "train.momentum acts only when train.optimizer is sgd or muon" in out
+    assert "train.optimizer=adam  train.lr=0.01  train.momentum=-" in out
+    assert out.count("train.optimizer=adam") == 2 and out.count("train.optimizer=sgd") == 6
+    # within configurations too, seeds kept apart; and nothing left out where every key acts
+    sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"),
+                       ["configurations=[{train.optimizer: adam}, {train.optimizer: sgd}]", "train.lr=0.01",
+                        "train.momentum={grid: [0.5, 0.9]}", "seeds=[0, 1]"])
+    points = grid_points(build_space(sweep, "q"), sweep)
+    assert [(p["train.optimizer"], p["train.momentum"], p["train.seed"]) for p in points] == [
+        ("adam", 0.5, 0), ("adam", 0.5, 1), ("sgd", 0.5, 0), ("sgd", 0.5, 1), ("sgd", 0.9, 0), ("sgd", 0.9, 1)]
+    # a parent drawn at random is not known before the trial: nothing is left out
+    sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"), ["train.optimizer={choice: [sgd, adam]}",
+                                                              "train.lr=0.01", "train.momentum={grid: [0.5, 0.9]}"])
+    assert len(grid_points(build_space(sweep, "q"), sweep)) == 2
+
 def test_configurations_with_a_grid_and_random_draws(capsys):
     # a grid runs within every configuration; a random draw is made for each trial
     sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"),
                        ["configurations=[{train.optimizer: adam, train.lr: 0.001}, {}]", "train.lr=0.05"])
     space = build_space(sweep, "q")
     points = grid_points(space, sweep)
+    # Adam has no momentum: the momentum grid runs it once (cifar_ray.applies)
     assert [(p["train.optimizer"], p["train.lr"], p["train.momentum"]) for p in points] == [
-        ("adam", 0.001, 0.5), ("adam", 0.001, 0.9), ("sgd", 0.05, 0.5), ("sgd", 0.05, 0.9)]
+        ("adam", 0.001, 0.5), ("sgd", 0.05, 0.5), ("sgd", 0.05, 0.9)]
     sets = ["train.momentum=0.9", "train.lr=0.05", "train.weight_decay={loguniform: [0.00001, 0.001]}",
             "search={kind: random, samples: 3}", "configurations=[{train.optimizer: adam, train.lr: 0.001}, {}]"]
     assert main([str(ROOT / "sweeps/quickstart.yaml"), "--dry-run", *(a for s in sets for a in ("--set", s))]) == 0

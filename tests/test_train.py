@@ -631,3 +631,50 @@ def test_muon_trains_the_filters_and_resumes_exactly(tmp_path, synthetic):
         assert full.history[-1][key] == resumed.history[0][key], key
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+# (key, two values, settings where it does not act, settings where it does): cifar_ray.applies' table
+INERT = [
+    ("momentum", (0.0, 0.9), {"optimizer": "adam"}, {"optimizer": "sgd"}),
+    ("momentum", (0.0, 0.5), {"schedule": "onecycle"}, {"schedule": "none"}),
+    ("muon_lr", (0.01, 0.3), {"optimizer": "sgd"}, {"optimizer": "muon"}),
+    ("muon_momentum", (0.6, 0.95), {"optimizer": "sgd"}, {"optimizer": "muon"}),
+    ("muon_momentum", (0.6, 0.95), {"optimizer": "muon", "schedule": "onecycle"}, {"optimizer": "muon"}),
+    ("step_size", (1, 5), {"schedule": "cosine"}, {"schedule": "step"}),
+    ("gamma", (0.1, 0.5), {"schedule": "cosine"}, {"schedule": "step", "step_size": 1}),
+    ("warmup_fraction", (0.1, 0.5), {"schedule": "step"}, {"schedule": "triangle"}),
+    ("start_factor", (0.1, 0.5), {"schedule": "none"}, {"schedule": "triangle"}),
+    ("end_factor", (0.0, 0.5), {"schedule": "cosine"}, {"schedule": "triangle"}),
+    ("lookahead_every", (2, 7), {"lookahead_decay": 0.0}, {"lookahead_decay": 0.9, "lookahead_start": 0.0}),
+    ("lookahead_start", (0.0, 0.8), {"lookahead_decay": 0.0}, {"lookahead_decay": 0.9}),
+]
+
+
+def test_the_table_of_keys_that_act_only_with_another_is_covered():
+    from cifar_ray.applies import CONDITIONS
+
+    # nesterov outside sgd/muon is refused by the schema (nesterov needs momentum), so never inert in a trial
+    assert {f"train.{k}" for k, *_ in INERT} == set(CONDITIONS) - {"train.nesterov"}
+
+
+@pytest.mark.parametrize("key, values, inert, acting", INERT,
+                         ids=[f"{k}-{'-'.join(map(str, i.values()))}" for k, _, i, _ in INERT])
+def test_a_key_where_it_does_not_act_changes_nothing_and_where_it_acts_changes_the_run(small_synthetic, key, values,
+                                                                                     inert, acting):
+    """What lets a grid run such a point once: two values of the key train the very same run where
+    applies.acts says it does not act, and different runs where it says it does."""
+    from cifar_ray.applies import acts
+
+    def run(settings, value):
+        c = cfg(**settings, **{key: value}, epochs=2, data=SMALL)
+        flat = {f"train.{k}": v for k, v in c.train.model_dump().items()}
+        return fit(c, small_synthetic), acts(f"train.{key}", flat)
+
+    (a, a_acts), (b, b_acts) = run(inert, values[0]), run(inert, values[1])
+    assert not a_acts and not b_acts
+    assert [h[M.VAL_LOSS] for h in a.history] == [h[M.VAL_LOSS] for h in b.history]
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    (c, c_acts), (d, d_acts) = run(acting, values[0]), run(acting, values[1])
+    assert c_acts and d_acts
+    assert [h[M.VAL_LOSS] for h in c.history] != [h[M.VAL_LOSS] for h in d.history]
