@@ -110,9 +110,10 @@ def importance(trials: pd.DataFrame, domains: dict[str, Domain], metric: str, mo
             quantile = min(0.5, max(0.1, 3 / len(sub)))
             scores |= _importances(sub, [key], domains, best, mode,
                                    PedAnovaImportanceEvaluator(target_quantile=quantile), normalize=False)
-        if not scores:
-            raise ValueError(f"importance needs at least {MIN_TRIALS} trials where a key acts, with two values of it "
-                             f"or more; none of {', '.join(keys)} has that")
+        if len(scores) < 2:
+            raise ValueError(f"importance needs two searched keys each with at least {MIN_TRIALS} finished trials "
+                             f"where it acts and two values or more there; of {', '.join(keys)}, "
+                             f"{', '.join(scores) or 'none'} has that")
         total = sum(scores.values())
         scores = {k: (v / total if total > 0 else 0.0) for k, v in scores.items()}
     out = pd.DataFrame({"key": list(scores), "importance": [float(v) for v in scores.values()], "method": method})

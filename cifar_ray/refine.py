@@ -248,17 +248,19 @@ def confirm(results: str | Path, top: int = DEFAULT_TOP, seeds: tuple[int, ...] 
     configs: list[dict[str, Any]] = []
     sources: dict[int, list[str]] = {}  # configuration -> the kept trials that ran it
     for _, row in kept.iterrows():
-        config = {k: _ran(row, k, dom) for k, dom in domains.items() if k in row}
+        # a key where it does nothing is no part of the configuration (an Adam trial's momentum)
+        config = {k: _ran(row, k, dom) for k, dom in domains.items() if k in row and acts(k, row_config(row))}
         found = [i for i, c in enumerate(configs) if same(c, config)]
         if not found:
             configs.append(config)
         sources.setdefault(found[0] if found else len(configs) - 1, []).append(
             f"{printable(row['trial_id'])} ({sweep.metric} {row[best]:.4f})")
     doc = {k: v for k, v in stored.items() if k not in (*STORED_ONLY, "configurations", "seeds")}
-    for key, value in configs[0].items():
+    for key, dom in domains.items():  # a key the best does not use holds a value that does nothing there
         _clear(doc, key)
-        _set(doc, key, copy.deepcopy(value))
-    changed: list[dict[str, Any]] = [{k: v for k, v in c.items() if not same(v, configs[0][k])} for c in configs[1:]]
+        _set(doc, key, copy.deepcopy(configs[0][key] if key in configs[0] else dom.candidates()[0]))
+    changed: list[dict[str, Any]] = [{k: v for k, v in c.items() if k not in configs[0] or not same(v, configs[0][k])}
+                                     for c in configs[1:]]
     listed = [copy.deepcopy(c) for c in [{}, *changed]]  # no value shared between entries: YAML writes an alias
     doc["search"] = {"kind": "grid"}
     doc["scheduler"] = {"kind": "fifo"}  # every seed runs to the end: ASHA or PBT would cut the comparison

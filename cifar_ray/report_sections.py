@@ -62,6 +62,10 @@ def importance_section(sweep: Sweep, out: Path) -> list[str]:
         text = (f"**{md(top['key'])}** mattered most: {100 * top['importance']:.0f}% of the variation in best "
                 f"{md(sweep.metric)} (PED-ANOVA, `sweep.importance()`); {others}. Narrow the next sweep around the "
                 f"best values of {md(top['key'])} ({refine}) and fix the keys that barely matter.")
+    unjudged = [k for k in sweep.domains() if k not in set(imp["key"]) and k != "train.seed"]
+    if unjudged:
+        text += (f" Not judged: {', '.join(md(k) for k in unjudged)} (fewer than 4 finished trials where it acts, "
+                 "or one value there).")
     return lines + [text, "", f"![What mattered]({path.name})", ""]
 
 

@@ -93,6 +93,21 @@ def test_a_key_is_read_only_in_the_trials_where_it_acts(tmp_path):
     refine_main([str(exp), "--top", "5", "--out", str(tmp_path / "adam.yaml")])
     train = yaml.safe_load((tmp_path / "adam.yaml").read_text())["train"]
     assert train["optimizer"] == "adam" and isinstance(train["momentum"], float), train
+    # --confirm over the top 14 (12 Adam, 2 SGD): an Adam configuration holds no momentum, the file validates
+    assert refine_main([str(exp), "--confirm", "--top", "14", "--out", str(tmp_path / "confirm.yaml")]) == 0
+    doc = yaml.safe_load((tmp_path / "confirm.yaml").read_text())
+    assert doc["train"]["optimizer"] == "adam" and isinstance(doc["train"]["momentum"], float)  # does nothing there
+    entries = doc["configurations"]
+    assert len(entries) == 14 and entries[0] == {}
+    for entry in entries[1:]:
+        assert ("train.momentum" in entry) == (entry.get("train.optimizer") == "sgd"), entry
+    assert sum(entry.get("train.optimizer") == "sgd" for entry in entries) == 2
+    # with 3 SGD trials momentum acted too seldom to be judged: left out of importance, and the report says so
+    few = fake_sweep(tmp_path, "few", sections, [t for t in trials if t[0]["train.optimizer"] == "adam"]
+                     + [t for t in trials if t[0]["train.optimizer"] == "sgd"][:3])
+    assert set(analysis.load(few).importance()["key"]) == {"train.optimizer", "train.lr"}
+    report = write_report(str(few), str(tmp_path / "few_report")).read_text()
+    assert "Not judged: train.momentum (fewer than 4 finished trials where it acts" in report
 
 def test_a_choice_with_null_is_a_searched_key_in_importance_and_the_report(tmp_path):
     # bn_momentum: null (the model's own) or 0.2; null trials are the good ones. Missing values used to
