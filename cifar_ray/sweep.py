@@ -393,9 +393,11 @@ def build_tuner(plan: Plan, dataset, resume: bool, mirror, verbose: bool = False
     callbacks = [recorder, JournalCallback(mirror)]
     reporter = console_reporter(plan, verbose, prior_epoch_s, fresh=not resume)
     if resume:
+        # Optuna's param_space is the one the sweep began with (None): a sweep begun before its searcher held a
+        # define-by-run space (tune_search.ActingSpace) kept the domains there, and Tune refuses other keys
+        own = None if sweep.search.kind == "optuna" and not plan.fused else tune_param_space(plan)
         tuner = tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True,
-                                   restart_errored=False, param_space=tune_param_space(plan),
-                                   storage_filesystem=storage_filesystem(plan))
+                                   restart_errored=False, param_space=own, storage_filesystem=storage_filesystem(plan))
         _use_callbacks(tuner, callbacks, reporter)
         return tuner
 
