@@ -14,6 +14,7 @@ import pandas as pd
 
 from cifar_ray import metrics as M
 from cifar_ray.analysis import AnalysisError, Sweep, load, ranked, write_parquet
+from cifar_ray.applies import CONDITIONS, acts, row_config
 from cifar_ray.figures import format_cell, markdown_table, md, pyplot, save_figure
 from cifar_ray.files import atomic_write_text, printable
 from cifar_ray.insight import distinct_values
@@ -34,6 +35,17 @@ def searched_keys(trials: pd.DataFrame) -> list[str]:
     """Config columns that vary between trials (train.seed aside)."""
     cols = [c for c in trials.columns if "." in c and c != "train.seed"]
     return [c for c in cols if distinct_values(trials[c]) > 1]
+
+
+def inert_as_dash(table: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """The trial table as the report prints it: '-' where a key does nothing in the trial (an Adam trial's
+    momentum; cifar_ray.applies), read against the trial's whole config."""
+    configs = {row["trial_id"]: row_config(row) for _, row in trials.iterrows()}
+    out = table.astype(object)
+    for col in [c for c in table.columns if c in CONDITIONS]:
+        out[col] = [v if acts(col, configs.get(t, {})) else "-" for t, v in zip(table["trial_id"], table[col],
+                                                                                  strict=True)]
+    return out
 
 
 def trial_table(sweep: Sweep, trials: pd.DataFrame) -> pd.DataFrame:
@@ -66,7 +78,8 @@ def plot_curves(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: P
     for i, trial_id in enumerate(top):
         c = curves[curves["trial_id"] == trial_id].drop_duplicates(M.EPOCH, keep="last")
         row = trials.set_index("trial_id").loc[trial_id]
-        label = curve_label(trial_id, [f"{k.split('.', 1)[1]}={format_cell(row[k])}" for k in keys])
+        label = curve_label(trial_id, [f"{k.split('.', 1)[1]}={format_cell(row[k])}" for k in keys
+                                       if acts(k, row_config(row))])  # an Adam trial's curve has no momentum
         color = f"C{i}"
         ax_acc.plot(c[M.EPOCH], 100 * c[M.VAL_ACC], color=color, marker="o", label=f"{label} (val)")
         if M.TRAIN_ACC in c:  # a trainable reports what it measures; the engine's report both
@@ -229,12 +242,13 @@ def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = 
                 f"metric {md(sweep.metric)} ({md(sweep.mode)}).", ""]
     try:
         best = sweep.best()
-        shown = ", ".join(f"{md(k)}={md(best.config[k])}" for k in searched_keys(trials) if k in best.config)
+        shown = ", ".join(f"{md(k)}={md(best.config[k]) if acts(k, best.config) else '-'}"
+                          for k in searched_keys(trials) if k in best.config)
         md_lines += [f"Best trial: {md(best.trial_id)}, {md(sweep.metric)} {best.score:.4f} {shown}", ""]
     except AnalysisError as err:
         best = None
         md_lines += [f"No best trial yet: {md(err)}", ""]
-    md_lines += ["## Trials", "", markdown_table(trial_table(sweep, trials)), ""]
+    md_lines += ["## Trials", "", markdown_table(inert_as_dash(trial_table(sweep, trials), trials)), ""]
     figures = [("Learning curves", plot_curves(sweep, trials, curves, out_dir)),
                ("Grid", plot_heatmap(sweep, trials, out_dir)),
                ("Architectures", plot_architectures(sweep, trials, curves, out_dir))]

@@ -12,6 +12,7 @@ import pandas as pd
 
 from cifar_ray import metrics as M
 from cifar_ray.analysis import Sweep
+from cifar_ray.applies import acts, row_config
 from cifar_ray.figures import md, pyplot, save_figure
 from cifar_ray.insight import SETTLED, config_keys, settled_epoch
 from cifar_ray.space import Domain, is_log
@@ -127,8 +128,18 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _axis(values: pd.Series, domain: Optional[Domain]) -> tuple[np.ndarray, list[tuple[float, str]], bool]:
-    """Values placed on a [0, 1] axis, with tick positions and labels, and whether the axis is log."""
+INERT_AT = -0.06  # where the parallel plot puts a key's value in trials where it does not act
+
+
+def _axis(values: pd.Series, domain: Optional[Domain], inert: Optional[pd.Series] = None
+          ) -> tuple[np.ndarray, list[tuple[float, str]], bool]:
+    """Values placed on a [0, 1] axis, with tick positions and labels, and whether the axis is log.
+    Trials where the key does not act (`inert`; cifar_ray.applies) sit below the axis, at "not used"."""
+    if inert is not None and inert.any() and not inert.all():
+        pos, ticks, log = _axis(values[~inert], domain)
+        out = np.full(len(values), INERT_AT)
+        out[~inert.to_numpy(bool)] = pos
+        return out, [*ticks, (INERT_AT, "not used")], log
     numeric = pd.to_numeric(values, errors="coerce")
     if numeric.notna().all() and not values.map(lambda v: isinstance(v, bool)).any():
         log = domain is not None and is_log(domain) and (numeric > 0).all()
@@ -156,7 +167,8 @@ def plot_parallel(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Pat
     if not keys or len(df) < 2:
         return None
     df = df.sort_values(best, ascending=sweep.mode == "max")  # the best drawn last, on top
-    axes = [(k, *_axis(df[k], domains.get(k))) for k in keys]
+    axes = [(k, *_axis(df[k], domains.get(k), ~df.apply(lambda row, k=k: acts(k, row_config(row)), axis=1)))
+            for k in keys]
     metric_pos, metric_ticks, _ = _axis(df[best].astype(float), None)
     scale = 100 if sweep.metric.endswith("acc") else 1
     metric_ticks = [(p, _short(float(t) * scale) if scale == 100 else t) for p, t in metric_ticks]
@@ -178,8 +190,8 @@ def plot_parallel(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Pat
         for pos, label in ticks:
             ax.text(x + 0.03, pos, label, fontsize=8, va="center",
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
-        ax.text(x, -0.1, name + (" (log)" if log else ""), ha="center", va="top", fontsize=9, fontweight="bold")
-    ax.set(xlim=(-0.15, len(axes) - 0.7), ylim=(-0.18, 1.04), xticks=[], yticks=[])
+        ax.text(x, -0.12, name + (" (log)" if log else ""), ha="center", va="top", fontsize=9, fontweight="bold")
+    ax.set(xlim=(-0.15, len(axes) - 0.7), ylim=(-0.2, 1.04), xticks=[], yticks=[])
     for side in ("top", "right", "left", "bottom"):
         ax.spines[side].set_visible(False)
     ax.set_title(f"All {len(df)} trials at once (colour: best {sweep.metric}, yellow is best)")

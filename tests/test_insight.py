@@ -108,6 +108,8 @@ def test_a_key_is_read_only_in_the_trials_where_it_acts(tmp_path):
     assert set(analysis.load(few).importance()["key"]) == {"train.optimizer", "train.lr"}
     report = write_report(str(few), str(tmp_path / "few_report")).read_text()
     assert "Not judged: train.momentum (fewer than 4 finished trials where it acts" in report
+    rows = [line for line in report.splitlines() if line.startswith("| abcde_")]
+    assert len(rows) == 15 and all(("| - |" in line) == ("| adam |" in line) for line in rows)  # Adam's momentum
 
 def test_a_choice_with_null_is_a_searched_key_in_importance_and_the_report(tmp_path):
     # bn_momentum: null (the model's own) or 0.2; null trials are the good ones. Missing values used to
@@ -536,3 +538,16 @@ def test_the_estimate_caps_what_it_times(tmp_path, capsys):
     huge = write_sweep(tmp_path, "huge", model={"name": "netconv"}, train__batch_size=65_536, train__epochs=1)
     assert sweep_main([str(huge), "--dry-run", "--estimate"]) == 0
     assert "bs 65536 (timed at 1024)" in capsys.readouterr().out
+
+
+def test_the_parallel_plot_puts_a_key_below_its_axis_in_trials_where_it_does_not_act():
+    import pandas as pd
+
+    from cifar_ray.report_sections import INERT_AT, _axis
+    from cifar_ray.space import Domain
+
+    values = pd.Series([0.5, float("nan"), 0.9, 0.7])  # an Optuna sweep's Adam trial has no momentum
+    inert = pd.Series([False, True, False, False])
+    pos, ticks, log = _axis(values, Domain("uniform", (0.5, 0.95)), inert)
+    assert list(pos) == pytest.approx([0.0, INERT_AT, 1.0, 0.5]) and not log  # numeric, over the trials where it acts
+    assert (INERT_AT, "not used") in ticks and (0.0, "0.5") in ticks
