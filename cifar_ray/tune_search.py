@@ -255,4 +255,3 @@ class ActingSpace:
             else:
                 picked[key] = trial.suggest_float(key, values[0], values[1], log=kind == "loguniform")
         return None
-
