@@ -264,7 +264,8 @@ class Sweep:
     def importance(self, method: str = "ped_anova") -> pd.DataFrame:
         """key, importance (sums to 1, highest first), method: how much each searched key explains the
         trials' best metric. PED-ANOVA by default; "fanova" needs scikit-learn. ValueError when the
-        sweep has fewer than 4 finished trials or fewer than two keys with two values or more."""
+        sweep has fewer than two keys each with 4 finished trials where it acts (cifar_ray.applies) and two
+        values or more there."""
         from cifar_ray.insight import importance
 
         return importance(self.trials(), self.domains(), self.metric, self.mode, method)

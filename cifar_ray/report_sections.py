@@ -14,7 +14,7 @@ from cifar_ray import metrics as M
 from cifar_ray.analysis import Sweep
 from cifar_ray.applies import acts, row_config
 from cifar_ray.figures import md, pyplot, save_figure
-from cifar_ray.insight import SETTLED, config_keys, settled_epoch
+from cifar_ray.insight import MIN_TRIALS, SETTLED, config_keys, settled_epoch
 from cifar_ray.space import Domain, is_log
 
 SECTION_FIGURES = ("importance.png", "seeds.png", "parallel.png", "early_vs_final.png")
@@ -65,8 +65,8 @@ def importance_section(sweep: Sweep, out: Path) -> list[str]:
                 f"best values of {md(top['key'])} ({refine}) and fix the keys that barely matter.")
     unjudged = [k for k in sweep.domains() if k not in set(imp["key"]) and k != "train.seed"]
     if unjudged:
-        text += (f" Not judged: {', '.join(md(k) for k in unjudged)} (fewer than 4 finished trials where it acts, "
-                 "or one value there).")
+        text += (f" Not judged: {', '.join(md(k) for k in unjudged)} (fewer than {MIN_TRIALS} finished trials "
+                 "where it acts, or one value there).")
     return lines + [text, "", f"![What mattered]({path.name})", ""]
 
 
