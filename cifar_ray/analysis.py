@@ -149,7 +149,9 @@ class Sweep:
             raise AnalysisError(f"{self.path}: no trial has reported a finite {metric} yet")
         trial_id = ranked(score.rename("score").rename_axis("trial_id").reset_index(), "score", mode).loc[0, "trial_id"]
         row = df.set_index("trial_id").loc[trial_id]
-        config = {k: v for k, v in row.items() if "." in k}
+        # The trial's own keys as it recorded them: plain Python values (json.dump takes them), and no
+        # NaN for a key other trials had and this one did not (a key where it does not act)
+        config = {k: v for k, v in self._record(trial_id).config.items() if "." in k}
         ckpt = self._best_checkpoint(trial_id, metric, mode, curves)
         return BestTrial(trial_id, float(score[trial_id]), config, row.to_dict(), ckpt)
 

@@ -242,9 +242,11 @@ def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = 
                 f"metric {md(sweep.metric)} ({md(sweep.mode)}).", ""]
     try:
         best = sweep.best()
-        shown = ", ".join(f"{md(k)}={md(best.config[k]) if acts(k, best.config) else '-'}"
-                          for k in searched_keys(trials) if k in best.config)
-        md_lines += [f"Best trial: {md(best.trial_id)}, {md(sweep.metric)} {best.score:.4f} {shown}", ""]
+        # a searched key the trial does not have (Optuna asks for it only where it acts) shows as '-' too
+        shown = ", ".join(f"{md(k)}={md(best.config[k]) if k in best.config and acts(k, best.config) else '-'}"
+                          for k in searched_keys(trials))
+        md_lines += [f"Best trial: {md(best.trial_id)}, {md(sweep.metric)} {best.score:.4f}"
+                     + (f" ({shown})" if shown else ""), ""]
     except AnalysisError as err:
         best = None
         md_lines += [f"No best trial yet: {md(err)}", ""]

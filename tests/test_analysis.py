@@ -78,6 +78,10 @@ def test_best_agrees_with_a_plain_sort(grid_sweep):
     assert sweep.best(scope="last").trial_id == first("val_acc", ascending=False)
     assert sweep.best(metric="val_loss", mode="min", scope="last").trial_id == first("val_loss", ascending=True)
     assert best.checkpoint is not None and (best.checkpoint / "state.pt").exists()
+    # its config is the trial's own, in plain Python values: what a user saves as JSON or passes on
+    row = df.set_index("trial_id").loc[best.trial_id]
+    assert json.loads(json.dumps(best.config)) == best.config
+    assert best.config == {k: row[k] for k in best.config} and {"train.lr", "train.momentum"} <= set(best.config)
 
 
 def test_aggregate_over_seeds(grid_sweep):
