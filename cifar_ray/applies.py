@@ -51,6 +51,11 @@ CONDITIONS: dict[str, tuple[ActsWhen, ...]] = {
 }
 
 
+# Switches a file turns on (nesterov: true). One on where it can never act is a slip, not a setting: it is
+# refused (idle_switch), where a key with a default of its own (momentum under Adam) may simply be left
+SWITCHES = ("train.nesterov",)
+
+
 def _value(config: Mapping[str, Any], key: str) -> Any:
     from cifar_ray.config import default
 
@@ -94,3 +99,19 @@ def depends_within(keys: Collection[str], values_of: Callable[[str], list[Any]])
     """Whether some of `keys` is switched off by another in some trials: a searcher then asks for it only
     where it acts (tune_search.ActingSpace)."""
     return any(switches(k, keys, values_of) for k in keys)
+
+
+def idle_switch(values_of: Callable[[str], list[Any]]) -> Optional[tuple[str, ActsWhen]]:
+    """A switch on in every trial (`values_of(key)` is [True]) with a condition that no value its parent
+    takes (`values_of(parent)`) meets: (key, that condition); None when every switch on may act."""
+    for key in SWITCHES:
+        if values_of(key) == [True]:
+            cond = never_acting(key, values_of)
+            if cond is not None:
+                return key, cond
+    return None
+
+
+def idle_switch_text(key: str, cond: ActsWhen, scope: str = "no trial of this sweep has that") -> str:
+    return (f"{key}: true does nothing here: it acts only when {cond.text()}, and {scope}; set {key}: false, "
+            f"or change {cond.parent}")

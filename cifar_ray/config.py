@@ -203,8 +203,11 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _nesterov(self) -> "TrainConfig":
-        if self.nesterov and (self.optimizer not in ("sgd", "muon") or self.momentum == 0):
-            raise ValueError("nesterov needs optimizer sgd (or muon, for its SGD part) with momentum > 0")
+        # Under Adam/AdamW nesterov does nothing (cifar_ray.applies): a trial may hold it, as a grid over the
+        # optimizer gives every trial the file's nesterov: true; a sweep where it can never act is refused
+        # there (space.check_acting). torch's SGD refuses Nesterov without momentum.
+        if self.nesterov and self.optimizer in ("sgd", "muon") and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0 (set momentum, or nesterov: false)")
         return self
 
     def effective_lr(self) -> float:

@@ -210,6 +210,7 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
         new = refine_domain(key, dom, values, base)
         _set(doc, key, new)
         changes.append(f"#   {key}: {dom.describe()} -> {_describe(new)}")
+    changes += _switch_off_idle(doc, [row_config(row) for _, row in kept.iterrows()])
     if listed:  # the configurations are menu items: keep those the top K ran
         used = used_configurations(kept, listed)
         doc["configurations"] = [doc["configurations"][i] for i in used]
@@ -259,6 +260,7 @@ def confirm(results: str | Path, top: int = DEFAULT_TOP, seeds: tuple[int, ...] 
     for key, dom in domains.items():  # a key the best does not use holds a value that does nothing there
         _clear(doc, key)
         _set(doc, key, copy.deepcopy(configs[0][key] if key in configs[0] else dom.candidates()[0]))
+    switched = _switch_off_idle(doc, configs)
     changed: list[dict[str, Any]] = [{k: v for k, v in c.items() if k not in configs[0] or not same(v, configs[0][k])}
                                      for c in configs[1:]]
     listed = [copy.deepcopy(c) for c in [{}, *changed]]  # no value shared between entries: YAML writes an alias
@@ -278,11 +280,26 @@ def confirm(results: str | Path, top: int = DEFAULT_TOP, seeds: tuple[int, ...] 
               *(f"#   configurations[{i}]{' (the sections)' if i == 0 else ''}: {', '.join(sources[i])}"
                 for i in range(len(configs))),
               "# search: grid and scheduler: fifo (every seed runs to the end); the searched keys are the trials' "
-              "own values."]
+              "own values.", *switched]
     if dropped:
         header.append(f"# Not carried over from the folder: {', '.join(dropped)} (this machine's defaults apply; "
                       "give the data with --data)")
     return "\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False), name
+
+
+def _switch_off_idle(doc: dict, configs: list[dict[str, Any]]) -> list[str]:
+    """Turn off a switch the file turns on (nesterov: true) that acts in none of `configs`, the flat keys
+    of the trials the new file runs (over its constants): the dry run refuses a switch that can never act
+    (applies.idle_switch), as a grid of SGD and Adam narrowed to Adam would have it. Header lines."""
+    from cifar_ray.applies import SWITCHES
+
+    constants = _flat_constants(doc)
+    lines = []
+    for key in SWITCHES:
+        if constants.get(key) is True and not any(acts(key, constants | c) for c in configs):
+            _set(doc, key, False)
+            lines.append(f"#   {key}: true -> false (it acts in none of the kept trials, and true alone is refused)")
+    return lines
 
 
 def _ran(row: pd.Series, key: str, dom: Domain) -> Any:

@@ -205,14 +205,18 @@ def build_space(sweep: SweepConfig, where: str) -> Space:
 
 
 def _check_acting(space: Space, where: str) -> None:
-    """A searched key that acts in no trial of the sweep (momentum with Adam alone) searches nothing."""
-    from cifar_ray.applies import never_acting
+    """A searched key that acts in no trial of the sweep (momentum with Adam alone) searches nothing, and a
+    switch on where it can never act (nesterov: true with Adam alone) is a slip."""
+    from cifar_ray.applies import idle_switch, idle_switch_text, never_acting
 
     for key in space.searched_keys():
         cond = never_acting(key, space.values_of)
         if cond is not None:
             raise ConfigError(f"{where}: {key}: searched, but it acts only when {cond.text()}, and no trial "
                               f"of this sweep has that; give it one value, or search {cond.parent} too")
+    idle = idle_switch(space.values_of)  # where some trial can use it, the others hold it inert (a grid does)
+    if idle is not None:
+        raise ConfigError(f"{where}: {idle_switch_text(*idle)}")
 
 
 def configuration_keys(entry: Any, at: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from cifar_ray import metrics as M
+from cifar_ray.applies import idle_switch, idle_switch_text
 from cifar_ray.config import ConfigError, trial_config
 from cifar_ray.data import DataError, load_dataset
 from cifar_ray.device import DeviceError, Grant, amp_dtype, cpu_has_native_bf16, select_device, trial_threads
@@ -80,7 +81,13 @@ def choose(args: argparse.Namespace):
     for flag, (section, key) in CLI_FLAGS.items():
         if getattr(args, flag) is not None:  # as given: pydantic converts and checks
             nested[section][key] = getattr(args, flag)
-    return Chosen(trial_config(apply_overrides(nested, args.sets), where="options"), "options")
+    cfg = trial_config(apply_overrides(nested, args.sets), where="options")
+    flat = {f"{section}.{k}": v for section in ("model", "data", "train")
+            for k, v in getattr(cfg, section).model_dump().items()}
+    idle = idle_switch(lambda k: [flat[k]])  # one configuration: a sweep of one trial
+    if idle is not None:
+        raise ConfigError(f"options: {idle_switch_text(*idle, scope='this configuration does not')}")
+    return Chosen(cfg, "options")
 
 
 def run_differences(chosen: Chosen, device: str) -> Optional[list[str]]:

@@ -116,6 +116,26 @@ def test_a_key_is_read_only_in_the_trials_where_it_acts(tmp_path):
     assert best.config["train.optimizer"] == "adam" and "train.momentum" not in best.config
     assert f"Best trial: {best.trial_id}, val_acc {best.score:.4f} (" in report and "train.momentum=-" in report
 
+def test_refine_turns_off_a_switch_that_acts_in_none_of_the_kept_trials(tmp_path):
+    # SGD or Adam with nesterov: true, Adam far ahead: the next sweep (Adam alone) would hold a nesterov that
+    # can never act, which the dry run refuses; refine and --confirm turn it off and say so
+    trials = [({"train.optimizer": opt, "train.lr": lr}, [lr_only(lr) + (0.2 if opt == "adam" else 0.0)],
+               "completed") for opt in ("sgd", "adam") for lr in LR_GRID]
+    sections = {"train": {"optimizer": {"grid": ["sgd", "adam"]}, "lr": {"grid": LR_GRID}, "momentum": 0.9,
+                          "nesterov": True}}
+    exp = fake_sweep(tmp_path, "nest", sections, trials)
+    for args, out in (([], "next.yaml"), (["--confirm"], "confirm.yaml")):
+        assert refine_main([str(exp), "--top", "3", *args, "--out", str(tmp_path / out)]) == 0
+        text = (tmp_path / out).read_text()
+        doc = yaml.safe_load(text)
+        assert doc["train"]["nesterov"] is False, text
+        assert "#   train.nesterov: true -> false (it acts in none of the kept trials" in text
+    assert yaml.safe_load((tmp_path / "next.yaml").read_text())["train"]["optimizer"] == "adam"
+    # where a kept trial is SGD, nesterov stays on (the SGD trials use it)
+    assert refine_main([str(exp), "--top", "4", "--out", str(tmp_path / "both.yaml")]) == 0
+    assert yaml.safe_load((tmp_path / "both.yaml").read_text())["train"]["nesterov"] is True
+
+
 def test_a_choice_with_null_is_a_searched_key_in_importance_and_the_report(tmp_path):
     # bn_momentum: null (the model's own) or 0.2; null trials are the good ones. Missing values used to
     # count as no value at all, so the key vanished from the importance and the report's trial table.

@@ -223,6 +223,29 @@ def test_a_grid_runs_a_key_once_where_it_does_not_act(capsys):
                                                               "train.lr=0.01", "train.momentum={grid: [0.5, 0.9]}"])
     assert len(grid_points(build_space(sweep, "q"), sweep)) == 2
 
+def test_nesterov_on_is_held_inert_by_adam_trials_and_refused_where_no_trial_can_use_it(capsys):
+    # a grid over the optimizer gives every trial the file's nesterov: true: the SGD trials use it, Adam's
+    # hold it inert (it was refused for the Adam trials); listed configurations alike
+    quick = str(ROOT / "sweeps/quickstart.yaml")
+    sets = ["train.optimizer={grid: [sgd, adam]}", "train.momentum=0.9", "train.nesterov=true"]
+    assert main([quick, "--dry-run", *(a for s in sets for a in ("--set", s))]) == 0
+    assert "sweep quickstart: 4 trials" in capsys.readouterr().out
+    sets[0] = "configurations=[{train.optimizer: sgd}, {train.optimizer: adam}]"
+    assert main([quick, "--dry-run", *(a for s in sets for a in ("--set", s))]) == 0
+    # with Adam alone it can do nothing: refused, naming the key and the way out
+    sets[0] = "train.optimizer=adam"
+    assert main([quick, "--dry-run", *(a for s in sets for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert "train.nesterov: true does nothing here: it acts only when train.optimizer is sgd or muon" in err
+    assert "set train.nesterov: false, or change train.optimizer" in err
+    # and so is one configuration given to the train CLI
+    from cifar_ray.train import main as train_main
+
+    assert train_main(["--model", "netconv", "--set", "data.source=synthetic", "--set", "train.optimizer=adam",
+                       "--set", "train.nesterov=true"]) == 2
+    assert "options: train.nesterov: true does nothing here" in capsys.readouterr().err
+
+
 def test_configurations_with_a_grid_and_random_draws(capsys):
     # a grid runs within every configuration; a random draw is made for each trial
     sweep = read_sweep(str(ROOT / "sweeps/quickstart.yaml"),
