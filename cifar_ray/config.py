@@ -215,6 +215,11 @@ class TrainConfig(Strict):
             return self.lr
         return self.lr * self.batch_size / self.lr_reference_batch
 
+    def bias_group(self) -> bool:
+        """Whether biases and norm parameters get a parameter group of their own (engine.param_groups):
+        not when both factors are 1."""
+        return not (self.bias_lr_factor == 1 and self.bias_decay_factor == 1)
+
 
 class TrialConfig(Strict):
     model: ModelConfig = ModelConfig()

@@ -89,7 +89,7 @@ def group_settings(t) -> list[dict]:
     lr = t.effective_lr()
     muon = [{"lr": t.muon_lr, "weight_decay": 0.0, "momentum": t.muon_momentum, "nesterov": True, "muon": True}] \
         if t.optimizer == "muon" else []
-    if t.bias_lr_factor == 1 and t.bias_decay_factor == 1:
+    if not t.bias_group():
         return [{"lr": lr, "weight_decay": t.weight_decay}, *muon]
     return [{"lr": lr, "weight_decay": t.weight_decay},
             {"lr": lr * t.bias_lr_factor, "weight_decay": t.weight_decay * t.bias_decay_factor}, *muon]

@@ -43,22 +43,54 @@ def _grid_of_mappings(dom: Domain) -> bool:
     return dom.kind == "grid" and any(isinstance(v, dict) for v in dom.values)
 
 
+# The keys PBT may change while a trial trains: a trial cloned from another one's checkpoint keeps its
+# weights and optimizer moments and takes these new values (trainable._adopt_new_hyperparameters; the loss
+# reads label smoothing afresh). Any other key would not fit what it copies: the model, the optimizer's
+# kind and state, the data, the schedule's length.
+PBT_MUTABLE = ("train.lr", "train.momentum", "train.weight_decay", "train.muon_lr", "train.muon_momentum",
+               "train.label_smoothing", "train.bias_lr_factor", "train.bias_decay_factor")
+
+
 def mutations(sweep: SweepConfig, space: Space, where: str) -> dict[str, Any]:
-    """PBT's hyperparam_mutations: each key must be a searched numeric train key."""
+    """PBT's hyperparam_mutations: keys PBT can change in a running trial (PBT_MUTABLE) that the trials
+    have, each value (a list's every one, a domain's ends) one a trial accepts."""
     from ray import tune
 
     out = {}
     for key, spec in sweep.scheduler.mutations.items():
+        at = f"{where}: scheduler.mutations.{key}"
+        if key not in PBT_MUTABLE:
+            raise ConfigError(f"{at}: PBT can change only {', '.join(PBT_MUTABLE)} while a trial trains (a cloned "
+                              f"trial keeps the weights and optimizer state it copies); search {key} instead")
         if key not in space.values:
-            raise ConfigError(f"{where}: scheduler.mutations.{key}: not a key of the sweep; searched keys: "
-                              f"{', '.join(space.searched_keys()) or 'none'}")
+            raise ConfigError(f"{at}: the trials have no {key}; give it a value or a domain in the "
+                              f"{key.split('.')[0]} section for PBT to start from")
         if isinstance(spec, list):
-            out[key] = tune.choice(spec) if spec else None
+            if not spec:
+                raise ConfigError(f"{at}: empty list")
+            dom = Domain("choice", tuple(spec))
         elif is_domain(spec):
-            out[key] = to_tune(parse_domain(f"scheduler.mutations.{key}", spec, where))
+            dom = parse_domain(f"scheduler.mutations.{key}", spec, where)
         else:
-            raise ConfigError(f"{where}: scheduler.mutations.{key}: give a list or a domain such as "
-                              "{uniform: [0.1, 1]}")
-        if out[key] is None:
-            raise ConfigError(f"{where}: scheduler.mutations.{key}: empty list")
+            raise ConfigError(f"{at}: give a list or a domain such as {{uniform: [0.1, 1]}}")
+        _check_mutation(space, key, dom, at)
+        out[key] = tune.choice(list(dom.values)) if dom.kind == "choice" else to_tune(dom)
     return out
+
+
+def _check_mutation(space: Space, key: str, dom: Domain, at: str) -> None:
+    """Each value PBT may give `key` (a list's values, a domain's ends) makes a valid trial with the same
+    parameter groups as the trial it is cloned from (a bias factor of 1 merges the bias group away)."""
+    from cifar_ray.space import first_candidate, format_value, trial_from
+
+    first = first_candidate(space)
+    bias_group = trial_from(first, at).train.bias_group()
+    for value in dom.candidates():
+        try:
+            cfg = trial_from(first | {key: value}, at)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (the value {format_value(value)} PBT may give it)") from None
+        if cfg.train.bias_group() != bias_group:
+            raise ConfigError(f"{at}: {format_value(value)} changes the optimizer's parameter groups (bias_lr_factor "
+                              "and bias_decay_factor both 1 merge the bias group away); keep both away from 1 "
+                              "or both at 1")
