@@ -205,7 +205,7 @@ class TrainConfig(Strict):
     def _nesterov(self) -> "TrainConfig":
         # Under Adam/AdamW nesterov does nothing (cifar_ray.applies): a trial may hold it, as a grid over the
         # optimizer gives every trial the file's nesterov: true; a sweep where it can never act is refused
-        # there (space.check_acting). torch's SGD refuses Nesterov without momentum.
+        # there (space._check_acting). torch's SGD refuses Nesterov without momentum.
         if self.nesterov and self.optimizer in ("sgd", "muon") and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0 (set momentum, or nesterov: false)")
         return self
