@@ -152,6 +152,16 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _repeated(values: list[Any]) -> Optional[Any]:
+    """The first value listed again (2 and 2.0 are one number; mappings compared by content), or None."""
+    seen: list[Any] = []
+    for v in values:
+        if any(v == w if _is_number(v) and _is_number(w) else same(v, w) for w in seen):
+            return v
+        seen.append(v)
+    return None
+
+
 def parse_domain(key: str, spec: dict[str, Any], where: str) -> Domain:
     kind, raw = next(iter(spec.items()))
     at = f"{where}: {key}.{kind}"
@@ -165,6 +175,10 @@ def parse_domain(key: str, spec: dict[str, Any], where: str) -> Domain:
                 raise ConfigError(f"{at}: {v} is not a finite number")
             if isinstance(v, (dict, list)) and not (key.endswith("augment") and isinstance(v, dict)):
                 raise ConfigError(f"{at}: values must be scalars, got {v!r}")
+        twice = _repeated(raw) if kind == "grid" else None  # (a choice may weight a value by listing it twice)
+        if twice is not None:
+            raise ConfigError(f"{at}: {format_value(twice)} is listed twice, which would run the same trials twice; "
+                              "list each value once (seeds: repeats every configuration with other seeds)")
         return Domain(kind, tuple(raw))
     if not isinstance(raw, list) or len(raw) != 2 or not all(_is_number(v) for v in raw):
         raise ConfigError(f"{at}: must be [lo, hi], two numbers")

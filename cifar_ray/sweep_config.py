@@ -100,6 +100,16 @@ class SweepConfig(Strict):
     failures: FailureSettings = FailureSettings()
     wandb: WandbSettings = WandbSettings()
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        seen: set[int] = set()
+        for seed in value or []:
+            if seed in seen:
+                raise ValueError(f"{seed} is given twice, which would run the same trials twice; list each seed once")
+            seen.add(seed)
+        return value
+
     @field_validator("metric")
     @classmethod
     def _reported(cls, value: str) -> str:
@@ -143,6 +153,32 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
     return memo[id(node)]
 
 
+def _repeated_key(node: yaml.Node, path: str, seen: set[int]) -> Optional[str]:
+    """The first key given twice in one mapping, as "train.lr: given twice (lines 5 and 9)": YAML keeps
+    the later value without a word, so a file's earlier line would be silently ignored."""
+    if id(node) in seen:  # an alias: its node was looked at where it was defined
+        return None
+    seen.add(id(node))
+    children: list[tuple[str, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[Any, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name != "<<":  # a merge key brings values an explicit key may override
+                at = f"{path}.{name}" if path else str(name)
+                if name in lines:
+                    return f"{at}: given twice (lines {lines[name]} and {key.start_mark.line + 1}); keep one"
+                lines[name] = key.start_mark.line + 1
+                children.append((at, value))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(node.value)]
+    for at, child in children:
+        found = _repeated_key(child, at, seen)
+        if found:
+            return found
+    return None
+
+
 def parse_yaml(text: str, where: str) -> Any:
     """yaml's SafeLoader (no tags that build Python objects), refusing alias bombs."""
     loader = yaml.SafeLoader(text)
@@ -153,6 +189,9 @@ def parse_yaml(text: str, where: str) -> Any:
         if _expanded_size(node, {}) > MAX_EXPANDED_NODES:
             raise ConfigError(f"{where}: more than {MAX_EXPANDED_NODES} values once YAML aliases are expanded; "
                               "refusing a possible alias bomb")
+        repeated = _repeated_key(node, "", set())
+        if repeated:
+            raise ConfigError(f"{where}: {repeated}")
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
