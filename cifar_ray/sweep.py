@@ -255,6 +255,27 @@ def packs_text(n: int) -> str:
     return f"{n} pack{'' if n == 1 else 's'}"
 
 
+def unfit_here(plan: Plan, args: argparse.Namespace) -> list[str]:
+    """The dry run for a local Ray (no --address): the trials this machine can never start, which the run
+    would refuse with exit 4 after loading the data (cluster.check_feasible)."""
+    if args.address or os.environ.get("RAY_ADDRESS") or args.allow_pending or args.cluster_config:
+        return []
+    from cifar_ray.cluster import infeasible, requests_by_model
+    from cifar_ray.estimate import machine
+
+    here = machine()
+    by_request: dict[tuple[str, bool], list[str]] = {}  # the same request, one line for its models
+    for model, req in infeasible(requests_by_model(plan.sweep, plan.space), [here]).items():
+        # whether the sweep-wide resources: ask for the GPU alone that this machine lacks
+        cpu_would_do = (model not in plan.sweep.resources_by_model and req.get("gpu", 0) > 0
+                        and not infeasible({model: {**req, "gpu": 0}}, [here]))
+        by_request.setdefault((_resources_text(req), cpu_would_do), []).append(model)
+    return [f"note: this machine ({here['CPU']:.0f} CPUs, {here['GPU']:.0f} GPUs) can never start a trial of "
+            f"{', '.join(models)} ({req}): run here, the sweep exits 4; "
+            + ("--set resources.gpu=0 trains it on the CPU, " if cpu_would_do else "lower resources:, ")
+            + "or run it on a cluster that offers it (--address)" for (req, cpu_would_do), models in by_request.items()]
+
+
 def describe_packs(packs: list[list[dict[str, Any]]], keys: list[str], requests: dict) -> list[str]:
     """The dry run's packs: each with its model and resources (taken once per pack), then its members."""
     lines = []
@@ -737,6 +758,8 @@ def command(argv: Optional[list[str]] = None) -> int:
         plan = plan_from_args(args)
         if args.dry_run:
             print(describe(plan), flush=True)
+            for line in unfit_here(plan, args):
+                print(line, flush=True)
             if args.estimate:
                 print("\n".join(estimate_lines(plan, args)[0]))
             return EXIT_OK
@@ -748,8 +771,8 @@ def command(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {printable(err)}", file=sys.stderr)
         return EXIT_INVALID
-    except InfeasibleError as err:
-        print(f"error: {printable(err)}", file=sys.stderr)
+    except InfeasibleError as err:  # several lines: the requests, then the nodes (each line escaped)
+        print("error: " + "\n".join(printable(line) for line in str(err).splitlines()), file=sys.stderr)
         return EXIT_INFEASIBLE
     except OSError as err:
         if plan is None or args.dry_run or not disk_full(err):

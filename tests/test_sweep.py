@@ -58,6 +58,17 @@ def test_grid_of_four_completes_with_results_checkpoints_and_wandb(ray_session, 
     assert made["versions"]["python"] == ".".join(map(str, __import__("sys").version_info[:3]))
 
 
+def test_trials_no_node_can_run_exit_4_before_anything_is_written(ray_session, tmp_path, capsys):
+    path = write_sweep(tmp_path, "big", resources={"cpu": 64})
+    assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 4
+    err = capsys.readouterr().err
+    # one message over several lines, each line as a line (it was printed with its newlines escaped)
+    assert "error: no node of the cluster can ever run these trials (they would wait forever):\n  base: needs cpu=64" \
+        in err, err
+    assert "\\n" not in err and err.splitlines()[-1].startswith("lower the request in resources:")
+    assert not (tmp_path / "results" / "big").exists()
+
+
 BAD_LRS = [1e-6, 1.1e-6, 1.2e-6, 1.3e-6]  # trials that stay at chance accuracy
 
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifar_ray.config import ConfigError
 from cifar_ray.space import Domain, build_space, expand_grid, grid_points, trial_count
@@ -244,6 +245,22 @@ def test_nesterov_on_is_held_inert_by_adam_trials_and_refused_where_no_trial_can
     assert train_main(["--model", "netconv", "--set", "data.source=synthetic", "--set", "train.optimizer=adam",
                        "--set", "train.nesterov=true"]) == 2
     assert "options: train.nesterov: true does nothing here" in capsys.readouterr().err
+
+
+def test_the_dry_run_names_trials_this_machine_can_never_start(capsys):
+    # the run here would load the data, start Ray, then exit 4 (cluster.check_feasible): the dry run says so
+    quick = str(ROOT / "sweeps/quickstart.yaml")
+    assert main([quick, "--dry-run", "--set", "resources.cpu=1024"]) == 0
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert note.startswith("note: this machine (") and "can never start a trial of netconv (cpu=1024)" in note
+    assert "the sweep exits 4; lower resources:, or run it on a cluster that offers it (--address)" in note
+    assert main([quick, "--dry-run"]) == 0 and "note:" not in capsys.readouterr().out  # 1 CPU a trial fits
+    if not torch.cuda.is_available():  # a GPU asked of a machine without one: the CPU would do
+        assert main([quick, "--dry-run", "--set", "resources.gpu=0.25"]) == 0
+        assert "--set resources.gpu=0 trains it on the CPU" in capsys.readouterr().out
+    # on a cluster (--address) the run checks the cluster's nodes instead
+    assert main([quick, "--dry-run", "--set", "resources.cpu=1024", "--address", "198.18.0.1:6379"]) == 0
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_configurations_with_a_grid_and_random_draws(capsys):
