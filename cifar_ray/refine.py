@@ -132,7 +132,7 @@ def refine_domain(key: str, dom: Domain, values: list[Any], base: dict) -> Any:
     if integer:
         lo, hi = int(lo), int(hi)
         return lo if lo == hi else {"randint": [lo, hi]}
-    if hi <= lo:
+    if _round(hi) <= _round(lo):  # a span rounding away to one value is that value
         return _round(lo)
     if dom.kind == "grid":
         points = _points(lo, hi, max(len(dom.values), 3), is_log(dom))

@@ -185,7 +185,10 @@ def parse_domain(key: str, spec: dict[str, Any], where: str) -> Domain:
     lo, hi = raw
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ConfigError(f"{at}: bounds must be finite numbers (NaN and inf are not allowed)")
-    if lo > hi or (kind == "randint" and lo == hi):
+    if lo == hi:
+        raise ConfigError(f"{at}: lo and hi are both {format_value(lo)}, which searches nothing; give the one value "
+                          f"({key.split('.', 1)[-1]}: {format_value(lo)})")
+    if lo > hi:
         raise ConfigError(f"{at}: lo ({format_value(lo)}) must be below hi ({format_value(hi)})")
     if kind == "loguniform" and lo <= 0:
         raise ConfigError(f"{at}: loguniform needs lo > 0")
