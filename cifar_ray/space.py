@@ -315,7 +315,7 @@ def with_configurations(values: dict[str, Any], entries: list[Any], where: str
         for j in range(i):
             if same(listed[j], config):
                 raise ConfigError(f"{where}: configurations[{i}] is configurations[{j}] again; repeat a "
-                                  "configuration with seeds: or search.samples")
+                                  "configuration with seeds:")
     return values | listed[0], listed
 
 
@@ -370,6 +370,11 @@ def _check_search(space: Space, sweep: SweepConfig, where: str) -> None:
     if sweep.search.kind != "grid" and not space.domains() and not space.seeds and not space.listed:
         raise ConfigError(f"{where}: search.kind: {sweep.search.kind} has nothing to search; add a domain such as "
                           "train.lr: {loguniform: [0.0001, 0.1]}")
+    samples = sweep.search.samples
+    if sweep.search.kind != "optuna" and samples > 1 and not space.has_random():
+        raise ConfigError(f"{where}: search.samples: {samples} would run every trial {samples} times with the same "
+                          f"values and seed, the same trials; repeat them with seeds: {list(range(samples))} "
+                          "instead, or draw a key at random ({uniform: [lo, hi]}, {choice: [...]})")
     n = trial_count(space, sweep)
     if n > MAX_TRIALS:
         raise ConfigError(f"{where}: the space makes {n} trials; at most {MAX_TRIALS} (shrink the grid or samples)")

@@ -25,7 +25,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 
 class SearchConfig(Strict):
     kind: SearchKind = "grid"
-    samples: int = Field(1, ge=1, le=MAX_TRIALS, description="grid: repeats of the grid; random/optuna: trials drawn")
+    samples: int = Field(1, ge=1, le=MAX_TRIALS, description="grid: rounds of the grid, each with new draws of its "
+                         "random keys; random/optuna: trials drawn")
     seed: Optional[int] = Field(None, description="seed of the random or optuna sampler, and of a shuffled grid order")
     order: SearchOrder = Field("auto", description="grid: the order trials start in: given (the file's, first key "
                                "outermost), shuffled (seeded by search.seed), auto (shuffled under asha, else given)")
