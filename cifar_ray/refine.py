@@ -211,6 +211,7 @@ def refine(results: str | Path, top: int = DEFAULT_TOP) -> tuple[str, str]:
         _set(doc, key, new)
         changes.append(f"#   {key}: {dom.describe()} -> {_describe(new)}")
     changes += _switch_off_idle(doc, [row_config(row) for _, row in kept.iterrows()])
+    changes += _one_round_without_draws(doc)
     if listed:  # the configurations are menu items: keep those the top K ran
         used = used_configurations(kept, listed)
         doc["configurations"] = [doc["configurations"][i] for i in used]
@@ -285,6 +286,22 @@ def confirm(results: str | Path, top: int = DEFAULT_TOP, seeds: tuple[int, ...] 
         header.append(f"# Not carried over from the folder: {', '.join(dropped)} (this machine's defaults apply; "
                       "give the data with --data)")
     return "\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False), name
+
+
+def _one_round_without_draws(doc: dict) -> list[str]:
+    """A grid's rounds (search.samples) differ only in their random draws: where narrowing fixed every key
+    drawn at random, one round is all there is (the dry run refuses the repeats). Header lines."""
+    from cifar_ray.space import RANDOM_KINDS, SECTIONS, flatten, is_domain
+
+    search = doc.get("search")
+    if not isinstance(search, dict) or search.get("kind", "grid") == "optuna" or search.get("samples", 1) <= 1:
+        return []
+    drawn = [v for section in SECTIONS if isinstance(doc.get(section), dict)
+             for v in flatten(doc[section], section).values() if is_domain(v) and next(iter(v)) in RANDOM_KINDS]
+    if drawn:
+        return []
+    before, search["samples"] = search["samples"], 1
+    return [f"#   search.samples: {before} -> 1 (no key is drawn at random any more; seeds: repeats a configuration)"]
 
 
 def _switch_off_idle(doc: dict, configs: list[dict[str, Any]]) -> list[str]:

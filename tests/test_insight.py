@@ -136,6 +136,24 @@ def test_refine_turns_off_a_switch_that_acts_in_none_of_the_kept_trials(tmp_path
     assert yaml.safe_load((tmp_path / "both.yaml").read_text())["train"]["nesterov"] is True
 
 
+def test_refine_runs_one_round_of_a_grid_once_nothing_is_drawn_at_random(tmp_path):
+    # a grid of lrs with the optimizer drawn at random, 2 rounds: the top trials all ran Adam, so refine fixes
+    # the optimizer, and a second round would repeat the same trials (refused by the dry run)
+    trials = [({"train.optimizer": opt, "train.lr": lr}, [lr_only(lr) + (0.2 if opt == "adam" else 0.0)], "completed")
+              for opt in ("sgd", "adam") for lr in LR_GRID]
+    sections = {"train": {"optimizer": {"choice": ["sgd", "adam"]}, "lr": {"grid": LR_GRID}},
+                "search": {"kind": "grid", "samples": 2, "seed": 0}}
+    exp = fake_sweep(tmp_path, "rounds", sections, trials)
+    assert refine_main([str(exp), "--top", "3", "--out", str(tmp_path / "next.yaml")]) == 0
+    text = (tmp_path / "next.yaml").read_text()
+    doc = yaml.safe_load(text)
+    assert doc["train"]["optimizer"] == "adam" and doc["search"]["samples"] == 1, text
+    assert "#   search.samples: 2 -> 1 (no key is drawn at random any more" in text
+    # with a key still drawn at random the rounds stay
+    assert refine_main([str(exp), "--top", "6", "--out", str(tmp_path / "both.yaml")]) == 0
+    assert yaml.safe_load((tmp_path / "both.yaml").read_text())["search"]["samples"] == 2
+
+
 def test_a_choice_with_null_is_a_searched_key_in_importance_and_the_report(tmp_path):
     # bn_momentum: null (the model's own) or 0.2; null trials are the good ones. Missing values used to
     # count as no value at all, so the key vanished from the importance and the report's trial table.
