@@ -136,8 +136,14 @@ class Sweep:
         metric, mode = metric or self.metric, mode or self.mode
         if scope not in ("all", "last"):
             raise AnalysisError(f"scope: {scope!r} is not one of all, last")
+        if mode not in ("max", "min"):
+            raise AnalysisError(f"mode: {mode!r} is not one of max, min")
         df = self.trials()
         curves = self.curves()
+        if metric not in M.EPOCH_METRICS and metric not in curves:  # per-class accuracies are in the curves
+            reported = [c for c in curves.columns if c in M.EPOCH_METRICS or c.startswith(M.VAL_CLASS_ACC + "/")]
+            raise AnalysisError(f"metric: {metric!r} is not a reported metric; reported: "
+                                f"{', '.join(reported or M.EPOCH_METRICS)}")
         if scope == "all":
             by_trial = curves.groupby("trial_id")[metric] if metric in curves else None
             score = by_trial.agg(lambda v: _best(v, mode)) if by_trial is not None else pd.Series()

@@ -65,6 +65,10 @@ def test_curves_one_row_per_trial_epoch(grid_sweep):
     assert np.allclose(final.sort_index(), trials.sort_index())
 
 
+def curves_max(sweep, column: str) -> float:
+    return float(sweep.curves()[column].max())
+
+
 def test_best_agrees_with_a_plain_sort(grid_sweep):
     sweep = analysis.load(grid_sweep)
     df = sweep.trials()
@@ -81,6 +85,12 @@ def test_best_agrees_with_a_plain_sort(grid_sweep):
     # its config is the trial's own, in plain Python values: what a user saves as JSON or passes on
     row = df.set_index("trial_id").loc[best.trial_id]
     assert json.loads(json.dumps(best.config)) == best.config
+    # a metric or mode that is not one is refused by name (mode "up" was taken for min, a typo for "none yet")
+    with pytest.raises(AnalysisError, match="metric: 'val_ac' is not a reported metric; reported: train_loss"):
+        sweep.best(metric="val_ac")
+    with pytest.raises(AnalysisError, match="mode: 'up' is not one of max, min"):
+        sweep.best(mode="up")
+    assert sweep.best(metric="val_class_acc/cat").score == curves_max(sweep, "val_class_acc/cat")
     assert best.config == {k: row[k] for k in best.config} and {"train.lr", "train.momentum"} <= set(best.config)
 
 
