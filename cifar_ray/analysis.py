@@ -205,13 +205,19 @@ class Sweep:
         cifar10 or synthetic source, else $CIFAR_RAY_DATA; paths stored in the folder are never used."""
         import torch
 
-        from cifar_ray.config import TrialConfig
+        from cifar_ray.config import TrialConfig, device_name
         from cifar_ray.data import load_dataset
         from cifar_ray.device import select_device
         from cifar_ray.engine import load_state
         from cifar_ray.evaluation import evaluate_split
         from cifar_ray.models import build_model
 
+        if split not in ("test", "val"):
+            raise AnalysisError(f"split: {split!r} is not one of test, val")
+        try:
+            device_name(device or "auto")
+        except ValueError as err:
+            raise AnalysisError(f"device: {err}") from None
         if trial_id is None:
             best = self.best()
             trial_id, ckpt = best.trial_id, best.checkpoint

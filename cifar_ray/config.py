@@ -123,6 +123,14 @@ class ModelConfig(Strict):
         return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
 
 
+def device_name(value: str) -> str:
+    """`value` if it names a device the engine can pick (train.device, Sweep.evaluate), else ValueError."""
+    ok = value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())
+    if not ok:
+        raise ValueError(f"unknown device {value!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    return value
+
+
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(128, ge=1, le=65_536)
@@ -196,10 +204,7 @@ class TrainConfig(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        ok = value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())
-        if not ok:
-            raise ValueError(f"unknown device {value!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-        return value
+        return device_name(value)
 
     @model_validator(mode="after")
     def _nesterov(self) -> "TrainConfig":
@@ -319,6 +324,6 @@ def trial_config(data: dict[str, Any], where: str = "config") -> TrialConfig:
 
 __all__ = [
     "Activation", "Amp", "AugmentConfig", "AUGMENT_PRESETS", "ConfigError", "DataConfig", "ModelConfig", "Optimizer",
-    "Schedule", "Stem", "Strict", "Tta", "TrainConfig", "TrialConfig", "default", "describe_errors", "did_you_mean",
-    "trial_config", "unflatten",
+    "Schedule", "Stem", "Strict", "Tta", "TrainConfig", "TrialConfig", "default", "describe_errors", "device_name",
+    "did_you_mean", "trial_config", "unflatten",
 ]

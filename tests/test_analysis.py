@@ -116,6 +116,11 @@ def test_evaluate_reproduces_the_reported_accuracy(grid_sweep):
     assert ev.accuracy == pytest.approx(reported, abs=1e-9)
     test = sweep.evaluate(best.trial_id, split="test")
     assert test.count == 200 and 0 <= test.accuracy <= 1
+    # a split or device that is not one is named before any checkpoint or data is read
+    with pytest.raises(AnalysisError, match="split: 'train' is not one of test, val"):
+        sweep.evaluate(split="train")
+    with pytest.raises(AnalysisError, match="device: unknown device 'gpu'; allowed: auto, cpu, cuda, cuda:N, mps"):
+        sweep.evaluate(device="gpu")  # was torch's RuntimeError listing its 20 device types
 
 
 def test_parquet_round_trip(grid_sweep, tmp_path):
