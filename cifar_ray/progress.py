@@ -90,8 +90,10 @@ def progress_line(views: list[TrialView], total: int, metric: str, mode: str, el
     best = best_so_far(views, mode)
     best_text = f"best {metric} {best.best:.4f} ({best.trial_id})" if best and best.best is not None \
         else f"best {metric}: none yet"
-    if done or (total and finished == total):
+    if total and finished == total:
         eta_text = "finished"
+    elif done:  # Tune's loop ended with trials left: a stop (Ctrl-C, SIGTERM, a full disk)
+        eta_text = "stopped"
     elif eta_s is None:
         eta_text = "ETA after the first epoch"
     else:

@@ -96,7 +96,15 @@ class QuietTune(logging.Filter):
     error.txt keeps it whole), and no lines that point at Tune's own resume API instead of --resume."""
 
     # Ray's own advice on token authentication (which stays on) is an invitation to turn it off
-    HIDDEN = ("Trials did not complete", "Experiment has been interrupted", "Token authentication is enabled")
+    # Tune's note, after a stop, that trials which never reported have no results (the summary counts
+    # them as unfinished)
+    HIDDEN = ("Trials did not complete", "Experiment has been interrupted", "Token authentication is enabled",
+              "Failed to fetch metrics for")
+    # Tune's stop on Ctrl-C or SIGTERM, in Tune's terms (its state, a second press "to skip"): said as
+    # the sweep's own line instead
+    STOPPING = "Stop signal received"
+    STOPPING_LINE = ("stopping: saving the sweep's state for --resume, then the summary "
+                     "(Ctrl-C again exits at once, and --resume still continues the sweep)\n")
     # Tune's note that its loop took over a second (a busy machine, the driver's record on a slow disk):
     # advice to report less often, which a per-epoch report cannot take
     SLOW = "may be a performance bottleneck"
@@ -104,6 +112,15 @@ class QuietTune(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if message.startswith(self.HIDDEN) or self.SLOW in message:
+            return False
+        if message.startswith(self.STOPPING):
+            if not getattr(record, "cifar_ray_said", False):  # once, whichever of Ray's handlers asks first
+                record.cifar_ray_said = True
+                try:
+                    sys.stderr.write(self.STOPPING_LINE)
+                    sys.stderr.flush()
+                except (OSError, ValueError):  # the reader has gone: nothing to tell
+                    pass
             return False
         if record.exc_info:
             error = record.exc_info[1]

@@ -54,7 +54,9 @@ def test_progress_line_says_done_running_pending_best_elapsed_and_eta():
                     "ETA 1 min 35 s")
     assert progress_line(views, 3, "val_acc", "max", 5, None).endswith("ETA after the first epoch")
     assert "ETA at most 10 s" in progress_line(views, 3, "val_acc", "max", 5, 10, upper_bound=True)
-    assert progress_line(views, 2, "val_acc", "max", 3725, None, done=True).endswith("1 h 2 min elapsed, finished")
+    assert progress_line(views[:1], 1, "val_acc", "max", 3725, None, done=True).endswith("1 h 2 min elapsed, finished")
+    # the loop ended with a trial still running: stopped (Ctrl-C), not finished
+    assert progress_line(views, 2, "val_acc", "max", 3725, None, done=True).endswith("1 h 2 min elapsed, stopped")
     assert duration(59.6) == "1 min 0 s" and duration(7) == "7 s"
 
 

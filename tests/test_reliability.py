@@ -204,6 +204,28 @@ def test_200_short_trials_are_all_accounted_for(ray_session, tmp_path):
     assert len(analysis.load(tmp_path / "results" / "load").trials()) == 200
 
 
+@pytest.mark.slow
+def test_one_ctrl_c_says_what_happens_in_the_sweeps_words(ray_session, tmp_path):
+    """Ctrl-C once while the first trials train and others wait: the sweep's own line on what happens
+    next, once, instead of Tune's timestamped warnings (its stop notice with "press CTRL+C to skip", and
+    a FileNotFoundError line per trial that never reported); the last progress line says stopped."""
+    path = write_sweep(tmp_path, "once", train__epochs=20, train__lr={"grid": [0.01, 0.02, 0.03, 0.04]},
+                       data=SLOWER_DATA)
+    exp = tmp_path / "results" / "once"
+    sweep = SweepProcess(path, tmp_path, ray_session)
+    wait_for(lambda: any(result_rows(d) for d in trial_dirs(exp, "base")) or sweep.proc.poll() is not None,
+             "a trial's first epoch")
+    sweep.proc.send_signal(signal.SIGINT)
+    code, out = sweep.finish()
+    assert code == 130, out
+    assert out.count("stopping: saving the sweep's state for --resume, then the summary") == 1, out
+    for noise in ("WARNING", "Stop signal received", "Failed to fetch metrics", "FileNotFoundError", "Traceback"):
+        assert noise not in out, (noise, out)
+    progress = [line for line in out.splitlines() if " done, " in line and " elapsed, " in line]
+    assert progress[-1].endswith("elapsed, stopped"), progress
+    assert "resume with:" in out
+
+
 GAPS = (0.2, 0.5, 1.5, 3.0)  # seconds between the two presses
 
 
@@ -222,7 +244,7 @@ def ctrl_c_twice(ray_session, tmp_path: Path, gap: float) -> Path:
         sweep.proc.send_signal(signal.SIGINT)
     code, out = sweep.finish()
     assert code == 130, f"gap {gap}: {out}"
-    assert "--resume" in out and "Traceback" not in out, out
+    assert "--resume" in out and "Traceback" not in out and "Stop signal received" not in out, out
     code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
     assert code == 0, out
     return exp
