@@ -405,12 +405,18 @@ def _stratified_take(labels: np.ndarray, idx: np.ndarray, n: int,
     return np.sort(np.concatenate(taken)), np.sort(np.concatenate(rest))
 
 
+def check_val_size(ds: Dataset, val_size: int, source: str) -> None:
+    """DataError unless `val_size` leaves training images: the split's one demand on the data set."""
+    n = len(ds.train_y)
+    if val_size >= n:
+        raise DataError(f"data.val_size: {val_size} is not smaller than the {n} training images of "
+                        f"source {source}; lower data.val_size")
+
+
 def split_dataset(ds: Dataset, cfg: DataConfig) -> Split:
     """Seeded, stratified train/val split of the training images; the same for every trial."""
     n = len(ds.train_y)
-    if cfg.val_size >= n:
-        raise DataError(f"data.val_size: {cfg.val_size} is not smaller than the {n} training images of "
-                        f"source {cfg.source}; lower data.val_size")
+    check_val_size(ds, cfg.val_size, cfg.source)
     rng = np.random.default_rng(cfg.split_seed)
     val_idx, train_idx = _stratified_take(ds.train_y, np.arange(n), cfg.val_size, rng)
     if cfg.train_size is not None and cfg.train_size < len(train_idx):

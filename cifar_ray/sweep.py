@@ -563,9 +563,13 @@ def _use_callbacks(tuner, callbacks: list, reporter=None) -> None:
 
 def load_sweep_data(space: Space):
     """Decode (or read from the cache) the sweep's one data set, in the driver, once."""
-    from cifar_ray.data import load_dataset
+    from cifar_ray.data import check_val_size, load_dataset
 
-    return load_dataset(TrialConfig.from_flat(first_candidate(space)).data)
+    cfg = TrialConfig.from_flat(first_candidate(space)).data
+    dataset = load_dataset(cfg)
+    for val_size in space.values_of("data.val_size"):  # refused here, not by every trial after its start
+        check_val_size(dataset, int(val_size), cfg.source)
+    return dataset
 
 
 def summarize_remote(plan: Plan, grid) -> int:

@@ -69,6 +69,16 @@ def test_trials_no_node_can_run_exit_4_before_anything_is_written(ray_session, t
     assert not (tmp_path / "results" / "big").exists()
 
 
+def test_a_validation_split_larger_than_the_data_exits_2_before_any_trial(ray_session, tmp_path, capsys):
+    # the driver has the data loaded: it refuses the split there, not through every trial erroring at its start
+    path = write_sweep(tmp_path, "split", data={"source": "synthetic", "synthetic_size": 1200,
+                                                "val_size": {"grid": [200, 5000]}})
+    assert main([str(path), "--storage-path", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert "error: data.val_size: 5000 is not smaller than the" in err and "lower data.val_size" in err, err
+    assert not (tmp_path / "results" / "split").exists()
+
+
 BAD_LRS = [1e-6, 1.1e-6, 1.2e-6, 1.3e-6]  # trials that stay at chance accuracy
 
 
