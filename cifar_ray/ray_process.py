@@ -93,11 +93,12 @@ def start_ray(address: Optional[str], verbose: bool) -> None:
 
 class QuietTune(logging.Filter):
     """Without --verbose: no worker tracebacks repeated by Tune (the summary names each error and
-    error.txt keeps it whole), and no lines that point at Tune's own resume API instead of --resume."""
+    error.txt keeps it whole), no lines that point at Tune's own resume API instead of --resume, and the
+    sweep's own line for Tune's stop notice."""
 
-    # Ray's own advice on token authentication (which stays on) is an invitation to turn it off
-    # Tune's note, after a stop, that trials which never reported have no results (the summary counts
-    # them as unfinished)
+    # Tune's pointers to its own resume API; Ray's advice on token authentication (which stays on), an
+    # invitation to turn it off; Tune's note, after a stop, that trials which never reported have no
+    # results (the summary counts them as unfinished)
     HIDDEN = ("Trials did not complete", "Experiment has been interrupted", "Token authentication is enabled",
               "Failed to fetch metrics for")
     # Tune's stop on Ctrl-C or SIGTERM, in Tune's terms (its state, a second press "to skip"): said as
