@@ -34,7 +34,16 @@ from cifar_ray.applies import acts, row_config
 from cifar_ray.config import ConfigError
 from cifar_ray.files import new_file_mode, printable
 from cifar_ray.pipes import run_main
-from cifar_ray.space import Domain, first_candidate, format_value, is_log, listed_domains, stored_domains, stored_listed
+from cifar_ray.space import (
+    Domain,
+    distinct,
+    first_candidate,
+    format_value,
+    is_log,
+    listed_domains,
+    stored_domains,
+    stored_listed,
+)
 
 DEFAULT_TOP = 3
 DEFAULT_SEEDS = (0, 1, 2)  # --confirm: three runs a configuration, the fewest a t-test reads
@@ -121,7 +130,7 @@ def refine_domain(key: str, dom: Domain, values: list[Any], base: dict) -> Any:
     # proposes values nobody listed (bn_momentum choice[0.2, 0.4, 0.6] became [0.3, 0.5, 0.7]).
     floats = all(number(v) for v in (*dom.values, *values)) and not all(isinstance(v, int) for v in dom.values)
     if dom.kind == "choice" or (dom.kind == "grid" and not floats):
-        kept = [v for v in dom.values if any(v == u for u in values)] or list(dict.fromkeys(values))
+        kept = distinct([v for v in dom.values if any(v == u for u in values)]) or list(dict.fromkeys(values))
         return kept[0] if len(kept) == 1 else {dom.kind: kept}
     if not all(number(v) for v in values):
         return {dom.kind: list(dom.values)}

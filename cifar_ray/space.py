@@ -162,7 +162,9 @@ def _repeated(values: list[Any]) -> Optional[Any]:
     return None
 
 
-def parse_domain(key: str, spec: dict[str, Any], where: str) -> Domain:
+def parse_domain(key: str, spec: dict[str, Any], where: str, stored: bool = False) -> Domain:
+    """A domain of a sweep file, checked; `stored`: one read back from a results folder, where a grid's
+    repeated value or a span of one value (refused since 2026-12-05) still tells which key was searched."""
     kind, raw = next(iter(spec.items()))
     at = f"{where}: {key}.{kind}"
     if kind in ("grid", "choice"):
@@ -175,7 +177,8 @@ def parse_domain(key: str, spec: dict[str, Any], where: str) -> Domain:
                 raise ConfigError(f"{at}: {v} is not a finite number")
             if isinstance(v, (dict, list)) and not (key.endswith("augment") and isinstance(v, dict)):
                 raise ConfigError(f"{at}: values must be scalars, got {v!r}")
-        twice = _repeated(raw) if kind == "grid" else None  # (a choice may weight a value by listing it twice)
+        # (a choice may weight a value by listing it twice)
+        twice = _repeated(raw) if kind == "grid" and not stored else None
         if twice is not None:
             raise ConfigError(f"{at}: {format_value(twice)} is listed twice, which would run the same trials twice; "
                               "list each value once (seeds: repeats every configuration with other seeds)")
@@ -185,7 +188,7 @@ def parse_domain(key: str, spec: dict[str, Any], where: str) -> Domain:
     lo, hi = raw
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ConfigError(f"{at}: bounds must be finite numbers (NaN and inf are not allowed)")
-    if lo == hi:
+    if lo == hi and not stored:
         raise ConfigError(f"{at}: lo and hi are both {format_value(lo)}, which searches nothing; give the one value "
                           f"({key.split('.', 1)[-1]}: {format_value(lo)})")
     if lo > hi:
@@ -454,7 +457,7 @@ def stored_domains(doc: dict[str, Any]) -> dict[str, Domain]:
         for key, value in flatten(tree, section).items() if isinstance(tree, dict) else ():
             if is_domain(value):
                 try:
-                    out[key] = parse_domain(key, value, "sweep.yaml")
+                    out[key] = parse_domain(key, value, "sweep.yaml", stored=True)
                 except ConfigError:
                     continue
     entries = doc.get("configurations") if isinstance(doc, dict) else None

@@ -154,6 +154,14 @@ def test_refine_runs_one_round_of_a_grid_once_nothing_is_drawn_at_random(tmp_pat
     assert yaml.safe_load((tmp_path / "both.yaml").read_text())["search"]["samples"] == 2
 
 
+def test_a_folder_whose_grid_repeats_a_value_still_reads_its_searched_keys(tmp_path):
+    # sweep files may no longer repeat a grid value or span one value, but folders written before may: their
+    # keys are still searched keys for importance, compare and the report
+    sections = {"train": {"lr": {"grid": [0.01, 0.01, 0.1]}, "momentum": {"uniform": [0.9, 0.9]}}}
+    trials = [({"train.lr": lr, "train.momentum": 0.9}, [lr_only(lr)], "completed") for lr in (0.01, 0.01, 0.1)]
+    assert set(analysis.load(fake_sweep(tmp_path, "old", sections, trials)).domains()) == {"train.lr", "train.momentum"}
+
+
 def test_a_choice_with_null_is_a_searched_key_in_importance_and_the_report(tmp_path):
     # bn_momentum: null (the model's own) or 0.2; null trials are the good ones. Missing values used to
     # count as no value at all, so the key vanished from the importance and the report's trial table.
