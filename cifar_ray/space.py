@@ -153,12 +153,16 @@ def _is_number(v: Any) -> bool:
 
 
 def _repeated(values: list[Any]) -> Optional[Any]:
-    """The first value listed again (2 and 2.0 are one number; mappings compared by content), or None."""
-    seen: list[Any] = []
+    """The first value listed again (2 and 2.0 are one number; mappings compared by content, as distinct()
+    compares them), or None. Linear: a grid may hold 10,000 values."""
+    import json
+
+    seen: set[str] = set()
     for v in values:
-        if any(v == w if _is_number(v) and _is_number(w) else same(v, w) for w in seen):
+        key = repr(float(v)) if _is_number(v) else json.dumps(v, sort_keys=True, default=str)
+        if key in seen:
             return v
-        seen.append(v)
+        seen.add(key)
     return None
 
 
