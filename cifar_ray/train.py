@@ -82,8 +82,7 @@ def choose(args: argparse.Namespace):
         if getattr(args, flag) is not None:  # as given: pydantic converts and checks
             nested[section][key] = getattr(args, flag)
     cfg = trial_config(apply_overrides(nested, args.sets), where="options")
-    flat = {f"{section}.{k}": v for section in ("model", "data", "train")
-            for k, v in getattr(cfg, section).model_dump().items()}
+    flat = {f"train.{k}": v for k, v in cfg.train.model_dump().items()}  # the switches and their parents
     idle = idle_switch(lambda k: [flat[k]])  # one configuration: a sweep of one trial
     if idle is not None:
         raise ConfigError(f"options: {idle_switch_text(*idle, scope='this configuration does not')}")
