@@ -6,7 +6,7 @@ use the same keys in their model/data/train sections, so a key has one spelling 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -248,6 +248,34 @@ class TrialConfig(Strict):
         return trial_config(unflatten(flat), where)
 
 
+def idle_model_setting(values_of: Callable[[str], list[Any]]) -> Optional[str]:
+    """A setting for a kind of layer that no model of the sweep has (`values_of(key)`: every value the key
+    takes; one value each for a single configuration), as "key: problem; the way out"; None when each may
+    act somewhere. A model in a sweep over models that lacks the layer holds it inert, as Adam holds
+    nesterov. Checked for sweep files and options, not for a results folder's record of what ran."""
+    from cifar_ray.models import has_batch_norm, model_spec
+
+    names = [n for n in values_of("model.name") if isinstance(n, str)]
+    shown = ", ".join(repr(n) for n in names)
+    which, has = (f"model {shown}", "has") if len(names) == 1 else (f"models {shown}", "have")
+    if any(v is not None for v in values_of("train.bn_momentum")):
+        def options(name: str, bn: Any) -> dict[str, Any]:
+            return {"batch_norm": bn} if bn is not None and "batch_norm" in model_spec(name).options() else {}
+
+        if not any(has_batch_norm(n, options(n, bn)) for n in names for bn in values_of("model.batch_norm")):
+            switchable = any("batch_norm" in model_spec(n).options() for n in names)
+            way = ("set model.batch_norm: true, or leave train.bn_momentum unset" if switchable
+                   else "leave it unset")
+            off = " with batch_norm off" if switchable else ""
+            return f"train.bn_momentum: {which}{off} {has} no BatchNorm layer, so it changes nothing; {way}"
+    if "muon" in values_of("train.optimizer") and not any(model_spec(n).convolutions for n in names):
+        # muon steps the convolution filters and SGD the rest: without filters it is SGD alone, a run
+        # that the record would call Muon's
+        return (f"train.optimizer: muon steps convolution filters, and {which} {has} none (it would train as "
+                "plain SGD); use sgd, or a model with convolutions")
+    return None
+
+
 class ConfigError(ValueError):
     """A configuration problem, already phrased for the user (`where: key.path: problem`)."""
 
@@ -276,7 +304,8 @@ def describe_errors(err: ValidationError, where: str, root: Optional[type[BaseMo
             msg = "required key is missing"
         elif e["type"] in ("finite_number",):
             msg = "must be a finite number (NaN and inf are not allowed)"
-        lines.append(f"{where}: {'.'.join(loc)}: {msg}")
+        # a check across sections (TrialConfig's own validators) has no location: its message names the keys
+        lines.append(f"{where}: {'.'.join(loc)}: {msg}" if loc else f"{where}: {msg}")
     return "\n".join(lines)
 
 
@@ -325,5 +354,5 @@ def trial_config(data: dict[str, Any], where: str = "config") -> TrialConfig:
 __all__ = [
     "Activation", "Amp", "AugmentConfig", "AUGMENT_PRESETS", "ConfigError", "DataConfig", "ModelConfig", "Optimizer",
     "Schedule", "Stem", "Strict", "Tta", "TrainConfig", "TrialConfig", "default", "describe_errors", "device_name",
-    "did_you_mean", "trial_config", "unflatten",
+    "did_you_mean", "idle_model_setting", "trial_config", "unflatten",
 ]

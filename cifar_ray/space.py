@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from cifar_ray.config import ConfigError, TrialConfig, describe_errors, unflatten
+from cifar_ray.config import ConfigError, TrialConfig, describe_errors, idle_model_setting, unflatten
 from cifar_ray.models import ModelError, check_options
 from cifar_ray.sweep_config import MAX_TRIALS, SweepConfig
 
@@ -241,6 +241,9 @@ def _check_acting(space: Space, where: str) -> None:
     idle = idle_switch(space.values_of)  # where some trial can use it, the others hold it inert (a grid does)
     if idle is not None:
         raise ConfigError(f"{where}: {idle_switch_text(*idle)}")
+    problem = idle_model_setting(space.values_of)  # likewise: refused only where no model can use it
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
 
 
 def configuration_keys(entry: Any, at: str) -> dict[str, Any]:

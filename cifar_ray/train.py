@@ -18,7 +18,7 @@ import torch
 
 from cifar_ray import metrics as M
 from cifar_ray.applies import idle_switch, idle_switch_text
-from cifar_ray.config import ConfigError, trial_config
+from cifar_ray.config import ConfigError, idle_model_setting, trial_config
 from cifar_ray.data import DataError, load_dataset
 from cifar_ray.device import DeviceError, Grant, amp_dtype, cpu_has_native_bf16, select_device, trial_threads
 from cifar_ray.engine import (
@@ -82,10 +82,14 @@ def choose(args: argparse.Namespace):
         if getattr(args, flag) is not None:  # as given: pydantic converts and checks
             nested[section][key] = getattr(args, flag)
     cfg = trial_config(apply_overrides(nested, args.sets), where="options")
-    flat = {f"train.{k}": v for k, v in cfg.train.model_dump().items()}  # the switches and their parents
+    flat = {f"{section}.{k}": v for section in ("model", "train")
+            for k, v in getattr(cfg, section).model_dump().items()}
     idle = idle_switch(lambda k: [flat[k]])  # one configuration: a sweep of one trial
     if idle is not None:
         raise ConfigError(f"options: {idle_switch_text(*idle, scope='this configuration does not')}")
+    problem = idle_model_setting(lambda k: [flat[k]])
+    if problem is not None:
+        raise ConfigError(f"options: {problem}")
     return Chosen(cfg, "options")
 
 

@@ -169,7 +169,8 @@ def test_a_choice_with_null_is_a_searched_key_in_importance_and_the_report(tmp_p
     trials = [({"train.lr": lr, "train.bn_momentum": bn},
                [0.2, lr_only(0.01, 0.002 * rng.normal()) - (0.2 if bn else 0.0)], "completed")
               for lr, bn in itertools.product(LR_GRID * 2, [None, 0.2])]
-    sections = {"train": {"lr": {"choice": LR_GRID}, "bn_momentum": {"choice": [None, 0.2]}}}
+    sections = {"model": {"name": "base", "batch_norm": True},  # BN momentum acts only where there is BN
+                "train": {"lr": {"choice": LR_GRID}, "bn_momentum": {"choice": [None, 0.2]}}}
     folder = fake_sweep(tmp_path, "null", sections, trials)
     imp = analysis.load(folder).importance()  # without null as a value: "needs ... two searched keys"
     assert set(imp["key"]) == {"train.lr", "train.bn_momentum"}

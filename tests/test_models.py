@@ -31,6 +31,13 @@ def test_forward_shape_and_backward(name, stem):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_the_registry_says_which_models_have_convolution_filters(name):
+    # train.optimizer muon steps trained 4-D parameters; cifar_ray.config.check_new refuses it where there are none
+    model = build_model(name)
+    assert model_spec(name).convolutions == any(p.ndim == 4 and p.requires_grad for p in model.parameters())
+
+
 @pytest.mark.parametrize("name,expected", [("resnet18", 11_173_962), ("vgg16", 14_728_266), ("vgg19", 20_040_522)])
 def test_pinned_parameter_counts_cifar_stem(name, expected):
     # The same counts as kuangliu/pytorch-cifar's ResNet18, VGG('VGG16') and VGG('VGG19').

@@ -247,6 +247,44 @@ def test_nesterov_on_is_held_inert_by_adam_trials_and_refused_where_no_trial_can
     assert "options: train.nesterov: true does nothing here" in capsys.readouterr().err
 
 
+def test_settings_for_layers_no_model_of_the_sweep_has_are_refused_and_held_inert_beside_one_that_has(capsys):
+    # Muon steps the convolution filters and SGD the rest: on an MLP alone it is SGD, recorded as Muon
+    quick = str(ROOT / "sweeps/quickstart.yaml")
+
+    def dry(*sets: str) -> int:
+        return main([quick, "--dry-run", *(a for s in sets for a in ("--set", s))])
+
+    assert dry("model.name=net3", "train.optimizer=muon") == 2
+    err = capsys.readouterr().err
+    assert "train.optimizer: muon steps convolution filters, and model 'net3' has none" in err
+    assert "use sgd, or a model with convolutions" in err
+    # beside a model that has filters, the MLP's trials hold it inert (as Adam's trials hold nesterov)
+    assert dry("model.name={grid: [net1, netconv]}", "train.optimizer=muon") == 0
+    assert dry("configurations=[{model.name: net1}, {model.name: base}]", "train.optimizer=muon") == 0
+    # BN momentum where no model has a BatchNorm layer, or where batch_norm is off in every trial
+    assert dry("model.name=net2", "train.bn_momentum=0.4") == 2
+    assert "train.bn_momentum: model 'net2' has no BatchNorm layer, so it changes nothing; leave it unset" in \
+        capsys.readouterr().err
+    assert dry("model.batch_norm=false", "train.bn_momentum=0.4") == 2
+    assert "model 'netconv' with batch_norm off has no BatchNorm layer" in capsys.readouterr().err
+    assert dry("model.batch_norm={grid: [true, false]}", "train.bn_momentum=0.4") == 0
+    assert dry("model.name={grid: [net1, vgg16]}", "train.bn_momentum={grid: [0.1, 0.4]}") == 0
+    # one configuration given to the train CLI
+    from cifar_ray.train import main as train_main
+
+    assert train_main(["--model", "net2", "--set", "data.source=synthetic", "--optimizer", "muon"]) == 2
+    assert "options: train.optimizer: muon steps convolution filters, and model 'net2' has none" in \
+        capsys.readouterr().err
+    assert train_main(["--model", "base", "--set", "data.source=synthetic", "--set", "train.bn_momentum=0.4"]) == 2
+    assert "options: train.bn_momentum: model 'base' with batch_norm off" in capsys.readouterr().err
+    # a results folder keeps what ran: its trials' configs are read back as they are (Sweep.evaluate,
+    # train --from RESULTS_DIR), so a record written before these checks is not refused
+    from cifar_ray.config import TrialConfig
+
+    cfg = TrialConfig.from_flat({"model.name": "net1", "train.optimizer": "muon", "train.bn_momentum": 0.4})
+    assert (cfg.train.optimizer, cfg.train.bn_momentum) == ("muon", 0.4)
+
+
 def test_the_dry_run_names_trials_this_machine_can_never_start(capsys):
     # the run here would load the data, start Ray, then exit 4 (cluster.check_feasible): the dry run says so
     quick = str(ROOT / "sweeps/quickstart.yaml")

@@ -5,10 +5,12 @@ registry, so a new model is tested the moment it is registered.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 
@@ -20,6 +22,7 @@ class ModelSpec:
     unsupported_devices: frozenset[str]  # device types it cannot run on, e.g. {"mps"}
     summary: str
     whitening: bool = False  # has a data-initialised whitening layer (train.whiten_bias_epochs applies)
+    convolutions: bool = True  # has trained convolution filters (train.optimizer muon steps those)
 
     def options(self) -> tuple[str, ...]:
         params = inspect.signature(self.factory).parameters
@@ -33,9 +36,11 @@ class ModelError(ValueError):
     """An unknown model, option, stem or device, phrased for the user."""
 
 
-def register_model(name: str, *, stems=("cifar",), unsupported_devices=(), summary: str = "", whitening: bool = False):
+def register_model(name: str, *, stems=("cifar",), unsupported_devices=(), summary: str = "", whitening: bool = False,
+                   convolutions: bool = True):
     def wrap(factory: Callable[..., nn.Module]):
-        _REGISTRY[name] = ModelSpec(name, factory, tuple(stems), frozenset(unsupported_devices), summary, whitening)
+        _REGISTRY[name] = ModelSpec(name, factory, tuple(stems), frozenset(unsupported_devices), summary, whitening,
+                                    convolutions)
         return factory
 
     return wrap
@@ -67,6 +72,18 @@ def check_device(name: str, device_type: str) -> None:
     if device_type in spec.unsupported_devices:
         raise ModelError(f"model {name!r} cannot run on {device_type} "
                          f"(unsupported: {', '.join(sorted(spec.unsupported_devices))}); choose another device")
+
+
+@functools.lru_cache(maxsize=256)
+def _has_batch_norm(name: str, options: tuple[tuple[str, Any], ...]) -> bool:
+    with torch.device("meta"):  # the layers without their weights: VGG19's 140M parameters take no memory
+        model = build_model(name, **dict(options))
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def has_batch_norm(name: str, options: dict[str, Any]) -> bool:
+    """Whether the model `name` built with `options` has a BatchNorm layer (train.bn_momentum acts)."""
+    return _has_batch_norm(name, tuple(sorted(options.items())))
 
 
 def build_model(name: str, num_classes: int = 10, **options) -> nn.Module:

@@ -27,20 +27,21 @@ def build_mlp(hidden: list[int], acts: list[str], dropout_after: set[int], dropo
     return nn.Sequential(*layers)
 
 
-@register_model("net1", summary="MLP, 8 hidden layers, ReLU and LeakyReLU, dropout 0.2 twice (the seed's best MLP)")
+@register_model("net1", convolutions=False,
+                summary="MLP, 8 hidden layers, ReLU and LeakyReLU, dropout 0.2 twice (the seed's best MLP)")
 def net1(num_classes: int = 10, activation: Optional[str] = None, dropout: float = 0.2, width: float = 1.0):
     hidden = [2048, 1024, 1024, 512, 512, 256, 256, 128]
     acts = ["relu", "leaky_relu"] * 4
     return build_mlp(hidden, acts, {1, 4}, dropout, num_classes, width, activation)
 
 
-@register_model("net2", summary="MLP, 9 hidden layers, LeakyReLU, dropout 0.4 five times")
+@register_model("net2", convolutions=False, summary="MLP, 9 hidden layers, LeakyReLU, dropout 0.4 five times")
 def net2(num_classes: int = 10, activation: Optional[str] = None, dropout: float = 0.4, width: float = 1.0):
     hidden = [2048, 2048, 1024, 1024, 512, 512, 256, 256, 128]
     return build_mlp(hidden, ["leaky_relu"] * 9, {0, 2, 4, 6, 8}, dropout, num_classes, width, activation)
 
 
-@register_model("net3", summary="MLP, 5 hidden layers, ReLU, ELU and LeakyReLU, with dropout")
+@register_model("net3", convolutions=False, summary="MLP, 5 hidden layers, ReLU, ELU and LeakyReLU, with dropout")
 def net3(num_classes: int = 10, activation: Optional[str] = None, dropout: float = 0.3, width: float = 1.0):
     hidden = [1024, 512, 256, 128, 64]
     acts = ["relu", "elu", "leaky_relu", "relu", "elu"]
