@@ -9,8 +9,9 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from cifar_ray.config import ConfigError
 from cifar_ray.files import printable
@@ -57,11 +58,12 @@ def private_folder(path: Path) -> Path:
     return path
 
 
-def start_ray(address: Optional[str], verbose: bool) -> None:
+def start_ray(address: Optional[str], verbose: bool) -> bool:
+    """Connect to the Ray at `address`, or start a local one: True when this call started it."""
     import ray
 
-    if ray.is_initialized():
-        return
+    if ray.is_initialized():  # the caller's own (cifar_ray.sweep.main called from Python)
+        return False
     runtime_env = {"worker_process_setup_hook": "cifar_ray.trainable.warm_worker"}
     # Without --verbose the workers' console is not forwarded: Ray's per-checkpoint lines and the
     # "Exception ignored" noise of workers SIGTERMed at shutdown stay in Ray's log files. A trial's
@@ -71,7 +73,7 @@ def start_ray(address: Optional[str], verbose: bool) -> None:
         options["logging_level"] = logging.WARNING
     if address:
         ray.init(address=address, **options)
-        return
+        return False
     # A Ray started here keeps its session folder, logs and auth token to this user. Ray makes its
     # folders 0777 for sharing (and makes them so again as it runs), so its temporary root goes inside
     # a folder of this user's alone; files are made under umask 077 (the processes it starts keep it).
@@ -89,6 +91,57 @@ def start_ray(address: Optional[str], verbose: bool) -> None:
     token = Path.home() / ".ray" / "auth_token"
     if token.is_file() and not token.is_symlink() and token.stat().st_uid == os.getuid():
         token.chmod(0o600)
+    return True
+
+
+_TERMINATED = threading.Event()  # the driver got SIGTERM
+
+
+def own_ray_processes() -> list[tuple[str, Any]]:
+    """The GCS and raylet of the local Ray this process started, as (name, Popen); [] on a cluster."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not node.head or not getattr(node, "all_processes", None):
+        return []
+    return [(kind, info.process) for kind in ("gcs_server", "raylet") for info in node.all_processes.get(kind, [])]
+
+
+def watch_own_ray(farewell: Callable[[str], str], resume: str, code: int) -> threading.Event:
+    """End the sweep at once, with `farewell(why)` on stderr (else why and `resume`) and exit `code`, when
+    the GCS or raylet of the Ray it started ends while Tune still runs; set the Event returned once Tune is
+    done with Ray (its shutdown ends them). A SIGTERM sent to a whole process group (`timeout`, `kill -TERM
+    -PGID`) or service (systemd stops every process of its unit) reaches those processes beside the
+    driver, and without them the driver's stop hangs on an RPC to the dead GCS for 60 s, then Ray ends it
+    with its own error line and no resume line. Ctrl-C does not do this (Ray's processes block SIGINT).
+    What the trials reported and Tune's last saved state stay in the results folder; --resume goes on."""
+    leaving = threading.Event()
+    _TERMINATED.clear()
+    watched = own_ray_processes()
+
+    def watch() -> None:
+        while not leaving.wait(0.2):  # s: a poll of two child processes; there is nothing to wait on instead
+            ended = [(kind, p.returncode) for kind, p in watched if p.poll() is not None]
+            if ended and not leaving.is_set():
+                kind, rc = ended[0]
+                how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+                cause = (" on the same SIGTERM as the sweep, which went to every process of its group or service"
+                         if _TERMINATED.is_set() else "")
+                why = f"this sweep's Ray stopped: its {kind} ended ({how}){cause}"
+                try:
+                    text = farewell(why)
+                except Exception as exc:  # the line that matters is the resume line: never lose it to this
+                    text = f"{why}\n(no summary: {type(exc).__name__}: {exc})\nresume with:\n  {resume}"
+                try:
+                    sys.stdout.flush()
+                except Exception:
+                    pass
+                os.write(2, f"\n{text}\n".encode())
+                os._exit(code)
+
+    if watched:
+        threading.Thread(target=watch, name="cifar_ray-own-ray", daemon=True).start()
+    return leaving
 
 
 class QuietTune(logging.Filter):
@@ -187,6 +240,7 @@ def forward_sigterm() -> None:
     clean stop with the summary and the resume line while trials run, else the exit-at-once handler.
     Called again after ray.init, which installs a SIGTERM handler of its own."""
     def handler(signum, frame):
+        _TERMINATED.set()
         current = signal.getsignal(signal.SIGINT)
         if callable(current):
             current(signal.SIGINT, frame)

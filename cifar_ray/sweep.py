@@ -17,9 +17,10 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -28,7 +29,14 @@ from cifar_ray.applies import acts, depends_within, row_config
 from cifar_ray.config import ConfigError, TrialConfig, default
 from cifar_ray.files import atomic_write_text, printable
 from cifar_ray.pipes import run_main
-from cifar_ray.ray_process import exit_at_once_on_ctrl_c, forward_sigterm, keep_secrets_out, quiet_logs, start_ray
+from cifar_ray.ray_process import (
+    exit_at_once_on_ctrl_c,
+    forward_sigterm,
+    keep_secrets_out,
+    quiet_logs,
+    start_ray,
+    watch_own_ray,
+)
 from cifar_ray.record import SWEEP_FILE
 from cifar_ray.space import (
     Space,
@@ -629,6 +637,20 @@ def summarize(plan: Plan, trials) -> tuple[str, int]:
     return "\n".join(lines), code
 
 
+def lost_ray_farewell(plan: Plan) -> Callable[[str], str]:
+    """What the sweep says when the Ray it started is gone mid-sweep (ray_process.watch_own_ray): why,
+    the summary of what the record holds, and the resume line."""
+    def farewell(why: str) -> str:
+        from cifar_ray.analysis import load
+
+        text, _ = summarize(plan, load(plan.results).trials())
+        if "resume with:" not in text:  # every trial it had made had ended: the search has more to make
+            text += f"\ninterrupted; resume with:\n  {resume_command(plan)}"
+        return f"{why}{text}"
+
+    return farewell
+
+
 def open_mirror(plan: Plan):
     """The sweep's Optuna journal (cifar_ray.journal), created or reopened before the first trial so
     a dashboard has the study to show at once. A journal that cannot be opened warns; the sweep runs."""
@@ -695,7 +717,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     import ray  # noqa: F401 - configures Ray's log handlers, which quiet_logs filters
 
     quiet_logs(args.verbose)
-    start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
+    started = start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
     forward_sigterm()
     check_storage(plan.storage, cluster_nodes())
     node_types = autoscaler_node_types(args.cluster_config)
@@ -719,11 +741,17 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         print("\n".join(lines), flush=True)
     from cifar_ray.tune_search import new_trials_snapshot, staging_of_its_own
 
-    with staging_of_its_own():
-        tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types, stop_on_full_disk,
-                            prior_epoch_s)
-        with new_trials_snapshot():
-            grid = tuner.fit()
+    # while Tune runs, a Ray this sweep started is watched (a cluster's or a Python caller's is not)
+    leaving = (watch_own_ray(lost_ray_farewell(plan), resume_command(plan), EXIT_INTERRUPTED) if started
+               else threading.Event())
+    try:
+        with staging_of_its_own():
+            tuner = build_tuner(plan, dataset, args.resume, mirror, args.verbose, node_types, stop_on_full_disk,
+                                prior_epoch_s)
+            with new_trials_snapshot():
+                grid = tuner.fit()
+    finally:
+        leaving.set()  # Tune is done with Ray, however it ended: its processes may end from here on (shutdown)
     if plan.remote:
         return summarize_remote(plan, grid)
     if full or any(r.error is not None and disk_full(r.error) for r in grid):

@@ -15,7 +15,16 @@ import pytest
 from cifar_ray import analysis
 from cifar_ray.record import STATE_GLOB
 from cifar_ray.sweep import main
-from conftest import SLOWER_DATA, SweepProcess, alive, assert_same_as_straight_run, tune_statuses, wait_for, write_sweep
+from conftest import (
+    SLOWER_DATA,
+    WAIT_S,
+    SweepProcess,
+    alive,
+    assert_same_as_straight_run,
+    tune_statuses,
+    wait_for,
+    write_sweep,
+)
 
 EPOCHS = 6
 LRS = [0.02, 0.05]
@@ -245,3 +254,48 @@ def test_trials_the_search_had_not_made_run_after_a_resume_without_the_old_stagi
     assert len([p for p in exp.glob("base_*") if p.is_dir()]) == 3
     assert set(analysis.load(exp).trials()["status"]) == {"completed"}
     assert_same_as_straight_run(exp, straight / "results" / "made", ("train.lr", "data.augment"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_sweeps_whole_process_group_stops_it_with_the_resume_line(ray_session, tmp_path, straight):
+    """`timeout`, `kill -TERM -PGID` and systemd signal every process of a group or unit: a sweep that
+    started its own Ray loses its GCS and raylet with the same SIGTERM. It ends at once with its summary
+    and resume line, exit 130 (its stop hung on an RPC to the dead GCS for 60 s, then Ray ended it with
+    "Failed to connect to GCS" and no resume line), and --resume finishes it as a straight run."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    path = write_sweep(tmp_path, "group", **SWEEP)
+    exp = tmp_path / "results" / "group"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rg", dir="/tmp"))  # short: Ray's socket paths are limited
+    home = tmp_path / "home"  # its Ray's token goes there, not to this user's ~/.ray
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HOME": str(home)}
+    log = tmp_path / "group.log"
+    try:
+        with open(log, "w") as out:
+            # its own session and process group, led by the driver: the group this test signals is its own
+            proc = subprocess.Popen([sys.executable, "-m", "cifar_ray.sweep", str(path), "--storage-path",
+                                     str(tmp_path / "results")], stdout=out, stderr=subprocess.STDOUT,
+                                    env=env | {"RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"},
+                                    start_new_session=True)
+            try:
+                wait_for(lambda: recorded(exp) >= 2 or proc.poll() is not None, "two reports")
+                assert proc.poll() is None, log.read_text()[-3000:]
+                os.killpg(proc.pid, signal.SIGTERM)  # the driver, its Ray's GCS, raylet and agents
+                code = proc.wait(timeout=WAIT_S)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert "on the same SIGTERM as the sweep" in text and "resume with:" in text, text[-3000:]
+    assert "Failed to connect to GCS" not in text and "Traceback" not in text, text[-3000:]
+    code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
+    assert code == 0, out[-3000:]
+    assert_same_as_straight_run(exp, straight, ("train.lr",))
