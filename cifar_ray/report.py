@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
 from cifar_ray import metrics as M
@@ -99,14 +100,24 @@ def plot_curves(sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: P
     return save_figure(fig, out / "curves.png")
 
 
-def plot_heatmap(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Path]:
-    """The metric over a grid of two numeric keys (the seed's lr x momentum); seeds averaged."""
+def heatmap_grid(metric: str, trials: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """The best metric over a grid of two numeric searched keys (rows: the first, columns: the second),
+    seeds averaged; a configuration without a result yet (a running sweep) is a NaN cell, not a row or
+    column left out. None when the sweep is no such grid or nothing has a result yet."""
     keys = [k for k in searched_keys(trials) if pd.api.types.is_numeric_dtype(trials[k])]
     if len(keys) != 2 or len(searched_keys(trials)) != 2:
         return None
+    grid = trials.pivot_table(index=keys[0], columns=keys[1], values=f"best_{metric}", aggfunc="mean", dropna=False)
+    return grid if np.isfinite(grid.to_numpy(dtype=float)).any() else None
+
+
+def plot_heatmap(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Path]:
+    """The metric over a grid of two numeric keys (the seed's lr x momentum); seeds averaged."""
+    grid = heatmap_grid(sweep.metric, trials)
+    if grid is None:
+        return None
+    keys = [grid.index.name, grid.columns.name]
     plt = pyplot()
-    best = f"best_{sweep.metric}"
-    grid = trials.pivot_table(index=keys[0], columns=keys[1], values=best, aggfunc="mean")
     scale = 100 if sweep.metric.endswith("acc") else 1
     fig, ax = plt.subplots(figsize=(1.2 * len(grid.columns) + 3, 0.8 * len(grid.index) + 2))
     im = ax.imshow(grid.values * scale, cmap="viridis", aspect="auto")
@@ -116,9 +127,11 @@ def plot_heatmap(sweep: Sweep, trials: pd.DataFrame, out: Path) -> Optional[Path
     for i in range(len(grid.index)):
         for j in range(len(grid.columns)):
             v = grid.values[i, j] * scale
+            if math.isnan(v):  # not reported yet, or every trial of it errored
+                ax.text(j, i, "no result", ha="center", va="center", color="0.5", fontsize=8)
+                continue
             bright = hi > lo and (v - lo) / (hi - lo) > 0.6  # viridis turns yellow: dark text there
-            ax.text(j, i, "" if math.isnan(v) else f"{v:.1f}", ha="center", va="center",
-                    color="k" if bright else "w", fontsize=9)
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="k" if bright else "w", fontsize=9)
     unit = " (%)" if scale == 100 else ""
     ax.set(title=f"Best {sweep.metric}{unit} per configuration", xlabel=keys[1], ylabel=keys[0])
     fig.colorbar(im, ax=ax, label=f"{sweep.metric}{unit}")
@@ -269,7 +282,13 @@ def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = 
     md_lines += decision_sections(sweep, trials, out_dir)
     md_lines += provenance_lines(sweep.provenance())
     md_lines += [f"Tables: `{TRIALS_FILE}`, `{CURVES_FILE}` (read with `pandas.read_parquet`)."]
-    return atomic_write_text(out_dir / REPORT_FILE, "\n".join(md_lines) + "\n")
+    text = "\n".join(md_lines) + "\n"
+    # a figure or test report of an earlier report that this one does not show (a heatmap before any
+    # result, the test set's without --evaluate-best this time) would sit beside it, out of date
+    for name in (*FIGURES, TEST_REPORT_FILE):
+        if f"]({name})" not in text and not (name == TEST_REPORT_FILE and evaluate_best and best is not None):
+            (out_dir / name).unlink(missing_ok=True)
+    return atomic_write_text(out_dir / REPORT_FILE, text)
 
 
 def provenance_lines(record: dict) -> list[str]:

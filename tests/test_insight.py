@@ -603,3 +603,29 @@ def test_the_parallel_plot_puts_a_key_below_its_axis_in_trials_where_it_does_not
     pos, ticks, log = _axis(values, Domain("uniform", (0.5, 0.95)), inert)
     assert list(pos) == pytest.approx([0.0, INERT_AT, 1.0, 0.5]) and not log  # numeric, over the trials where it acts
     assert (INERT_AT, "not used") in ticks and (0.0, "0.5") in ticks
+
+
+def test_a_running_grids_heatmap_keeps_every_configuration_and_a_report_drops_what_it_no_longer_shows(tmp_path):
+    # lr x momentum, one configuration with a result so far: the grid is 2 x 2 with three blank cells (its
+    # rows and columns without a result were left out), and no heatmap at all before the first result
+    from cifar_ray.report import heatmap_grid
+
+    grid_of = {"train": {"lr": {"grid": [0.01, 0.1]}, "momentum": {"grid": [0.5, 0.9]}}}
+    configs = [{"train.lr": lr, "train.momentum": m} for lr in (0.01, 0.1) for m in (0.5, 0.9)]
+    running = fake_sweep(tmp_path, "running", grid_of, [(c, [0.4] if i == 1 else [], "unfinished")
+                                                       for i, c in enumerate(configs)])
+    grid = heatmap_grid("val_acc", analysis.load(running).trials())
+    assert grid.shape == (2, 2) and int(np.isfinite(grid.to_numpy()).sum()) == 1
+    assert grid.loc[0.01, 0.9] == 0.4
+    fresh = fake_sweep(tmp_path, "fresh", grid_of, [(c, [], "unfinished") for c in configs])
+    assert heatmap_grid("val_acc", analysis.load(fresh).trials()) is None
+    # a report written again leaves no figure or test report of the earlier one that it does not show
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in ("heatmap.png", "confusion.png", "per_class.png", "test_report.txt"):
+        (out / name).write_bytes(b"an earlier report's")
+    text = write_report(str(fresh), str(out)).read_text()
+    assert "heatmap.png" not in text
+    assert sorted(p.name for p in out.iterdir()) == ["curves.parquet", "report.md", "trials.parquet"]
+    write_report(str(running), str(out))
+    assert (out / "heatmap.png").is_file() and "![Grid](heatmap.png)" in (out / "report.md").read_text()
