@@ -170,6 +170,13 @@ def _check_scheduler(sweep: SweepConfig, space: Space, where: str) -> None:
         if not s.mutations:
             raise ConfigError(f"{where}: scheduler.mutations: PBT needs at least one, e.g. train.lr: "
                               "{loguniform: [0.001, 0.1]}")
+        epochs = max_epochs(space)
+        if s.perturbation_interval >= epochs:  # PBT perturbs at multiples of the interval; a trial ends at epochs
+            raise ConfigError(f"{where}: scheduler.perturbation_interval: {s.perturbation_interval} is not less than "
+                              f"train.epochs ({epochs}), so PBT would never exploit or explore before the trials end; "
+                              f"lower it (at most {epochs - 1}), or use kind: fifo" if epochs > 1 else
+                              f"{where}: scheduler.kind: pbt needs train.epochs above 1 (it acts between epochs); "
+                              "raise train.epochs, or use kind: fifo")
         if s.perturbation_interval % sweep.checkpoint.every:
             raise ConfigError(f"{where}: checkpoint.every: {sweep.checkpoint.every} must divide "
                               f"scheduler.perturbation_interval ({s.perturbation_interval})")
