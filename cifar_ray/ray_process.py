@@ -101,10 +101,15 @@ def own_ray_processes() -> list[tuple[str, Any]]:
     """The GCS and raylet of the local Ray this process started, as (name, Popen); [] on a cluster."""
     import ray
 
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is None or not node.head or not getattr(node, "all_processes", None):
+    # Ray keeps the Popen of each process it started on its private node object (Ray 2.60); where a
+    # later Ray moves it, this finds none and the sweep runs unwatched, as before the watch existed
+    try:
+        node = ray._private.worker._global_node
+        if node is None or not node.head:
+            return []
+        return [(kind, info.process) for kind in ("gcs_server", "raylet") for info in node.all_processes.get(kind, [])]
+    except AttributeError:
         return []
-    return [(kind, info.process) for kind in ("gcs_server", "raylet") for info in node.all_processes.get(kind, [])]
 
 
 def watch_own_ray(farewell: Callable[[str], str], resume: str, code: int) -> threading.Event:

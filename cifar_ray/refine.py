@@ -300,14 +300,12 @@ def confirm(results: str | Path, top: int = DEFAULT_TOP, seeds: tuple[int, ...] 
 def _one_round_without_draws(doc: dict) -> list[str]:
     """A grid's rounds (search.samples) differ only in their random draws: where narrowing fixed every key
     drawn at random, one round is all there is (the dry run refuses the repeats). Header lines."""
-    from cifar_ray.space import RANDOM_KINDS, SECTIONS, flatten, is_domain
+    from cifar_ray.space import RANDOM_KINDS
 
     search = doc.get("search")
     if not isinstance(search, dict) or search.get("kind", "grid") == "optuna" or search.get("samples", 1) <= 1:
         return []
-    drawn = [v for section in SECTIONS if isinstance(doc.get(section), dict)
-             for v in flatten(doc[section], section).values() if is_domain(v) and next(iter(v)) in RANDOM_KINDS]
-    if drawn:
+    if any(d.kind in RANDOM_KINDS for d in stored_domains(doc).values()):
         return []
     before, search["samples"] = search["samples"], 1
     return [f"#   search.samples: {before} -> 1 (no key is drawn at random any more; seeds: repeats a configuration)"]
