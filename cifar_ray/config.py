@@ -6,9 +6,10 @@ use the same keys in their model/data/train sections, so a key has one spelling 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Literal, Optional
+import types
+from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "sigmoid"]
 Optimizer = Literal["sgd", "adam", "adamw", "muon"]  # muon: Muon on conv filters, SGD on the rest
@@ -22,6 +23,31 @@ class Strict(BaseModel):
     """Unknown keys are errors; finite numbers only (a NaN learning rate is never intended)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads true/false, yes/no and on/off as booleans, and pydantic would take them as 1 and 0:
+        # `hflip: true` would mirror every image (a probability of 1), `epochs: yes` train one epoch
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and boolean_for_a_number(value, field.annotation):
+            raise ValueError("expects a number, not true/false (YAML reads true, false, yes, no, on and off as "
+                             "booleans); write the number")
+        return value
+
+
+def boolean_for_a_number(value: Any, annotation: Any) -> bool:
+    """Whether `value` holds a boolean where `annotation` (int or float, optional, or a list or dict of
+    them) asks for a number."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return len(kinds) == 1 and boolean_for_a_number(value, kinds[0])
+    if origin is list and args and isinstance(value, list):
+        return any(boolean_for_a_number(v, args[0]) for v in value)
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        return any(boolean_for_a_number(v, args[1]) for v in value.values())
+    return annotation in (int, float) and isinstance(value, bool)
 
 
 class AugmentConfig(Strict):
@@ -293,7 +319,7 @@ def describe_errors(err: ValidationError, where: str, root: Optional[type[BaseMo
         loc = [str(p) for p in e["loc"]]
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            model = _schema_at(root or TrialConfig, loc[:-1])
+            model = schema_at(root or TrialConfig, loc[:-1])
             allowed = list(model.model_fields) if model else []
             msg = f"unknown key{did_you_mean(loc[-1], allowed)}"
             if allowed:
@@ -309,7 +335,9 @@ def describe_errors(err: ValidationError, where: str, root: Optional[type[BaseMo
     return "\n".join(lines)
 
 
-def _schema_at(model: type[BaseModel], path: list[str]) -> Optional[type[BaseModel]]:
+def schema_at(model: type[BaseModel], path: list[str]) -> Optional[type[BaseModel]]:
+    """The section model at `path` below `model` (["data", "augment"] -> AugmentConfig); None where the
+    path names a single value or nothing."""
     for part in path:
         field = model.model_fields.get(part)
         if field is None:
@@ -354,5 +382,5 @@ def trial_config(data: dict[str, Any], where: str = "config") -> TrialConfig:
 __all__ = [
     "Activation", "Amp", "AugmentConfig", "AUGMENT_PRESETS", "ConfigError", "DataConfig", "ModelConfig", "Optimizer",
     "Schedule", "Stem", "Strict", "Tta", "TrainConfig", "TrialConfig", "default", "describe_errors", "device_name",
-    "did_you_mean", "idle_model_setting", "trial_config", "unflatten",
+    "did_you_mean", "idle_model_setting", "schema_at", "trial_config", "unflatten",
 ]

@@ -14,7 +14,15 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from cifar_ray.config import ConfigError, TrialConfig, describe_errors, idle_model_setting, unflatten
+from cifar_ray.config import (
+    ConfigError,
+    TrialConfig,
+    describe_errors,
+    did_you_mean,
+    idle_model_setting,
+    schema_at,
+    unflatten,
+)
 from cifar_ray.models import ModelError, check_options
 from cifar_ray.sweep_config import MAX_TRIALS, SweepConfig
 
@@ -204,10 +212,33 @@ def parse_domain(key: str, spec: dict[str, Any], where: str, stored: bool = Fals
     return Domain(kind, (int(lo), int(hi)) if kind == "randint" else (float(lo), float(hi)))
 
 
+def check_domain_kinds(tree: dict[str, Any], prefix: str, where: str) -> None:
+    """A mapping given to a key that takes one value is a search domain misspelt (`lr: {gird: [...]}`),
+    or two in one: name the kinds, rather than let the schema say the mapping is not a number."""
+    for key, value in tree.items():
+        path = f"{prefix}.{key}"
+        if not isinstance(value, dict) or is_domain(value):
+            continue
+        parts = path.split(".")
+        parent = schema_at(TrialConfig, parts[:-1])
+        if parent is None or key not in parent.model_fields:
+            continue  # an unknown key: the schema names it and the keys allowed
+        if schema_at(TrialConfig, parts) is not None:  # a section of its own (data.augment)
+            check_domain_kinds(value, path, where)
+            continue
+        kinds = [str(k) for k in value]
+        problem = (f"{kinds[0]!r} is not a kind of search domain{did_you_mean(kinds[0], DOMAIN_KINDS)}"
+                   if len(kinds) == 1 else "an empty mapping is neither a value nor a search domain" if not kinds
+                   else f"a search domain has one kind, here {len(kinds)} ({', '.join(kinds)})")
+        raise ConfigError(f"{where}: {path}: {problem}; search it with one of {', '.join(DOMAIN_KINDS)} "
+                          f"({key}: {{grid: [a, b]}}), or give one value")
+
+
 def build_space(sweep: SweepConfig, where: str) -> Space:
     """Parse and check the search space: every candidate value must make a valid TrialConfig."""
     values: dict[str, Any] = {}
     for section in SECTIONS:
+        check_domain_kinds(getattr(sweep, section), section, where)
         for key, value in flatten(getattr(sweep, section), section).items():
             values[key] = parse_domain(key, value, where) if is_domain(value) else value
             if isinstance(values[key], Domain) and key in UNSEARCHABLE:

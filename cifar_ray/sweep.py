@@ -165,8 +165,9 @@ def _check_scheduler(sweep: SweepConfig, space: Space, where: str) -> None:
                               "lower grace_period or raise max_t/train.epochs")
     if s.kind == "pbt":
         if sweep.checkpoint.keep < 3:
-            raise ConfigError(f"{where}: checkpoint.keep: {sweep.checkpoint.keep}; PBT needs at least 3 "
-                              "(it restores other trials' checkpoints, which must still exist)")
+            given = "" if "keep" in sweep.checkpoint.model_fields_set else " (the default)"
+            raise ConfigError(f"{where}: checkpoint.keep: {sweep.checkpoint.keep}{given}; PBT needs at least 3 "
+                              "(it restores other trials' checkpoints, which must still exist): set checkpoint.keep: 3")
         if not s.mutations:
             raise ConfigError(f"{where}: scheduler.mutations: PBT needs at least one, e.g. train.lr: "
                               "{loguniform: [0.001, 0.1]}")

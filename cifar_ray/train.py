@@ -73,6 +73,7 @@ def choose(args: argparse.Namespace):
     """The configuration to train: from --from FILE|RESULTS_DIR [--trial], else from the flags; flags and
     --set override the keys they name either way."""
     from cifar_ray.retrain import Chosen, from_source
+    from cifar_ray.space import check_domain_kinds, flatten, is_domain
     from cifar_ray.sweep_config import apply_overrides
 
     if args.source is not None:
@@ -81,7 +82,14 @@ def choose(args: argparse.Namespace):
     for flag, (section, key) in CLI_FLAGS.items():
         if getattr(args, flag) is not None:  # as given: pydantic converts and checks
             nested[section][key] = getattr(args, flag)
-    cfg = trial_config(apply_overrides(nested, args.sets), where="options")
+    tree = apply_overrides(nested, args.sets)
+    for section in ("model", "data", "train"):
+        check_domain_kinds(tree.get(section, {}), section, "options")
+        searched = [k for k, v in flatten(tree.get(section, {}), section).items() if is_domain(v)]
+        if searched:
+            raise ConfigError(f"options: {searched[0]}: a search domain trains many models, and this trains one; "
+                              "give one value, or put the domain in a sweep file (python -m cifar_ray.sweep FILE)")
+    cfg = trial_config(tree, where="options")
     flat = {f"{section}.{k}": v for section in ("model", "train")
             for k, v in getattr(cfg, section).model_dump().items()}
     idle = idle_switch(lambda k: [flat[k]])  # one configuration: a sweep of one trial

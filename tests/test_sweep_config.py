@@ -99,6 +99,43 @@ def test_bad_sweep_files_exit_2_naming_the_problem(path, capsys):
     assert "Traceback" not in err
 
 
+def test_a_boolean_is_refused_where_a_number_is_meant_and_taken_where_a_switch_is():
+    """YAML reads yes/no/on/off/true/false as booleans, and pydantic would take them as 1 and 0: `hflip: true`
+    would mirror every image and `epochs: yes` train one epoch. Each schema's numbers refuse them, in
+    optional, list and mapping fields too; a switch still takes 1 and 0."""
+    from cifar_ray.config import TrainConfig, TrialConfig, trial_config
+    from cifar_ray.sweep_config import ResourcesConfig, SweepConfig
+
+    for tree in ({"train": {"epochs": True}}, {"train": {"lr": False}}, {"data": {"augment": {"hflip": True}}},
+                 {"model": {"width": True}}, {"train": {"whiten_bias_epochs": False}}, {"data": {"train_size": True}}):
+        with pytest.raises(ConfigError, match="expects a number, not true/false"):
+            trial_config(tree)
+    for bad in ({"cpu": True}, {"fuse": True}, {"tags": {"cuda": True}}):
+        with pytest.raises(ValueError, match="expects a number"):
+            ResourcesConfig.model_validate(bad)
+    with pytest.raises(ValueError, match="seeds"):
+        SweepConfig.model_validate({"name": "x", "seeds": [0, True]})
+    assert TrainConfig(nesterov=1, momentum=0.9).nesterov is True and TrainConfig(compile=0).compile is False
+    assert TrainConfig.model_validate({"amp": False}).amp == "off"  # `amp: off`, read by YAML as false
+    assert TrialConfig.model_validate({"train": {"epochs": "3", "lr": 1}}).train.epochs == 3  # numbers as before
+
+
+def test_the_train_cli_names_a_search_domain_among_its_options(capsys):
+    """One configuration trains one model: a domain in --set is named as one (misspelt or not), not
+    reported as "Input should be a valid number"."""
+    from cifar_ray.train import main as train_main
+
+    base = ["--model", "net1", "--set", "data.source=synthetic"]
+    assert train_main([*base, "--set", "train.lr={grid: [0.1, 0.2]}"]) == 2
+    assert "options: train.lr: a search domain trains many models, and this trains one" in capsys.readouterr().err
+    assert train_main([*base, "--set", "data.augment={hflip: {uniform: [0, 1]}}"]) == 2
+    assert "options: data.augment.hflip: a search domain trains many models" in capsys.readouterr().err
+    assert train_main([*base, "--set", "train.lr={gird: [0.1, 0.2]}"]) == 2
+    assert "options: train.lr: 'gird' is not a kind of search domain (did you mean 'grid'?)" in capsys.readouterr().err
+    assert train_main([*base, "--set", "train.epochs=yes"]) == 2
+    assert "options: train.epochs: expects a number, not true/false" in capsys.readouterr().err
+
+
 def test_bad_files_are_one_line_and_start_nothing(tmp_path):
     """As a user runs it: a subprocess, one line, no traceback, and nothing started: no Ray, no results."""
     huge = tmp_path / "huge.yaml"
