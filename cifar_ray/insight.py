@@ -82,8 +82,8 @@ def importance(trials: pd.DataFrame, domains: dict[str, Domain], metric: str, mo
     keys = [k for k in config_keys(trials, domains) if k in df and distinct_values(df[k]) >= 2]
     if len(keys) < 2 or len(df) < MIN_TRIALS:
         raise ValueError(f"importance needs at least {MIN_TRIALS} trials with a finite {metric} and two searched keys "
-                         f"with two values or more each; this sweep has {len(df)} such trials and "
-                         f"{len(keys)} such keys ({', '.join(keys) or 'none'})")
+                         f"with two values or more each; this sweep has {len(df)} such trial{'s' * (len(df) != 1)} and "
+                         f"{len(keys)} such key{'s' * (len(keys) != 1)} ({', '.join(keys) or 'none'})")
     # a key counts only in the trials where it acts (cifar_ray.applies: Adam's trials say nothing of momentum)
     acting = {k: df.apply(lambda row, k=k: acts(k, row_config(row)), axis=1) for k in keys}
     if method not in ("ped_anova", "fanova"):
