@@ -48,8 +48,9 @@ class SweepProgress(ProgressReporter):
 
     def __init__(self, total: int, metric: str, mode: str, max_t: Optional[int] = None,
                  prior_epoch_s: Optional[float] = None, upper_bound: bool = False, epochs: int = 1,
-                 fresh: bool = True):
+                 fresh: bool = True, unit: str = ""):
         self.total = total
+        self.unit = unit  # "packs" in a fused sweep: its Tune trials are packs of trials
         self.fresh = fresh  # a new sweep, not a --resume (see progress.event_lines)
         self.epochs = epochs  # a trial's epochs (the sweep's longest, capped by max_t) before any trial exists
         self.metric, self.mode = metric, mode
@@ -86,7 +87,8 @@ class SweepProgress(ProgressReporter):
         if not (events or due or done):
             return
         eta = eta_seconds(views, total, self.prior_epoch_s, self._slots, self.epochs)
-        line = progress_line(views, total, self.metric, self.mode, now - self.started, eta, self.upper_bound, done)
+        line = progress_line(views, total, self.metric, self.mode, now - self.started, eta, self.upper_bound, done,
+                             self.unit)
         if live:
             width = shutil.get_terminal_size((120, 24)).columns
             text = "".join(f"\r\x1b[K{e}\n" for e in events) + f"\r\x1b[K{line[:width - 1]}"
@@ -101,7 +103,7 @@ class SweepProgress(ProgressReporter):
 
     def __getstate__(self) -> dict[str, Any]:  # pickled with the run config: the settings, not the live state
         return {k: getattr(self, k) for k in ("total", "metric", "mode", "max_t", "prior_epoch_s", "upper_bound",
-                                              "epochs", "fresh")}
+                                              "epochs", "fresh", "unit")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         SweepProgress.__init__(self, **state)

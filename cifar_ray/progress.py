@@ -84,8 +84,9 @@ def eta_seconds(views: list[TrialView], total: int, prior_epoch_s: Optional[floa
 
 
 def progress_line(views: list[TrialView], total: int, metric: str, mode: str, elapsed_s: float,
-                  eta_s: Optional[float], upper_bound: bool = False, done: bool = False) -> str:
-    """`2/4 done, 2 running, 0 pending | best val_acc 0.4120 (netconv_3d1f0_00001) | 1 min 10 s elapsed, ETA 40 s`."""
+                  eta_s: Optional[float], upper_bound: bool = False, done: bool = False, unit: str = "") -> str:
+    """`2/4 done, 2 running, 0 pending | best val_acc 0.4120 (netconv_3d1f0_00001) | 1 min 10 s elapsed, ETA 40 s`;
+    unit: what is counted where it is not trials (`2/4 packs done`: a fused sweep's Tune trials)."""
     finished, running, pending = counts(views, total)
     best = best_so_far(views, mode)
     best_text = f"best {metric} {best.best:.4f} ({best.trial_id})" if best and best.best is not None \
@@ -98,8 +99,8 @@ def progress_line(views: list[TrialView], total: int, metric: str, mode: str, el
         eta_text = "ETA after the first epoch"
     else:
         eta_text = f"ETA {'at most ' if upper_bound else ''}{duration(eta_s)}"
-    return (f"{finished}/{total} done, {running} running, {pending} pending | {best_text} | "
-            f"{duration(elapsed_s)} elapsed, {eta_text}")
+    counted = f"{finished}/{total} {unit} done" if unit else f"{finished}/{total} done"
+    return f"{counted}, {running} running, {pending} pending | {best_text} | {duration(elapsed_s)} elapsed, {eta_text}"
 
 
 def event_lines(before: dict[str, str], views: list[TrialView], metric: str, fresh: bool = True) -> list[str]:

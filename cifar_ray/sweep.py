@@ -560,7 +560,8 @@ def console_reporter(plan: Plan, verbose: bool, prior_epoch_s: Optional[float] =
     asha = sweep.scheduler.kind == "asha"
     max_t = (sweep.scheduler.max_t or plan.max_epochs) if asha else None
     return SweepProgress(plan.tune_trials, sweep.metric, sweep.mode, max_t, prior_epoch_s,
-                         upper_bound=asha, epochs=min(plan.max_epochs, max_t or plan.max_epochs), fresh=fresh)
+                         upper_bound=asha, epochs=min(plan.max_epochs, max_t or plan.max_epochs), fresh=fresh,
+                         unit="packs" if sweep.resources.fuse > 1 else "")
 
 
 def _use_callbacks(tuner, callbacks: list, reporter=None) -> None:

@@ -58,6 +58,8 @@ def test_progress_line_says_done_running_pending_best_elapsed_and_eta():
     # the loop ended with a trial still running: stopped (Ctrl-C), not finished
     assert progress_line(views, 2, "val_acc", "max", 3725, None, done=True).endswith("1 h 2 min elapsed, stopped")
     assert duration(59.6) == "1 min 0 s" and duration(7) == "7 s"
+    # a fused sweep's Tune trials are packs: the count says so (the summary counts the member trials)
+    assert progress_line(views, 3, "val_acc", "max", 5, None, unit="packs").startswith("1/3 packs done, 1 running")
 
 
 def test_event_lines_name_starts_resumes_ends_and_errors_once():
@@ -180,3 +182,17 @@ def test_the_reporter_pickles_its_settings_not_its_state():
             copy.fresh) == \
         (20, "val_loss", "min", 8, 3.5, True, 8, False)
     assert copy._states == {}
+
+
+def test_a_fused_sweeps_console_counts_packs_and_keeps_that_when_tune_pickles_it(tmp_path):
+    import pickle
+
+    from cifar_ray.sweep import console_reporter, parse_args, plan_from_args
+    from conftest import write_sweep
+
+    path = write_sweep(tmp_path, "fused", train__lr={"grid": [0.01, 0.02, 0.05]}, resources={"cpu": 1, "fuse": 2})
+    plan = plan_from_args(parse_args([str(path), "--storage-path", str(tmp_path / "r")]))
+    reporter = pickle.loads(pickle.dumps(console_reporter(plan, verbose=False)))
+    assert (reporter.total, reporter.unit) == (2, "packs")  # 3 trials in packs of at most 2
+    plain = plan_from_args(parse_args([str(path), "--storage-path", str(tmp_path / "r"), "--set", "resources.fuse=1"]))
+    assert (console_reporter(plain, verbose=False).total, console_reporter(plain, verbose=False).unit) == (3, "")
