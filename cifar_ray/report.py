@@ -20,7 +20,7 @@ from cifar_ray.figures import format_cell, markdown_table, md, pyplot, save_figu
 from cifar_ray.files import atomic_write_text, printable
 from cifar_ray.insight import distinct_values
 from cifar_ray.pipes import run_main
-from cifar_ray.record import CURVES_FILE, TRIALS_FILE
+from cifar_ray.record import CURVES_FILE, PACK, TRIALS_FILE
 
 TOP_CURVES = 5  # trials drawn in the learning-curve figure
 LEGEND_CHARS = 60  # a longer configuration would cover the plot: the legend names the trial instead
@@ -264,9 +264,13 @@ def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = 
         best = None
         md_lines += [f"No best trial yet: {md(err)}", ""]
     md_lines += ["## Trials", "", markdown_table(inert_as_dash(trial_table(sweep, trials), trials)), ""]
+    fused = PACK in trials and bool(trials[PACK].notna().any())
     figures = [("Learning curves", plot_curves(sweep, trials, curves, out_dir)),
                ("Grid", plot_heatmap(sweep, trials, out_dir)),
                ("Architectures", plot_architectures(sweep, trials, curves, out_dir))]
+    notes = {"Architectures": "The trials trained fused (`resources.fuse`): a member's seconds per epoch and "
+                              "peak memory are its pack's, all its members at once, so the bars compare "
+                              "packs; `trials()` has the `pack` column."} if fused else {}
     if evaluate_best and best is not None:
         ev = sweep.evaluate(best.trial_id, "test", data=data)
         text = format_report(ev, "test")
@@ -278,7 +282,8 @@ def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = 
         figures += [("Per-class test accuracy", per_class), ("Confusion matrix", confusion)]
     for title, path in figures:
         if path is not None:
-            md_lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
+            md_lines += [f"## {title}", "", *([notes[title], ""] if title in notes else []),
+                         f"![{title}]({path.name})", ""]
     md_lines += decision_sections(sweep, trials, out_dir)
     md_lines += provenance_lines(sweep.provenance())
     md_lines += [f"Tables: `{TRIALS_FILE}`, `{CURVES_FILE}` (read with `pandas.read_parquet`)."]

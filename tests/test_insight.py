@@ -629,3 +629,19 @@ def test_a_running_grids_heatmap_keeps_every_configuration_and_a_report_drops_wh
     assert sorted(p.name for p in out.iterdir()) == ["curves.parquet", "report.md", "trials.parquet"]
     write_report(str(running), str(out))
     assert (out / "heatmap.png").is_file() and "![Grid](heatmap.png)" in (out / "report.md").read_text()
+
+
+def test_a_fused_sweeps_architecture_bars_say_that_time_and_memory_are_the_packs(tmp_path):
+    # a member's epoch seconds and peak memory are its pack's (all its members at once): the report says
+    # so beside the bars, and only for a fused sweep
+    def sweep_of(name: str, fused: bool) -> Path:
+        trials = [({"model.name": model, "train.lr": lr, **({"pack": f"p{model}"} if fused else {})}, [acc], "completed")
+                  for model, acc in (("base", 0.3), ("net1", 0.2)) for lr in (0.01, 0.1)]
+        return fake_sweep(tmp_path, name, {"model": {"name": {"grid": ["base", "net1"]}},
+                                           "train": {"lr": {"grid": [0.01, 0.1]}}}, trials)
+
+    fused = write_report(str(sweep_of("fused", True)), str(tmp_path / "fused_report")).read_text()
+    assert "![Architectures](architectures.png)" in fused
+    assert "peak memory are its pack's, all its members at once" in fused
+    plain = write_report(str(sweep_of("plain", False)), str(tmp_path / "plain_report")).read_text()
+    assert "![Architectures](architectures.png)" in plain and "its pack's" not in plain
