@@ -635,7 +635,8 @@ def test_a_fused_sweeps_architecture_bars_say_that_time_and_memory_are_the_packs
     # a member's epoch seconds and peak memory are its pack's (all its members at once): the report says
     # so beside the bars, and only for a fused sweep
     def sweep_of(name: str, fused: bool) -> Path:
-        trials = [({"model.name": model, "train.lr": lr, **({"pack": f"p{model}"} if fused else {})}, [acc], "completed")
+        pack = (lambda model: {"pack": f"p{model}"}) if fused else (lambda model: {})
+        trials = [({"model.name": model, "train.lr": lr, **pack(model)}, [acc], "completed")
                   for model, acc in (("base", 0.3), ("net1", 0.2)) for lr in (0.01, 0.1)]
         return fake_sweep(tmp_path, name, {"model": {"name": {"grid": ["base", "net1"]}},
                                            "train": {"lr": {"grid": [0.01, 0.1]}}}, trials)
