@@ -298,7 +298,8 @@ def describe_packs(packs: list[list[dict[str, Any]]], keys: list[str], requests:
     number = 0
     for p, members in enumerate(packs, 1):
         name = members[0].get("model.name", default("model.name"))
-        lines.append(f"  pack {p:>3}: {name}, {len(members)} members  [{_resources_text(requests[name])} for the pack]")
+        count = f"{len(members)} member{'s' * (len(members) != 1)}"
+        lines.append(f"  pack {p:>3}: {name}, {count}  [{_resources_text(requests[name])} for the pack]")
         for t in members:
             number += 1
             lines.append(f"    trial {number:>3}: {searched_text(t, keys)}")

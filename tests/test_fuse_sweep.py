@@ -44,6 +44,8 @@ def test_the_dry_run_lists_packs_and_refuses_what_cannot_fuse(tmp_path, capsys):
     assert "8 trials in 3 packs (resources.fuse 3)" in out
     assert out.count("pack ") == 3 and "netconv, 3 members  [cpu=1 for the pack]" in out
     assert "netconv, 2 members" in out and out.count("    trial ") == 8
+    assert main([str(path), "--dry-run", "--set", "seeds=[0]", "--storage-path", str(tmp_path / "results")]) == 0
+    assert "netconv, 1 member  [cpu=1 for the pack]" in capsys.readouterr().out  # 4 trials: packs of 3 and 1
     refused = {
         "asha": (["--set", "scheduler.kind=asha"], "scheduler.kind: fifo"),
         "pbt": (["--set", "scheduler.kind=pbt", "--set", "scheduler.mutations={train.lr: [0.1]}",
