@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -58,7 +59,50 @@ def private_folder(path: Path) -> Path:
     return path
 
 
-def start_ray(address: Optional[str], verbose: bool) -> bool:
+# A head's GCS accepts a TCP connection in milliseconds. ray.init itself retries an address where none
+# answers for minutes (seen 2026-12-05, Ray 2.60: 20 tries of up to 40 s each on a closed local port,
+# then a traceback), so the port is tried once first.
+GCS_PROBE_S = 10.0
+ADDRESS_KEYWORDS = ("auto", "local")
+
+
+def gcs_endpoint(address: str, given_by: str) -> Optional[tuple[str, int]]:
+    """(host, port) of a HOST:PORT address; None for the forms Ray resolves itself (auto, local,
+    ray://...); ConfigError for anything else."""
+    if address in ADDRESS_KEYWORDS or "://" in address:
+        return None
+    host, sep, port = address.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"{given_by} {printable(address)}: expected HOST:PORT (the head's GCS port, 6379 unless "
+                          "ray start --head was given another), or auto")
+    return host.strip("[]"), int(port)
+
+
+def connect(address: str, given_by: str, **options: Any) -> None:
+    """ray.init for a cluster the user named (--address, $RAY_ADDRESS): one line naming the address and
+    the way on (ConfigError) when no Ray answers there, instead of minutes of retries and a traceback."""
+    import ray
+
+    way = (f"start the cluster (ray up cluster.yaml, or ray start --head there) or correct {given_by}; without "
+           f"it the sweep starts a Ray on this machine")
+    endpoint = gcs_endpoint(address, given_by)
+    if endpoint is not None:
+        try:
+            socket.create_connection(endpoint, timeout=GCS_PROBE_S).close()
+        except OSError as err:
+            raise ConfigError(f"{given_by} {printable(address)}: no Ray cluster answers there "
+                              f"({printable(err.strerror or err)}); {way}") from None
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        # Ray's message can run to a whole remote traceback ("Last connection error: Traceback ..."): its
+        # first sentence says what failed
+        reason = str(err).splitlines()[0].split(" Last connection error")[0].strip() if str(err) else type(err).__name__
+        raise ConfigError(f"{given_by} {printable(address)}: cannot join the Ray cluster there ({printable(reason)}); "
+                          f"{way}") from None
+
+
+def start_ray(address: Optional[str], verbose: bool, given_by: str = "--address") -> bool:
     """Connect to the Ray at `address`, or start a local one: True when this call started it."""
     import ray
 
@@ -72,7 +116,7 @@ def start_ray(address: Optional[str], verbose: bool) -> bool:
     if not verbose:
         options["logging_level"] = logging.WARNING
     if address:
-        ray.init(address=address, **options)
+        connect(address, given_by, **options)
         return False
     # A Ray started here keeps its session folder, logs and auth token to this user. Ray makes its
     # folders 0777 for sharing (and makes them so again as it runs), so its temporary root goes inside

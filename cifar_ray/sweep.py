@@ -30,6 +30,7 @@ from cifar_ray.config import ConfigError, TrialConfig, default
 from cifar_ray.files import atomic_write_text, printable
 from cifar_ray.pipes import run_main
 from cifar_ray.ray_process import (
+    connect,
     exit_at_once_on_ctrl_c,
     forward_sigterm,
     keep_secrets_out,
@@ -306,18 +307,25 @@ def describe_packs(packs: list[list[dict[str, Any]]], keys: list[str], requests:
     return lines
 
 
+def cluster_address(args: argparse.Namespace) -> tuple[Optional[str], str]:
+    """The cluster to run on (--address, else $RAY_ADDRESS, else None: a local Ray) and which named it."""
+    if args.address:
+        return args.address, "--address"
+    return os.environ.get("RAY_ADDRESS") or None, "$RAY_ADDRESS"
+
+
 def estimate_lines(plan: Plan, args: argparse.Namespace, running: bool = False) -> tuple[list[str], float]:
     """--estimate: its lines and mean seconds per epoch, for the resources of the cluster at --address
     (or, for a sweep about to run, of the Ray it started), else this machine's."""
     from cifar_ray.estimate import estimate_epochs, machine
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    address, given_by = cluster_address(args)
     available, where = machine(), "this machine"
     if address or running:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        if not ray.is_initialized():  # a dry run's estimate for a cluster (a running sweep has joined its Ray)
+            connect(address or "auto", given_by, logging_level=logging.WARNING, log_to_driver=False)
         available, where = dict(ray.cluster_resources()), f"the cluster at {address}" if address else "the local Ray"
     space = plan.space
     lines, per_epoch = estimate_epochs(plan.sweep, space, expand_grid(space, plan.sweep),
@@ -727,7 +735,8 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     import ray  # noqa: F401 - configures Ray's log handlers, which quiet_logs filters
 
     quiet_logs(args.verbose)
-    started = start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
+    address, given_by = cluster_address(args)
+    started = start_ray(address, args.verbose, given_by)
     forward_sigterm()
     check_storage(plan.storage, cluster_nodes())
     node_types = autoscaler_node_types(args.cluster_config)

@@ -162,6 +162,36 @@ def test_bad_files_are_one_line_and_start_nothing(tmp_path):
     assert not Path("/tmp/cifar_ray_pwned").exists()
 
 
+def test_a_cluster_address_where_no_ray_answers_is_one_line_at_once(tmp_path):
+    """--address (or $RAY_ADDRESS) naming a port nothing serves: exit 2 in one line naming it and the way
+    on, nothing written; before, Ray retried for minutes (20 tries of up to 40 s each) and ended in a
+    traceback. A subprocess: the test session's own Ray would be used as the caller's."""
+    import socket
+
+    closed = socket.socket()  # bound, never listening: a connection to it is refused for as long as it is held
+    closed.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{closed.getsockname()[1]}"
+    path = tmp_path / "q.yaml"
+    path.write_text((ROOT / "sweeps/quickstart.yaml").read_text())
+    code = ("import sys, os\nfrom cifar_ray.sweep import main\n"
+            "base = [sys.argv[1], '--data', 'synthetic', '--storage-path', sys.argv[2]]\n"
+            "codes = [main([*base, '--address', sys.argv[3]]), main([*base, '--address', 'nohost']),\n"
+            "         main([*base, '--dry-run', '--estimate', '--address', sys.argv[3]])]\n"
+            "os.environ['RAY_ADDRESS'] = sys.argv[3]\n"
+            "print('codes', *codes, main(base), 'ray' in sys.modules and sys.modules['ray'].is_initialized())\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "results"), address],
+                           capture_output=True, text=True, timeout=WAIT_S)
+    finally:
+        closed.close()
+    assert r.stdout.splitlines()[-1] == "codes 2 2 2 2 False", r.stdout + r.stderr
+    assert f"error: --address {address}: no Ray cluster answers there (Connection refused); start the cluster " \
+           "(ray up cluster.yaml, or ray start --head there) or correct --address" in r.stderr
+    assert "error: --address nohost: expected HOST:PORT" in r.stderr
+    assert f"error: $RAY_ADDRESS {address}: no Ray cluster answers there" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "results").exists()
+
+
 def test_missing_file_and_bad_option(tmp_path, capsys):
     assert main([str(tmp_path / "nope.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
