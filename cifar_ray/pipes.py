@@ -1,7 +1,10 @@
-"""A command whose output goes into a pipe closed early (`python -m cifar_ray.sweep FILE --dry-run | head`)
-stops quietly with the shell's exit status for SIGPIPE, as Unix tools do, instead of a traceback."""
+"""Every `python -m cifar_ray.*` command's way out. One whose output goes into a pipe closed early
+(`python -m cifar_ray.sweep FILE --dry-run | head`) stops quietly with the shell's exit status for SIGPIPE,
+as Unix tools do; one that cannot write (a full disk, a read-only or someone else's folder) says so in
+one line; neither with a traceback."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable
@@ -9,10 +12,18 @@ from typing import Callable
 # 128 + SIGPIPE (13): what a shell reports for a tool the closed pipe stopped, so `set -o pipefail`
 # scripts still see that the listing was cut short
 EXIT_BROKEN_PIPE = 141
+EXIT_CANNOT_WRITE = 1  # as a sweep stopped by a full disk
+# What the disk or the file system refused, in the user's words. Every file the commands write goes to a
+# temporary name beside its own and is renamed when whole (cifar_ray.files.atomic_write), so what was
+# there before stays as it was.
+CANNOT_WRITE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
 
 
 def run_main(main: Callable[[], int]) -> int:
-    """main()'s exit code, or EXIT_BROKEN_PIPE when stdout's reader went away."""
+    """main()'s exit code; EXIT_BROKEN_PIPE when stdout's reader went away; EXIT_CANNOT_WRITE, in one line,
+    when the disk or the file system refused a write."""
     try:
         code = main()
         sys.stdout.flush()  # a closed pipe shows itself at the last flush too
@@ -23,3 +34,13 @@ def run_main(main: Callable[[], int]) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as err:
+        if err.errno not in CANNOT_WRITE:
+            raise
+        # a path's control characters escaped, as cifar_ray.files.printable does (this module is below it)
+        name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(err.filename or ""))
+        where = f" ({name})" if name else ""
+        print(f"error: {CANNOT_WRITE[err.errno]}{where}; nothing written before was changed (files are written "
+              "beside their name and renamed when whole): free space or choose another folder, then run the "
+              "command again", file=sys.stderr)
+        return EXIT_CANNOT_WRITE

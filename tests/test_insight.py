@@ -15,6 +15,7 @@ from cifar_ray import analysis
 from cifar_ray.insight import settled_epoch
 from cifar_ray.refine import main as refine_main
 from cifar_ray.report import curve_label, write_report
+from conftest import WAIT_S
 
 
 def fake_sweep(tmp_path: Path, name: str, sections: dict, trials: list[tuple[dict, list[float], str]],
@@ -646,3 +647,35 @@ def test_a_fused_sweeps_architecture_bars_say_that_time_and_memory_are_the_packs
     assert "peak memory are its pack's, all its members at once" in fused
     plain = write_report(str(sweep_of("plain", False)), str(tmp_path / "plain_report")).read_text()
     assert "![Architectures](architectures.png)" in plain and "its pack's" not in plain
+
+
+def test_a_report_or_refine_on_a_full_disk_is_one_line_and_leaves_what_was_there(tmp_path, small_disk):
+    """As a user runs them (subprocesses): a full disk, then a read-only one. The earlier report's files
+    keep their bytes, refine leaves no file or temporary behind; before, each ended in a traceback."""
+    import subprocess
+    import sys
+
+    from conftest import fill_disk
+
+    exp = refinable(tmp_path)
+    out = small_disk / "report"
+    write_report(str(exp), str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "report.md").write_text("the earlier report\n")  # a report to keep, not one like the next
+    before["report.md"] = b"the earlier report\n"
+    fill_disk(small_disk)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=WAIT_S)
+
+    for done in (run("cifar_ray.report", str(exp), "--out", str(out)),
+                 run("cifar_ray.refine", str(exp), "--out", str(small_disk / "next.yaml"))):
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("error: the disk is full") and len(done.stderr.splitlines()) == 1, done.stderr
+        assert "free space or choose another folder, then run the command again" in done.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["ballast", "report"]
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    done = run("cifar_ray.report", str(exp), "--out", str(out))
+    assert done.returncode == 1 and done.stderr.startswith("error: the file system is read-only"), done.stderr
+    assert "Traceback" not in done.stderr
