@@ -488,7 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 src = download_dir(cfg) / "cifar-10-batches-py"
         print(_describe(ds, cfg, src))
     except ValidationError as err:
-        print(describe_errors(err, "options"), file=sys.stderr)
+        print("\n".join(f"error: {line}" for line in describe_errors(err, "options").splitlines()), file=sys.stderr)
         return 2
     except (DataError, ConfigError) as err:
         print(f"error: {printable(err)}", file=sys.stderr)

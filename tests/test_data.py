@@ -266,6 +266,8 @@ def test_data_cli_prepare_and_info(tmp_path):
     assert r.returncode == 0 and "total             18       6" in r.stdout
     r = run("prepare", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    r = run("info", "synthetic", "--val-size", "0")
+    assert r.returncode == 2 and r.stderr == "error: options: val_size: Input should be greater than or equal to 1\n"
 
 
 @pytest.mark.skipif(not REAL_DATA, reason="CIFAR_RAY_DATA does not point at real CIFAR-10")
