@@ -1,7 +1,7 @@
 """Every `python -m cifar_ray.*` command's way out. One whose output goes into a pipe closed early
 (`python -m cifar_ray.sweep FILE --dry-run | head`) stops quietly with the shell's exit status for SIGPIPE,
-as Unix tools do; one that cannot write (a full disk, a read-only or someone else's folder) says so in
-one line; neither with a traceback."""
+as Unix tools do; one stopped by Ctrl-C exits 130; one that cannot write (a full disk, a read-only or
+someone else's folder) says so in one line; none with a traceback."""
 from __future__ import annotations
 
 import errno
@@ -13,6 +13,7 @@ from typing import Callable
 # scripts still see that the listing was cut short
 EXIT_BROKEN_PIPE = 141
 EXIT_CANNOT_WRITE = 1  # as a sweep stopped by a full disk
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a tool Ctrl-C stopped
 # What the disk or the file system refused, in the user's words. Every file the commands write goes to a
 # temporary name beside its own and is renamed when whole (cifar_ray.files.atomic_write), so what was
 # there before stays as it was.
@@ -22,8 +23,8 @@ CANNOT_WRITE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
 
 
 def run_main(main: Callable[[], int]) -> int:
-    """main()'s exit code; EXIT_BROKEN_PIPE when stdout's reader went away; EXIT_CANNOT_WRITE, in one line,
-    when the disk or the file system refused a write."""
+    """main()'s exit code; EXIT_BROKEN_PIPE when stdout's reader went away; EXIT_INTERRUPTED on Ctrl-C;
+    EXIT_CANNOT_WRITE, in one line, when the disk or the file system refused a write."""
     try:
         code = main()
         sys.stdout.flush()  # a closed pipe shows itself at the last flush too
@@ -34,6 +35,11 @@ def run_main(main: Callable[[], int]) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        # Ctrl-C in a command without a stop of its own (train, report, data prepare; the sweep and the
+        # watch have theirs): what it was writing goes to a temporary name, so nothing is left half done
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except OSError as err:
         if err.errno not in CANNOT_WRITE:
             raise

@@ -678,3 +678,27 @@ def test_a_key_where_it_does_not_act_changes_nothing_and_where_it_acts_changes_t
     (c, c_acts), (d, d_acts) = run(acting, values[0]), run(acting, values[1])
     assert c_acts and d_acts
     assert [h[M.VAL_LOSS] for h in c.history] != [h[M.VAL_LOSS] for h in d.history]
+
+
+def test_ctrl_c_stops_the_train_cli_with_130_and_no_traceback(tmp_path):
+    """Ctrl-C during training (after the first epoch's line: a condition, not a time): `interrupted`
+    and exit 130, as a shell reports a tool SIGINT stopped; before, Python's KeyboardInterrupt traceback."""
+    import signal
+
+    env = {**os.environ, "CIFAR_RAY_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_ray.train", "--model", "net1", "--data", "synthetic",
+                             "--epochs", "1000", "--train-size", "200", "--val-size", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # blocks until the line comes (or the process ends)
+            if line.startswith("epoch "):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the process this test started
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().endswith("interrupted") and "Traceback" not in err, err
