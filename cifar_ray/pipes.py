@@ -20,6 +20,10 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a tool Ctrl-C stopped
 CANNOT_WRITE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                 errno.EPERM: "operation not permitted"}
+# A path that does not lead where the command needs it to (the commands name their own paths where they
+# check them; this is the last word for the rest)
+BAD_PATH = {errno.ENOENT: "no such file or folder", errno.ENOTDIR: "a file where a folder is needed",
+            errno.EISDIR: "a folder where a file is needed"}
 
 
 def run_main(main: Callable[[], int]) -> int:
@@ -41,11 +45,14 @@ def run_main(main: Callable[[], int]) -> int:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as err:
-        if err.errno not in CANNOT_WRITE:
+        if err.errno not in CANNOT_WRITE and err.errno not in BAD_PATH:
             raise
         # a path's control characters escaped, as cifar_ray.files.printable does (this module is below it)
         name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(err.filename or ""))
         where = f" ({name})" if name else ""
+        if err.errno in BAD_PATH:
+            print(f"error: {BAD_PATH[err.errno]}{where}", file=sys.stderr)
+            return EXIT_CANNOT_WRITE
         print(f"error: {CANNOT_WRITE[err.errno]}{where}; nothing written before was changed (files are written "
               "beside their name and renamed when whole): free space or choose another folder, then run the "
               "command again", file=sys.stderr)

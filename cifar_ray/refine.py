@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import errno
 import math
 import re
 import sys
@@ -396,7 +397,13 @@ def write_checked(out: Path, text: str) -> None:
         raise RefineError(f"{printable(out)} exists; choose another --out (an existing file is never overwritten)")
     if not out.parent.is_dir():
         raise RefineError(f"--out {printable(out)}: no folder {printable(out.parent)}; create it or choose another")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".yaml")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".yaml")
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the commands' one line for a full disk (cifar_ray.pipes)
+        raise RefineError(f"--out {printable(out)}: cannot write in {printable(out.parent)} ({err.strerror}); "
+                          "choose another") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
 from pathlib import Path
@@ -236,7 +237,13 @@ def output_folder(sweep: Sweep, out: Optional[str]) -> Path:
     if links:
         raise ReportError(f"{out_dir}: {', '.join(links)} is a symbolic link; refusing to overwrite it "
                           "(remove it, or choose --out)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the commands' one line for a full disk (cifar_ray.pipes)
+        raise ReportError(f"{printable(out_dir)}: cannot make the report's folder there ({err.strerror}); "
+                          "choose --out") from None
     return out_dir
 
 

@@ -358,7 +358,13 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
 
 
 def write_sweep_copy(plan: Plan) -> None:
-    plan.results.mkdir(parents=True, exist_ok=True)
+    try:
+        plan.results.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the sweep's own line for a full disk
+        raise ConfigError(f"--storage-path: cannot make {printable(plan.results)} ({err.strerror}); choose another "
+                          "--storage-path") from None
     doc = plan.sweep.model_dump(mode="json") | {SPACE_KEY: fingerprint(plan), "source_file": str(plan.file)}
     atomic_write_text(plan.results / SWEEP_FILE, yaml.safe_dump(doc, sort_keys=False))
 
@@ -387,6 +393,11 @@ def storage_filesystem(plan: Plan):
 def check_results_folder(plan: Plan, resume: bool) -> None:
     from ray.tune import Tuner
 
+    if not plan.remote:  # before Ray starts or data is read: a path that cannot hold the folder
+        above = next((p for p in (plan.results, *plan.results.parents) if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ConfigError(f"--storage-path: {printable(above)} is a file, so {printable(plan.results)} cannot be "
+                              "made; choose another --storage-path")
     stored = stored_sweep(plan.results)
     exists = plan.results.exists() and (stored is not None or any(plan.results.glob("experiment_state-*.json")))
     if plan.remote:

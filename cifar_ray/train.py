@@ -84,6 +84,8 @@ def choose(args: argparse.Namespace):
             nested[section][key] = getattr(args, flag)
     tree = apply_overrides(nested, args.sets)
     for section in ("model", "data", "train"):
+        if not isinstance(tree.get(section), dict):
+            continue  # `--set train=5`: the schema says a section is a mapping
         check_domain_kinds(tree.get(section, {}), section, "options")
         searched = [k for k, v in flatten(tree.get(section, {}), section).items() if is_domain(v)]
         if searched:

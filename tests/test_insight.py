@@ -679,3 +679,14 @@ def test_a_report_or_refine_on_a_full_disk_is_one_line_and_leaves_what_was_there
     done = run("cifar_ray.report", str(exp), "--out", str(out))
     assert done.returncode == 1 and done.stderr.startswith("error: the file system is read-only"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_report_or_refine_out_where_nothing_can_be_made_is_one_line(tmp_path, capsys):
+    exp = refinable(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    from cifar_ray.report import main as report_main
+
+    assert report_main([str(exp), "--out", str(tmp_path / "a_file" / "report")]) == 2
+    assert "cannot make the report's folder there (Not a directory); choose --out" in capsys.readouterr().err
+    assert refine_main([str(exp), "--out", "/proc/next.yaml"]) == 2  # a folder no file can be made in
+    assert "--out /proc/next.yaml: cannot write in /proc (No such file or directory)" in capsys.readouterr().err

@@ -268,6 +268,12 @@ def test_existing_results_are_not_overwritten(ray_session, tmp_path, capsys):
     other = write_sweep(tmp_path, "twice", train__epochs=1, train__lr={"grid": [0.1, 0.2]})
     assert main([str(other), "--storage-path", str(tmp_path / "results"), "--resume"]) == 2
     assert "search space differs" in capsys.readouterr().err
+    # a storage path that cannot hold the results folder: one line, exit 2 (before, a traceback)
+    assert main([str(path), "--storage-path", str(path)]) == 2  # a file
+    assert f"--storage-path: {path} is a file, so {path}/twice cannot be made" in capsys.readouterr().err
+    assert main([str(path), "--storage-path", "/proc/cifar_ray_results"]) == 2  # a folder no file can be made in
+    err = capsys.readouterr().err
+    assert "--storage-path: cannot make /proc/cifar_ray_results/twice (No such file or directory)" in err, err
 
 
 def test_pbt_runs_and_mutates_hyperparameters(ray_session, tmp_path):

@@ -134,6 +134,8 @@ def test_the_train_cli_names_a_search_domain_among_its_options(capsys):
     assert "options: train.lr: 'gird' is not a kind of search domain (did you mean 'grid'?)" in capsys.readouterr().err
     assert train_main([*base, "--set", "train.epochs=yes"]) == 2
     assert "options: train.epochs: expects a number, not true/false" in capsys.readouterr().err
+    assert train_main([*base, "--set", "train=5"]) == 2  # a section given one value: the schema says so
+    assert "options: train: Input should be a valid dictionary" in capsys.readouterr().err
 
 
 def test_bad_files_are_one_line_and_start_nothing(tmp_path):
@@ -412,6 +414,28 @@ def test_a_listing_read_by_head_ends_quietly_with_the_sigpipe_status(unbuffered,
     assert rc == 141, err
     assert first.startswith(b"sweep resnet_grid: 4000 trials"), first
     assert err == "", err
+
+
+def test_every_commands_way_out_turns_a_refused_write_a_path_that_leads_nowhere_and_ctrl_c_into_one_line(capsys):
+    import errno
+
+    from cifar_ray.pipes import run_main
+
+    def failing(err: BaseException):
+        def main() -> int:
+            raise err
+        return main
+
+    assert run_main(failing(OSError(errno.ENOSPC, "No space left on device"))) == 1
+    assert capsys.readouterr().err.startswith("error: the disk is full; nothing written before was changed")
+    assert run_main(failing(PermissionError(errno.EACCES, "Permission denied", "/srv/x"))) == 1
+    assert capsys.readouterr().err.startswith("error: permission denied (/srv/x); ")
+    assert run_main(failing(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/\x1b[31m"))) == 1
+    assert capsys.readouterr().err == "error: no such file or folder (/x/\\x1b[31m)\n"  # the escape is shown, not run
+    assert run_main(failing(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"
+    with pytest.raises(ConnectionResetError):  # not a path or a disk: a fault to see whole
+        run_main(failing(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")))
 
 
 @pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
