@@ -309,15 +309,14 @@ def check_sweep_tags(sweep_files: list[Path], cluster_configs: dict[str, dict]) 
 def autoscaler_node_types(path: Optional[str] = None) -> dict[str, dict[str, float]]:
     """Node types of the cluster this driver runs on, when it was started by `ray up` (the file is
     on the head) or given with --cluster-config: they count as nodes that could still start."""
-    p = Path(path or AUTOSCALER_CONFIG).expanduser()
+    if path:  # the user's file: it must be there and valid (a file of the wrong name would be passed over)
+        return node_type_offers(validate_cluster_file(str(Path(path).expanduser())))
+    p = Path(AUTOSCALER_CONFIG).expanduser()
     if not p.is_file():
         return {}
     import yaml
 
-    config = yaml.safe_load(p.read_text()) or {}
-    if path:
-        config = validate_cluster_file(str(p))
-    return node_type_offers(config)
+    return node_type_offers(yaml.safe_load(p.read_text()) or {})
 
 
 def is_shared_path(path: Path) -> bool:

@@ -818,6 +818,13 @@ def command(argv: Optional[list[str]] = None) -> int:
     plan = None
     try:
         plan = plan_from_args(args)
+        if args.cluster_config:  # checked offline, before anything starts (the run reads it again)
+            from cifar_ray.cluster import autoscaler_node_types
+
+            try:
+                autoscaler_node_types(args.cluster_config)
+            except ConfigError as err:
+                raise ConfigError(f"--cluster-config {err}") from None
         if args.dry_run:
             print(describe(plan), flush=True)
             for line in unfit_here(plan, args):

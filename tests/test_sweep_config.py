@@ -197,6 +197,13 @@ def test_a_cluster_address_where_no_ray_answers_is_one_line_at_once(tmp_path):
 def test_missing_file_and_bad_option(tmp_path, capsys):
     assert main([str(tmp_path / "nope.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
+    # a cluster file the user names is read, not passed over when it is not there (before: ignored)
+    quick = str(ROOT / "sweeps/quickstart.yaml")
+    assert main([quick, "--dry-run", "--cluster-config", str(tmp_path / "nope.yaml")]) == 2
+    assert f"error: --cluster-config {tmp_path / 'nope.yaml'}: no such file" in capsys.readouterr().err
+    assert main([quick, "--dry-run", "--cluster-config", quick]) == 2
+    assert "not a valid Ray cluster file" in capsys.readouterr().err
+    assert main([quick, "--dry-run", "--cluster-config", str(ROOT / "cluster.yaml")]) == 0
     assert main([str(tmp_path)]) == 2  # a results folder given where its sweep file belongs
     assert "a folder, not a sweep file" in capsys.readouterr().err
     # a data path that is not there fails the dry run as it fails the run, naming the key
