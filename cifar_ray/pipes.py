@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Callable
 
+from cifar_ray.files import printable
+
 # 128 + SIGPIPE (13): what a shell reports for a tool the closed pipe stopped, so `set -o pipefail`
 # scripts still see that the listing was cut short
 EXIT_BROKEN_PIPE = 141
@@ -47,9 +49,7 @@ def run_main(main: Callable[[], int]) -> int:
     except OSError as err:
         if err.errno not in CANNOT_WRITE and err.errno not in BAD_PATH:
             raise
-        # a path's control characters escaped, as cifar_ray.files.printable does (this module is below it)
-        name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(err.filename or ""))
-        where = f" ({name})" if name else ""
+        where = f" ({printable(err.filename)})" if err.filename else ""
         if err.errno in BAD_PATH:
             print(f"error: {BAD_PATH[err.errno]}{where}", file=sys.stderr)
             return EXIT_CANNOT_WRITE
