@@ -73,7 +73,7 @@ def choose(args: argparse.Namespace):
     """The configuration to train: from --from FILE|RESULTS_DIR [--trial], else from the flags; flags and
     --set override the keys they name either way."""
     from cifar_ray.retrain import Chosen, from_source
-    from cifar_ray.space import check_domain_kinds, flatten, is_domain
+    from cifar_ray.space import SECTIONS, check_domain_kinds, flatten, is_domain
     from cifar_ray.sweep_config import apply_overrides
 
     if args.source is not None:
@@ -83,11 +83,11 @@ def choose(args: argparse.Namespace):
         if getattr(args, flag) is not None:  # as given: pydantic converts and checks
             nested[section][key] = getattr(args, flag)
     tree = apply_overrides(nested, args.sets)
-    for section in ("model", "data", "train"):
+    for section in SECTIONS:
         if not isinstance(tree.get(section), dict):
             continue  # `--set train=5`: the schema says a section is a mapping
-        check_domain_kinds(tree.get(section, {}), section, "options")
-        searched = [k for k, v in flatten(tree.get(section, {}), section).items() if is_domain(v)]
+        check_domain_kinds(tree[section], section, "options")
+        searched = [k for k, v in flatten(tree[section], section).items() if is_domain(v)]
         if searched:
             raise ConfigError(f"options: {searched[0]}: a search domain trains many models, and this trains one; "
                               "give one value, or put the domain in a sweep file (python -m cifar_ray.sweep FILE)")
