@@ -276,11 +276,16 @@ class JournalMirror:
         if tune_id in self._done:
             return None
         if tune_id not in self._ids:
-            storage = self._storage
-            number = storage.create_new_trial(self._study_id)
-            for key, (internal, dist) in params_of(config, self.distributions).items():
-                storage.set_trial_param(number, key, internal, dist)
-            storage.set_trial_user_attr(number, TUNE_TRIAL_ID, tune_id)
+            from optuna.trial import TrialState, create_trial
+
+            # one journal line (a template trial): a driver killed between separate lines for the trial,
+            # its params and its Tune id left a RUNNING trial no resume could match, for ever in the dashboard
+            params = params_of(config, self.distributions)
+            template = create_trial(state=TrialState.RUNNING,
+                                    params={k: d.to_external_repr(internal) for k, (internal, d) in params.items()},
+                                    distributions={k: d for k, (_, d) in params.items()},
+                                    user_attrs={TUNE_TRIAL_ID: tune_id})
+            number = self._storage.create_new_trial(self._study_id, template_trial=template)
             self._ids[tune_id] = number
             self._attrs[tune_id] = {TUNE_TRIAL_ID: tune_id}
         return self._ids[tune_id]

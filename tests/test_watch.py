@@ -318,3 +318,21 @@ def test_a_failed_trial_that_resume_retries_gets_a_retry_trial_not_a_double(tmp_
     retry = trials["t0"]
     assert retry.state.name == "COMPLETE" and retry.value == 0.5 and retry.intermediate_values == {1: 0.2, 2: 0.5}
     assert retry.params == {"train.lr": 0.01, "train.optimizer": "sgd"} and retry.system_attrs["failed_trial"] == 0
+
+
+def test_a_new_journal_trial_is_one_line_so_a_killed_driver_leaves_none_without_its_tune_id(tmp_path):
+    """The trial, its params and its Tune id in one append: a driver killed between separate appends left a
+    RUNNING trial that no resume could match (seen in a fused Optuna sweep killed with kill -9)."""
+    from optuna.distributions import FloatDistribution
+
+    from cifar_ray.journal import TUNE_TRIAL_ID, JournalMirror, open_journal
+
+    path = tmp_path / "optuna.journal"
+    mirror = JournalMirror(path, "s", "val_acc", "max", {"train.lr": FloatDistribution(0.001, 0.1, log=True)}).open()
+    before = path.read_text().splitlines()
+    mirror.trial("abc_00000", {"train.lr": 0.01})
+    assert len(path.read_text().splitlines()) == len(before) + 1
+    import optuna
+
+    (trial,) = optuna.load_study(study_name="s", storage=open_journal(path, read_only=True)).get_trials()
+    assert trial.user_attrs[TUNE_TRIAL_ID] == "abc_00000" and trial.params == {"train.lr": 0.01}
