@@ -34,6 +34,7 @@ from cifar_ray.record import (  # the record's names, importable from here as be
     AnalysisError,
     TrialRecord,
     ended_status,
+    find_trial,
     read_json,
     read_rows,
     read_stored_sweep,
@@ -191,12 +192,16 @@ class Sweep:
         return (max if mode == "max" else min)(finite, key=lambda t: t[0])[1]
 
     def _record(self, trial_id: str) -> TrialRecord:
+        """The trial `trial_id` names: its id, its folder's name or the unique end of its id (find_trial)."""
         records = self.records()
-        for rec in records:
-            if rec.trial_id == trial_id:
-                return rec
-        known = ", ".join(r.trial_id for r in records)
-        raise AnalysisError(f"no trial {trial_id!r} in {self.path}; trials: {known}")
+        found = find_trial(records, trial_id)
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise AnalysisError(f"{trial_id!r} names several trials in {self.path}: "
+                                f"{', '.join(r.trial_id for r in found)}; give more of the id")
+        raise AnalysisError(f"no trial {trial_id!r} in {self.path} (a trial id, its folder's name or the id's "
+                            f"unique end); trials: {', '.join(r.trial_id for r in records)}")
 
     def evaluate(self, trial_id: Optional[str] = None, split: str = "test", data: Optional[str] = None,
                  device: Optional[str] = None):

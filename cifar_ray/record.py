@@ -176,6 +176,17 @@ class TrialRecord:
         return self.rows[-1] if self.rows else {}
 
 
+def find_trial(records: list[TrialRecord], wanted: str) -> list[TrialRecord]:
+    """The trials `wanted` names, as a user copies it: Tune's trial id (`6910e_00003`), the trial's folder
+    name (`net1_6910e_00003`, what the console's `started`/`ended` lines and the results folder show) or
+    a trial id's end (`00003`). The first form that matches anything wins; more than one trial back means
+    `wanted` is ambiguous."""
+    exact = [r for r in records if r.trial_id == wanted]
+    by_folder = [r for r in records if r.folder is not None and r.folder.name == wanted]
+    by_end = [r for r in records if wanted and r.trial_id.endswith(wanted)]
+    return exact or by_folder or by_end
+
+
 def last_line(text: Optional[str]) -> Optional[str]:
     lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
     return lines[-1][:500] if lines else None

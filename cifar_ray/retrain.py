@@ -11,6 +11,7 @@ from cifar_ray import metrics as M
 from cifar_ray.config import ConfigError, TrialConfig, default
 from cifar_ray.device import trial_threads
 from cifar_ray.files import printable
+from cifar_ray.record import find_trial
 from cifar_ray.space import build_space, expand_grid, flatten, format_value
 from cifar_ray.sweep_config import apply_overrides, read_sweep
 
@@ -101,9 +102,7 @@ def _pick(records, trial: Optional[str], folder: str):
         if len(records) == 1:
             return records[0]
         raise ConfigError(f"{folder}: {len(records)} trials; pick one with --trial ID: {', '.join(ids)}")
-    exact = [r for r in records if r.trial_id == trial]
-    suffix = [r for r in records if r.trial_id.endswith(trial)]
-    found = exact or suffix
+    found = find_trial(records, trial)
     if len(found) != 1:
         what = "matches several trials" if found else "is not a trial of it"
         raise ConfigError(f"--trial {printable(trial)}: {what} in {folder}; its trials: {', '.join(ids)}")

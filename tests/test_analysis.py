@@ -152,6 +152,10 @@ def test_clear_errors(grid_sweep, tmp_path):
     sweep = analysis.load(grid_sweep)
     with pytest.raises(AnalysisError, match="no trial 'abc'"):
         sweep.evaluate("abc")
+    # a trial is named as the console and the results folder show it: its id, its folder or the id's end
+    rec = sweep.records()[3]
+    assert sweep.checkpoints(rec.folder.name) == sweep.checkpoints(rec.trial_id) == sweep.checkpoints(
+        rec.trial_id[-5:]) != []
     copy = tmp_path / "nockpt" / "lrmom"
     shutil.copytree(grid_sweep, copy)
     for ckpt in copy.glob("*/checkpoint_*"):

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,10 +132,16 @@ def test_pick_reports_ambiguous_ids():
 
     from cifar_ray.retrain import _pick
 
-    records = [SimpleNamespace(trial_id="a_00001"), SimpleNamespace(trial_id="a_00011")]
+    records = [SimpleNamespace(trial_id="a_00001", folder=Path("x/base_a_00001")),
+               SimpleNamespace(trial_id="a_00011", folder=Path("x/net3_a_00011"))]
     assert _pick(records, "00011", "x").trial_id == "a_00011"
+    # the folder's name, as the console's `started`/`ended` lines print it
+    assert _pick(records, "net3_a_00011", "x").trial_id == "a_00011"
+    assert _pick(records, "a_00001", "x").trial_id == "a_00001"  # an exact id wins over another's end
     with pytest.raises(ConfigError, match="matches several trials"):
         _pick(records, "1", "x")
+    with pytest.raises(ConfigError, match="is not a trial of it"):
+        _pick(records, "", "x")
 
 
 def test_compare_line_names_the_largest_difference():
