@@ -2,7 +2,8 @@
 
 `python -m cifar_ray.data prepare SOURCE` decodes and caches a source; `info SOURCE` reads the cache.
 Sources: `cifar10` (local copy, else download), `synthetic`, or a path to an image-folder tree, a
-.tar/.tar.gz of one, a `cifar-10-batches-py` folder or `cifar-10-python.tar.gz`.
+.tar/.tar.gz/.zip of one, a `cifar-10-batches-py` or `cifar-10-batches-bin` folder, or
+`cifar-10-python.tar.gz` / `cifar-10-binary.tar.gz`.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from cifar_ray.files import atomic_write, printable
 from cifar_ray.pipes import run_main
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# What torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS), any case
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CACHE_FORMAT = 1  # bump when the cache layout changes
 ENV_DATA = "CIFAR_RAY_DATA"
 ENV_CACHE = "CIFAR_RAY_CACHE"
@@ -87,7 +89,8 @@ def resolve_source(cfg: DataConfig) -> str | Path:
                 raise DataError(f"{ENV_DATA}={env}: no such file or folder; unset it or point it at a CIFAR-10 copy")
             return path
         local = download_dir(cfg)
-        for candidate in (local / "cifar-10-batches-py", local / "cifar-10-python.tar.gz"):
+        for candidate in (local / "cifar-10-batches-py", local / "cifar-10-python.tar.gz",
+                          local / "cifar-10-batches-bin", local / "cifar-10-binary.tar.gz"):
             if candidate.exists():
                 return candidate
         return "download"
@@ -133,10 +136,11 @@ def _decode_image(raw: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(raw)) as img:
             img.load()
-            if img.size != (32, 32) or img.mode != "RGB":
-                raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]} {img.mode}; every image must be "
-                                "32x32 RGB")
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+            if img.size != (32, 32):
+                raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]}; every image must be 32x32")
+            # grey, palette, RGBA or CMYK files become RGB, as torchvision's ImageFolder loader makes them
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
     except DataError:
         raise
     except Exception as exc:  # PIL raises many types for a bad file
@@ -157,6 +161,9 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
 def _iter_archive(path: Path) -> Iterator[tuple[str, Optional[bytes]]]:
     """Yield (member name, bytes) of regular files and (name, None) of folders, in place, without
     extracting anything to disk."""
+    if zipfile.is_zipfile(path):
+        yield from _iter_zip(path)
+        return
     try:
         with tarfile.open(path, "r:*") as tar:
             count = 0
@@ -176,6 +183,32 @@ def _iter_archive(path: Path) -> Iterator[tuple[str, Optional[bytes]]]:
         raise DataError(f"{path}: not a readable tar archive ({exc})") from None
 
 
+def _iter_zip(path: Path) -> Iterator[tuple[str, Optional[bytes]]]:
+    """A .zip archive's members as _iter_archive yields a tar's, with the same refusals."""
+    import stat
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if sum(not m.is_dir() for m in members) > MAX_IMAGES:
+                raise DataError(f"{path}: more than {MAX_IMAGES} files; refusing it as a likely archive bomb")
+            for member in members:
+                p = PurePosixPath(member.filename)
+                if p.is_absolute() or ".." in p.parts or "\\" in member.filename:
+                    raise DataError(f"{path}: refusing member with an unsafe path: {member.filename!r}")
+                if stat.S_ISLNK(member.external_attr >> 16):
+                    raise DataError(f"{path}: refusing link member: {member.filename!r}")
+                if member.is_dir():
+                    yield member.filename.rstrip("/"), None
+                    continue
+                if member.file_size > MAX_MEMBER_BYTES:
+                    raise DataError(f"{path}: member {member.filename!r} is {member.file_size} bytes, far more than "
+                                    "a 32x32 image; refusing it")
+                yield member.filename, archive.read(member)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+        raise DataError(f"{path}: not a readable zip archive ({type(exc).__name__}: {exc})") from None
+
+
 def _iter_tree(root: Path) -> Iterator[tuple[str, Optional[bytes]]]:
     for path in sorted(root.rglob("*")):
         if path.is_symlink():
@@ -191,13 +224,17 @@ def _image_folder(entries: Iterator[tuple[str, Optional[bytes]]], where: Path, t
     checking the layout."""
     from tqdm import tqdm
 
-    found: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
+    # split -> class -> (file name, pixels); sorted by name at the end, so that an archive decodes to the
+    # same images in the same order as its unpacked tree, whatever order its packer wrote
+    found: dict[str, dict[str, list[tuple[str, np.ndarray]]]] = {"train": {}, "test": {}}
     top_level: set[str] = set()
     class_dirs: list[tuple[str, ...]] = []
     prefix: Optional[tuple[str, ...]] = None
     for name, raw in tqdm(entries, total=total, desc=f"decoding {where.name}", unit="file", file=sys.stderr,
                           disable=None, mininterval=1.0):
         parts = PurePosixPath(name).parts
+        if not parts:  # the archive's own root, "." or "./" (tar -C DIR -cf X.tar .)
+            continue
         top_level.add(parts[0])
         if raw is None:
             if len(parts) >= 2 and parts[-2] in found:
@@ -209,15 +246,17 @@ def _image_folder(entries: Iterator[tuple[str, Optional[bytes]]], where: Path, t
             prefix = parts[:-3]
         elif parts[:-3] != prefix:
             continue  # a second tree elsewhere in the archive is not part of this data set
-        found[parts[-3]].setdefault(parts[-2], []).append(_decode_image(raw, f"{where}:{name}"))
+        found[parts[-3]].setdefault(parts[-2], []).append((parts[-1], _decode_image(raw, f"{where}:{name}")))
     empty = sorted("/".join(p[-2:]) for p in class_dirs if p[:-2] == (prefix or ()) and p[-1] not in found[p[-2]])
     if empty:
-        raise DataError(f"{where}: class folder without images: {', '.join(empty)}; add images or remove it")
+        raise DataError(f"{where}: class folder without images: {', '.join(empty)}; add images "
+                        f"({', '.join(IMAGE_SUFFIXES)}) or remove it")
     missing = [s for s in ("train", "test") if not found[s]]
     if missing:
         seen = ", ".join(sorted(top_level)[:10]) or "nothing"
         raise DataError(f"{where}: no images under {' and '.join(m + '/' for m in missing)}; expected "
-                        f"train/<class>/*.png|jpg and test/<class>/*; found: {seen}")
+                        f"train/<class>/*.png|jpg and test/<class>/*, CIFAR-10 python or binary batches; "
+                        f"found: {seen}")
     if sorted(found["train"]) != sorted(found["test"]):
         only_train = sorted(set(found["train"]) - set(found["test"]))
         only_test = sorted(set(found["test"]) - set(found["train"]))
@@ -226,9 +265,10 @@ def _image_folder(entries: Iterator[tuple[str, Optional[bytes]]], where: Path, t
     classes = tuple(sorted(found["train"]))
     arrays = []
     for split in ("train", "test"):
-        xs, ys = [], []
+        xs: list[np.ndarray] = []
+        ys: list[int] = []
         for label, cls in enumerate(classes):
-            xs.extend(found[split][cls])
+            xs.extend(pixels for _, pixels in sorted(found[split][cls], key=lambda named: named[0]))
             ys.extend([label] * len(found[split][cls]))
         arrays += [np.stack(xs), np.asarray(ys, dtype=np.int64)]
     train_x, train_y, test_x, test_y = arrays
@@ -269,31 +309,80 @@ def _pickled(entries: dict[str, bytes], where: Path) -> Dataset:
 
 
 BATCH_NAMES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+# The official binary version (cifar-10-binary.tar.gz): the same batches as fixed-size records
+BIN_NAMES = [n + ".bin" for n in BATCH_NAMES]
+BIN_RECORD = 1 + 3 * 32 * 32  # a label byte, then the R, G and B planes, 1,024 bytes each
+
+
+def _read_bin_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    if not raw or len(raw) % BIN_RECORD:
+        raise DataError(f"{name}: {len(raw)} bytes is not a whole number of {BIN_RECORD}-byte CIFAR-10 binary "
+                        "records (a label byte and 3,072 pixel bytes each)")
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, BIN_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() >= len(CIFAR10_CLASSES):
+        raise DataError(f"{name}: label {labels.max()} in a CIFAR-10 binary batch (labels are 0-9)")
+    return records[:, 1:].reshape(-1, 3, 32, 32).copy(), labels
+
+
+def _binary(entries: dict[str, bytes], where: Path) -> Dataset:
+    train = [_read_bin_batch(entries[n], f"{where}:{n}") for n in BIN_NAMES[:-1]]
+    test = _read_bin_batch(entries[BIN_NAMES[-1]], f"{where}:{BIN_NAMES[-1]}")
+    return Dataset(np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]),
+                   test[0], test[1], CIFAR10_CLASSES)
+
+
+def _batches_folder(path: Path) -> Optional[Dataset]:
+    """A folder of CIFAR-10 python or binary batches; None when it holds neither."""
+    for names, read in ((BATCH_NAMES, _pickled), (BIN_NAMES, _binary)):
+        if (path / names[0]).exists():
+            missing = [n for n in names if not (path / n).is_file()]
+            if missing:
+                raise DataError(f"{path}: CIFAR-10 batches folder lacks {', '.join(missing)}")
+            return read({n: (path / n).read_bytes() for n in names}, path)
+    return None
+
+
+def _data_root(path: Path) -> Path:
+    """The folder that holds the data: `path`, or the one folder it holds when it holds nothing else
+    (an unpacked archive's top folder, `cifar-10-batches-py` in a download folder), as far down as that
+    goes. Hidden files (.DS_Store) do not count."""
+    for known in ("cifar-10-batches-py", "cifar-10-batches-bin"):
+        if (path / known).is_dir():
+            return path / known
+
+    def holds_data(folder: Path) -> bool:
+        return any((folder / n).exists() for n in ("train", "test", BATCH_NAMES[0], BIN_NAMES[0]))
+
+    inner = path
+    while not holds_data(inner):
+        children = [c for c in inner.iterdir() if not c.name.startswith(".")]
+        if len(children) != 1 or not children[0].is_dir() or children[0].is_symlink():
+            return path  # no data down there either: the errors name the folder the user gave
+        inner = children[0]
+    return inner
 
 
 def _decode_path(path: Path) -> Dataset:
     if path.is_dir():
-        if (path / "cifar-10-batches-py").is_dir():
-            path = path / "cifar-10-batches-py"
-        if (path / "data_batch_1").exists():
-            missing = [n for n in BATCH_NAMES if not (path / n).is_file()]
-            if missing:
-                raise DataError(f"{path}: CIFAR-10 batches folder lacks {', '.join(missing)}")
-            return _pickled({n: (path / n).read_bytes() for n in BATCH_NAMES}, path)
+        path = _data_root(path)
+        batches_data = _batches_folder(path)
+        if batches_data is not None:
+            return batches_data
         if not (path / "train").is_dir() or not (path / "test").is_dir():
             seen = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
             raise DataError(f"{path}: expected train/ and test/ folders of class folders "
-                            f"(or CIFAR-10 python batches); found: {seen}")
+                            f"(or CIFAR-10 python or binary batches); found: {seen}")
         total = sum(1 for p in path.rglob("*") if p.is_file())
         return _image_folder(_iter_tree(path), path, total)
-    if not tarfile.is_tarfile(path):
-        raise DataError(f"{path}: not a folder or a .tar/.tar.gz archive")
+    if not tarfile.is_tarfile(path) and not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a folder or a .tar/.tar.gz/.zip archive")
     batches: dict[str, bytes] = {}
 
     def entries() -> Iterator[tuple[str, Optional[bytes]]]:
         for name, raw in _iter_archive(path):
             base = PurePosixPath(name).name
-            if base in BATCH_NAMES and raw is not None:
+            if base in BATCH_NAMES + BIN_NAMES and raw is not None:
                 batches[base] = raw
             else:
                 yield name, raw
@@ -301,8 +390,10 @@ def _decode_path(path: Path) -> Dataset:
     try:
         return _image_folder(entries(), path, None)
     except DataError:
-        if len(batches) == len(BATCH_NAMES):
+        if all(n in batches for n in BATCH_NAMES):
             return _pickled(batches, path)
+        if all(n in batches for n in BIN_NAMES):
+            return _binary(batches, path)
         raise
 
 

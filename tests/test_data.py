@@ -2,12 +2,21 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cifar_ray.config import DataConfig
-from cifar_ray.data import DataError, cache_path, load_dataset, make_synthetic, resolve_source, split_dataset
+from cifar_ray.data import (
+    CIFAR10_CLASSES,
+    DataError,
+    cache_path,
+    load_dataset,
+    make_synthetic,
+    resolve_source,
+    split_dataset,
+)
 from conftest import REAL_DATA, class_pixels, png_bytes, write_batches, write_tar, write_tree
 
 
@@ -171,15 +180,130 @@ def test_wrong_size_image(tmp_path, isolated_cache):
 
     root = write_tree(tmp_path / "tree")
     Image.new("RGB", (64, 64)).save(root / "train" / "dog" / "0001.png")
-    _assert_error(root, "train/dog/0001.png: image is 64x64 RGB", isolated_cache)
+    _assert_error(root, "train/dog/0001.png: image is 64x64; every image must be 32x32", isolated_cache)
 
 
-def test_grey_image(tmp_path, isolated_cache):
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK"])
+def test_grey_palette_and_alpha_images_become_rgb_as_torchvision_reads_them(tmp_path, mode):
+    from PIL import Image
+    from torchvision.datasets.folder import pil_loader
+
+    root = write_tree(tmp_path / "tree")
+    path = root / "test" / "cat" / ("0000.jpg" if mode == "CMYK" else "0000.png")
+    (root / "test" / "cat" / "0000.png").unlink()
+    Image.fromarray(class_pixels(2, 7)).convert(mode).save(path)
+    ds = load_dataset(DataConfig(source=str(root), val_size=3))
+    assert np.array_equal(ds.test_x[0], np.asarray(pil_loader(str(path))).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("suffix", [".webp", ".tiff", ".ppm", ".JPEG"])
+def test_every_image_suffix_torchvision_reads_is_read(tmp_path, suffix):
     from PIL import Image
 
     root = write_tree(tmp_path / "tree")
-    Image.new("L", (32, 32)).save(root / "test" / "cat" / "0000.png")
-    _assert_error(root, "test/cat/0000.png: image is 32x32 L", isolated_cache)
+    for png in sorted(root.rglob("*.png"))[::2]:  # half the images in the other format
+        Image.open(png).save(png.with_suffix(suffix), format="JPEG" if suffix == ".JPEG" else None,
+                             **({"lossless": True} if suffix == ".webp" else {}))
+        png.unlink()
+    ds = load_dataset(DataConfig(source=str(root), val_size=3))
+    assert ds.train_x.shape == (18, 3, 32, 32) and ds.test_x.shape == (6, 3, 32, 32)
+
+
+def test_a_tar_of_a_folders_contents_with_dot_slash_names(tmp_path):
+    """`tar -C tree -czf data.tar.gz .` names its members ./train/cat/0000.png and has a `.` member."""
+    tree = write_tree(tmp_path / "tree")
+    archive = tmp_path / "data.tar.gz"
+    subprocess.run(["tar", "-C", str(tree), "-czf", str(archive), "."], check=True)
+    ds = load_dataset(DataConfig(source=str(archive), val_size=3))
+    plain = load_dataset(DataConfig(source=str(tree), val_size=3))
+    assert np.array_equal(ds.train_x, plain.train_x) and ds.classes == plain.classes
+
+
+@pytest.mark.parametrize("prefix", ["", "cifar10/"])
+def test_zip_archive_read_in_place(tmp_path, prefix):
+    import zipfile
+
+    tree = write_tree(tmp_path / "tree")
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(tree.rglob("*")):
+            z.write(path, prefix + path.relative_to(tree).as_posix())
+    ds = load_dataset(DataConfig(source=str(archive), val_size=3))
+    plain = load_dataset(DataConfig(source=str(tree), val_size=3))
+    assert np.array_equal(ds.train_x, plain.train_x) and np.array_equal(ds.test_y, plain.test_y)
+    assert not (tmp_path / "train").exists() and not (tmp_path / "cifar10").exists()
+
+
+@pytest.mark.parametrize("kind", ["traversal", "symlink", "bomb"])
+def test_hostile_zips_are_refused(tmp_path, isolated_cache, kind):
+    import stat
+    import zipfile
+
+    tree = write_tree(tmp_path / "tree")
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(tree.rglob("*.png")):
+            z.write(path, path.relative_to(tree).as_posix())
+        if kind == "traversal":
+            z.writestr("../evil.png", png_bytes(class_pixels(0, 0)))
+        elif kind == "symlink":
+            info = zipfile.ZipInfo("train/cat/link.png")
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            z.writestr(info, "/etc/passwd")
+        else:  # 64 MiB of zeros, a few KiB compressed
+            z.writestr("train/cat/huge.png", bytes(64 << 20))
+    _assert_error(archive, {"traversal": "unsafe path", "symlink": "link",
+                            "bomb": "far more than a 32x32 image"}[kind], isolated_cache)
+    assert not (tmp_path / "evil.png").exists()
+
+
+def write_binary_batches(root: Path, python_batches: Path) -> Path:
+    """The official binary version of the same batches: a label byte, then 3,072 pixel bytes a record."""
+    import pickle
+
+    d = root / "cifar-10-batches-bin"
+    d.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(python_batches / name, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        labels = np.asarray(batch[b"labels"], dtype=np.uint8)[:, None]
+        (d / f"{name}.bin").write_bytes(np.hstack([labels, batch[b"data"]]).tobytes())
+    (d / "batches.meta.txt").write_text("\n".join(CIFAR10_CLASSES) + "\n")
+    return d
+
+
+def test_binary_batches_folder_and_archive_equal_the_python_batches(tmp_path, monkeypatch):
+    python = load_dataset(DataConfig(source=str(write_batches(tmp_path / "py")), val_size=10))
+    folder = write_binary_batches(tmp_path / "bin", tmp_path / "py" / "cifar-10-batches-py")
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-bin")
+    for source in (folder, folder.parent, archive):
+        ds = load_dataset(DataConfig(source=str(source), val_size=10))
+        for a, b in ((ds.train_x, python.train_x), (ds.train_y, python.train_y), (ds.test_x, python.test_x),
+                     (ds.test_y, python.test_y)):
+            assert np.array_equal(a, b)
+        assert ds.classes == CIFAR10_CLASSES
+    # `cifar10` finds the binary archive in the data folder as it finds the python one
+    monkeypatch.delenv("CIFAR_RAY_DATA", raising=False)
+    assert resolve_source(DataConfig(source="cifar10", data_dir=str(tmp_path))) == archive
+
+
+def test_a_damaged_binary_batch_is_named(tmp_path, isolated_cache):
+    folder = write_binary_batches(tmp_path / "bin", write_batches(tmp_path / "py"))
+    with open(folder / "data_batch_3.bin", "ab") as f:
+        f.write(b"\0" * 7)
+    _assert_error(folder, "data_batch_3.bin: .* not a whole number of 3073-byte", isolated_cache)
+    (folder / "test_batch.bin").unlink()
+    _assert_error(folder, "lacks test_batch.bin", isolated_cache)
+
+
+def test_a_folder_holding_one_folder_is_read_from_it(tmp_path):
+    """An archive unpacked into a folder of its own (data/cifar10/train/...): the one folder is the data."""
+    tree = write_tree(tmp_path / "data" / "cifar10")
+    (tmp_path / "data" / ".DS_Store").write_bytes(b"\0")
+    ds = load_dataset(DataConfig(source=str(tmp_path / "data"), val_size=3))
+    assert np.array_equal(ds.train_x, load_dataset(DataConfig(source=str(tree), val_size=3)).train_x)
 
 
 def test_undecodable_file_is_named(tmp_path, isolated_cache):
