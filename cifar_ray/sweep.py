@@ -18,12 +18,14 @@ import os
 import signal
 import sys
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
 
+from cifar_ray import driver_lock
 from cifar_ray import metrics as M
 from cifar_ray.applies import acts, depends_within, row_config
 from cifar_ray.config import ConfigError, TrialConfig, default
@@ -357,7 +359,7 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
     return plan.space.fingerprint() | ({"resources.fuse": fuse} if fuse > 1 else {})
 
 
-def write_sweep_copy(plan: Plan) -> None:
+def make_results_folder(plan: Plan) -> None:
     try:
         plan.results.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -365,6 +367,9 @@ def write_sweep_copy(plan: Plan) -> None:
             raise  # the sweep's own line for a full disk
         raise ConfigError(f"--storage-path: cannot make {printable(plan.results)} ({err.strerror}); choose another "
                           "--storage-path") from None
+
+
+def write_sweep_copy(plan: Plan) -> None:
     doc = plan.sweep.model_dump(mode="json") | {SPACE_KEY: fingerprint(plan), "source_file": str(plan.file)}
     atomic_write_text(plan.results / SWEEP_FILE, yaml.safe_dump(doc, sort_keys=False))
 
@@ -730,6 +735,20 @@ def watch_beside(plan: Plan, server, url: str, host: str) -> None:
 
 
 def run(plan: Plan, args: argparse.Namespace) -> int:
+    """The sweep, holding its results folder's driver lock from before the folder is checked to the end
+    (cifar_ray.driver_lock): a second driver on the folder exits 2 before it trains or writes anything.
+    Cloud storage has no lock."""
+    unlocked: list[Optional[int]] = [None]
+    try:
+        with nullcontext(unlocked) if plan.remote else driver_lock.held(plan.results) as lock:
+            return run_sweep(plan, args, lock)
+    except driver_lock.FolderInUse as err:
+        raise ConfigError(f"{printable(plan.results)}: {err}. Two drivers on one folder would train the same "
+                          "trials twice and overwrite each other's record: wait for that sweep to end, or stop it "
+                          f"(Ctrl-C) and then resume with: {resume_command(plan)}") from None
+
+
+def run_sweep(plan: Plan, args: argparse.Namespace, lock: list[Optional[int]]) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live table, with our columns
     from cifar_ray.analysis import load, write_parquet
     from cifar_ray.cluster import autoscaler_node_types, check_feasible, check_storage, cluster_nodes, requests_by_model
@@ -753,6 +772,9 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     node_types = autoscaler_node_types(args.cluster_config)
     if not args.allow_pending:
         check_feasible(requests_by_model(plan.sweep, plan.space), node_types)
+    make_results_folder(plan)
+    if lock[0] is None and not plan.remote:  # a new sweep's folder, made just now: held before a file is in it
+        lock[0] = driver_lock.take(plan.results)
     write_sweep_copy(plan)
     write_provenance(plan, args.resume)
     mirror = open_mirror(plan)

@@ -301,6 +301,42 @@ def test_same_named_sweeps_begun_in_one_second_keep_their_own_records(ray_sessio
 
 
 @pytest.mark.slow
+def test_a_second_driver_on_a_running_sweeps_folder_exits_2_and_writes_nothing(ray_session, tmp_path):
+    """`--resume` typed in a second terminal while the sweep still runs, or the same sweep started again:
+    before the folder's driver lock, the second driver trained the running trial too (two histories of
+    its epochs in one file) and Tune errored on checkpoints the other driver had rotated away. Each is
+    refused in one line naming the running driver, exit 2, having written nothing; the first goes on."""
+    import json
+    import signal
+
+    path = write_sweep(tmp_path, "twice", train__epochs=10_000, checkpoint={"keep": 1},
+                       data={**TINY["data"], "synthetic_size": 240, "val_size": 40})
+    exp = tmp_path / "results" / "twice"
+
+    def reports() -> list[dict]:
+        return [row for h in exp.glob("base_*/history.jsonl") for row in analysis.read_rows(h)]
+
+    first = SweepProcess(path, tmp_path, ray_session)
+    wait_for(lambda: len(reports()) >= 2 or first.proc.poll() is not None, "the first driver's second epoch")
+    assert first.proc.poll() is None, first.output()[-3000:]
+    written = {name: (exp / name).read_bytes() for name in ("sweep.yaml", "provenance.json")}
+    for extra in (("--resume",), ()):
+        code, out = SweepProcess(path, tmp_path, ray_session, *extra).finish()
+        assert code == 2, out[-3000:]
+        assert f"another sweep driver is running on it (pid {first.pid} on host " in out, out
+        assert "Traceback" not in out and "resume with: python -m cifar_ray.sweep" in out, out
+    assert first.proc.poll() is None, first.output()[-3000:]  # the first went on throughout
+    assert {name: (exp / name).read_bytes() for name in written} == written  # no resume entry, no new copy
+    epochs = [row["epoch"] for row in reports()]
+    assert epochs == list(range(1, len(epochs) + 1)), epochs  # each epoch once: one driver trained it
+
+    first.proc.send_signal(signal.SIGINT)  # (a kill -9 frees the folder too: tests/test_resume_property.py)
+    code, out = first.finish()
+    assert code == 130, out[-3000:]
+    assert json.loads((exp / "provenance.json").read_text())["resumed"] == []
+
+
+@pytest.mark.slow
 def test_a_ray_the_sweep_starts_is_private_to_the_user(tmp_path):
     """Without --address the sweep starts its own Ray: its session folder, logs and auth token are the
     user's only (a 0777 session folder and a 0644 token let other users read logs or join the cluster)."""

@@ -1,0 +1,101 @@
+"""One driver per results folder (cifar_ray.driver_lock): the lock, its holder's line, and its end with
+the process that held it, however that process ended. The sweep's use of it: tests/test_reliability.py."""
+import subprocess
+import sys
+
+import pytest
+
+from cifar_ray import driver_lock
+from cifar_ray.driver_lock import LOCK_FILE, FolderInUse
+from conftest import WAIT_S
+
+HOLD = """
+import sys
+from pathlib import Path
+from cifar_ray import driver_lock
+fd = driver_lock.take(Path(sys.argv[1]))
+print("held" if fd is not None else "none", flush=True)
+sys.stdin.read()  # until the test closes stdin or kills this process
+"""
+
+
+def holder(folder):
+    """A process of this test holding the folder's lock (it said so)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_held_folder_is_refused_naming_its_holder_and_free_once_the_holder_is_killed(tmp_path):
+    proc = holder(tmp_path)
+    try:
+        with pytest.raises(FolderInUse, match=f"another sweep driver is running on it \\(pid {proc.pid} on host .+ "
+                                              "since 20[0-9-]+ [0-9:]+ UTC\\)"):
+            driver_lock.take(tmp_path)
+    finally:
+        proc.kill()  # kill -9 of the process this test started: the kernel drops its lock
+        proc.wait(timeout=WAIT_S)
+    fd = driver_lock.take(tmp_path)
+    assert fd is not None
+    driver_lock.release(fd)
+
+
+def test_a_lock_released_in_this_process_can_be_taken_again_and_the_file_stays(tmp_path):
+    with driver_lock.held(tmp_path) as slot:
+        assert slot[0] is not None
+        with pytest.raises(FolderInUse):  # a second open of the file is a second holder, even in one process
+            driver_lock.take(tmp_path)
+    assert (tmp_path / LOCK_FILE).is_file()
+    with driver_lock.held(tmp_path) as slot:
+        assert slot[0] is not None
+
+
+def test_a_folder_not_made_yet_is_taken_by_the_caller_once_made(tmp_path):
+    folder = tmp_path / "new"
+    with driver_lock.held(folder) as slot:
+        assert slot[0] is None and not folder.exists()  # nothing is made before the sweep makes its folder
+        folder.mkdir()
+        slot[0] = driver_lock.take(folder)
+        with pytest.raises(FolderInUse):
+            driver_lock.take(folder)
+    driver_lock.release(driver_lock.take(folder))
+
+
+def test_a_link_at_the_locks_name_is_refused_and_never_followed(tmp_path):
+    target = tmp_path / "elsewhere"
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / LOCK_FILE).symlink_to(target)
+    with pytest.raises(FolderInUse, match="is a symbolic link"):
+        driver_lock.take(tmp_path / "results")
+    assert not target.exists()
+
+
+def test_a_holder_file_that_says_nothing_readable_still_refuses(tmp_path):
+    proc = holder(tmp_path)
+    try:
+        (tmp_path / LOCK_FILE).write_bytes(b"\xff\x00 not json")  # the lock is the kernel's, not the text's
+        with pytest.raises(FolderInUse, match="another sweep driver is running on it\\.?$"):
+            driver_lock.take(tmp_path)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=WAIT_S)
+    driver_lock.release(driver_lock.take(tmp_path))
+
+
+def test_a_folder_that_cannot_hold_the_file_is_not_guarded(tmp_path):
+    """A read-only folder: no lock, no error here (the sweep's own writes then say what is wrong)."""
+    import os
+
+    if os.geteuid() == 0:  # root writes through a 0555 folder; a read-only bind would need mount rights
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], check=True)
+        try:
+            assert driver_lock.take(folder) is None
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir(mode=0o555)
+        assert driver_lock.take(folder) is None
