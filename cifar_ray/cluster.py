@@ -55,19 +55,38 @@ def trial_device(r: ResourcesConfig, train_device: Any) -> str:
 
 
 def check_placement(sweep: SweepConfig, space: Space, where: str) -> None:
-    """Refuse a model sent to a device it cannot run on (inception on MPS), or an unknown model in
-    resources_by_model."""
+    """Refuse a model sent to a device it cannot run on (inception on MPS), a train.device the resources
+    never get from Ray (cuda without a GPU, mps without the tag), or an unknown model in resources_by_model."""
     names = model_names(space)
     for extra in sweep.resources_by_model:
         if extra not in names:
             raise ConfigError(f"{where}: resources_by_model.{extra}: not a model of this sweep; its models: "
                               f"{', '.join(names)}")
+    wanted = space.values_of("train.device")[0]  # one device per sweep (sweep_config refuses a search)
     for name in names:
-        device = trial_device(sweep.resources_for(name), space.values.get("train.device", "auto"))
+        key = f"resources_by_model.{name}" if name in sweep.resources_by_model else "resources"
+        problem = ungranted(sweep.resources_for(name), wanted)
+        if problem:
+            raise ConfigError(f"{where}: train.device: {wanted} {problem.format(key=key)}")
+        device = trial_device(sweep.resources_for(name), wanted)
         if device in model_spec(name).unsupported_devices:
-            key = f"resources_by_model.{name}" if name in sweep.resources_by_model else "resources"
             raise ConfigError(f"{where}: {key}: model {name!r} cannot run on {device}; give it resources "
                               f"on another device (e.g. resources_by_model: {{{name}: {{gpu: 1, tags: {{cuda: 1}}}}}})")
+
+
+def ungranted(r: ResourcesConfig, wanted: Any) -> str:
+    """Why a trial asking for device `wanted` would not get it from Ray with resources `r` ('' when it
+    would): inside a trial the device follows Ray's grant (device.select_device), so without it the
+    trial trains on the CPU, silently and for hours. `{key}` in the text is the resources' key."""
+    kind = str(wanted).split(":")[0]
+    if kind == "cuda" and r.gpu <= 0:
+        return ("needs a GPU for each trial, but {key}.gpu is 0: Ray would give the trial none and it would train "
+                "on the CPU; set {key}.gpu: 1 (or 0.25 to share a GPU among 4 trials), or train.device: auto")
+    if kind == "mps" and not r.tags.get("mps"):
+        return ("needs an Apple-silicon host, but {key}.tags has no mps: Ray places a trial on one only by that tag "
+                "(ray start --resources '{{\"mps\": 1}}'), elsewhere it trains on the CPU; set {key}.tags: "
+                "{{mps: 1}}, or train.device: auto")
+    return ""
 
 
 def _node_offers(resources: dict[str, float]) -> dict[str, float]:

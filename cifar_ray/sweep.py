@@ -287,7 +287,8 @@ def unfit_here(plan: Plan, args: argparse.Namespace) -> list[str]:
     for model, req in infeasible(requests_by_model(plan.sweep, plan.space), [here]).items():
         # whether the sweep-wide resources: ask for the GPU alone that this machine lacks
         cpu_would_do = (model not in plan.sweep.resources_by_model and req.get("gpu", 0) > 0
-                        and not infeasible({model: {**req, "gpu": 0}}, [here]))
+                        and not infeasible({model: {**req, "gpu": 0}}, [here])
+                        and not str(plan.space.values_of("train.device")[0]).startswith("cuda"))
         by_request.setdefault((_resources_text(req), cpu_would_do), []).append(model)
     return [f"note: this machine ({here['CPU']:.0f} CPUs, {here['GPU']:.0f} GPUs) can never start a trial of "
             f"{', '.join(models)} ({req}): run here, the sweep exits 4; "

@@ -151,6 +151,29 @@ def test_every_sweep_tag_is_offered_and_a_missing_one_is_named(tmp_path):
     assert cluster_main(["validate", *map(str, CLUSTER_FILES), "--sweeps", str(ROOT / "sweeps")]) == 0
 
 
+@pytest.mark.parametrize("device, resources, problem", [
+    ("cuda", {"cpu": 1}, "needs a GPU for each trial, but resources.gpu is 0"),
+    ("cuda:1", {"cpu": 1, "gpu": 0.25}, None),
+    ("mps", {"cpu": 1}, "needs an Apple-silicon host, but resources.tags has no mps"),
+    ("mps", {"cpu": 1, "tags": {"mps": 1}}, None),
+    ("auto", {"cpu": 1}, None),
+    ("cpu", {"cpu": 1, "gpu": 1}, None),  # an explicit cpu is honoured, as in the trial
+])
+def test_a_device_the_resources_never_grant_is_refused_at_the_dry_run(tmp_path, device, resources, problem, capsys):
+    """Inside a trial the device follows Ray's grant, so `device: cuda` without resources.gpu trained on the
+    CPU, silently; the dry run refuses it naming the key to set."""
+    from cifar_ray.sweep import main as sweep_main
+    from conftest import write_sweep
+
+    path = write_sweep(tmp_path, "dev", train__device=device, resources=resources)
+    code = sweep_main([str(path), "--dry-run"])
+    err = capsys.readouterr().err
+    if problem is None:
+        assert code == 0, err
+    else:
+        assert code == 2 and f"train.device: {device} {problem}" in err and "Traceback" not in err, err
+
+
 def test_a_not_yet_started_node_type_makes_a_request_feasible():
     offers = node_type_offers(validate_cluster_file(str(ROOT / "cluster.yaml")))
     live = [{"CPU": 4.0}]  # only the head-like CPU node is up
