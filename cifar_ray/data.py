@@ -8,6 +8,7 @@ Sources: `cifar10` (local copy, else download), `synthetic`, or a path to an ima
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import os
@@ -458,8 +459,22 @@ def _load_cache(target: Path) -> Optional[Dataset]:
     return ds
 
 
+# A cache folder these refuse (full, over quota, read-only, not ours): the images are decoded all the same
+CACHE_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def uncached_warning(target: Path, err: OSError) -> str:
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = ("free space there, or point data.cache_dir or ${env} at a folder with room (CIFAR-10 takes 185 MB)"
+           if full else "point data.cache_dir or ${env} at a folder you can write").format(env=ENV_CACHE)
+    return (f"warning: cannot cache the decoded images in {printable(target.parent)} ({err.strerror}); this run "
+            f"uses the images decoded now and the next decodes them again: {fix}")
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Decoded pixels for cfg.source: from the cache when it is valid, else decoded and cached once."""
+    """Decoded pixels for cfg.source: from the cache when it is valid, else decoded and cached once. A
+    cache folder that refuses the file (a full or read-only disk) costs the cache only: a warning, and
+    the images decoded now (data prepare, whose job the cache is, then fails: prepare_cache)."""
     from filelock import FileLock
 
     src = resolve_source(cfg)
@@ -470,13 +485,28 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     ds = _load_cache(target)
     if ds is not None:
         return ds
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(target) + ".lock")
+        lock.acquire()
+    except OSError as err:
+        if err.errno not in CACHE_REFUSALS:
+            raise
+        print(uncached_warning(target, err), file=sys.stderr)
+        return _decode_path(path)
+    try:
         ds = _load_cache(target)  # another process may have built it while we waited
         if ds is None:
             ds = _decode_path(path)
-            _save_cache(ds, target)
-    return ds
+            try:
+                _save_cache(ds, target)
+            except OSError as err:  # atomic_write has removed its temporary file: no partial cache is left
+                if err.errno not in CACHE_REFUSALS:
+                    raise
+                print(uncached_warning(target, err), file=sys.stderr)
+        return ds
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------- the split
@@ -577,6 +607,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             src = resolve_source(cfg)
             if src == "download":
                 src = download_dir(cfg) / "cifar-10-batches-py"
+            if src != "synthetic" and not cache_path(Path(src), cfg).is_file():  # prepare's one job
+                print(_describe(ds, cfg, src))
+                print(f"error: the cache was not written (the warning above says why); {args.source} is "
+                      "decoded again by each run", file=sys.stderr)
+                return 1
         print(_describe(ds, cfg, src))
     except ValidationError as err:
         print("\n".join(f"error: {line}" for line in describe_errors(err, "options").splitlines()), file=sys.stderr)

@@ -17,7 +17,7 @@ from cifar_ray.data import (
     resolve_source,
     split_dataset,
 )
-from conftest import REAL_DATA, class_pixels, png_bytes, write_batches, write_tar, write_tree
+from conftest import REAL_DATA, class_pixels, fill_disk, png_bytes, write_batches, write_tar, write_tree
 
 
 def test_synthetic_is_deterministic_and_balanced():
@@ -113,6 +113,32 @@ def test_read_only_source_and_cache_beside_nothing(tmp_path, isolated_cache):
     load_dataset(DataConfig(source=str(root), val_size=3))
     assert sorted(p.as_posix() for p in root.rglob("*")) == before
     assert cache_path(root, DataConfig(source=str(root))).parent == isolated_cache
+
+
+@pytest.mark.parametrize("refusal", ["full", "read-only"])
+def test_a_cache_folder_that_refuses_the_file_costs_the_cache_only(tmp_path, small_disk, refusal, capsys):
+    """A full or read-only disk under the cache: the images are decoded and used all the same, a warning
+    names the folder and the fix, no partial file is left; before, a sweep on a full cache disk stopped
+    blaming its results folder's disk (with gigabytes free) and printed a resume command for a sweep that
+    had never started. `data prepare`, whose one job is the cache, exits 1."""
+    root = write_tree(tmp_path / "tree")
+    cache = small_disk / "cache"
+    cache.mkdir()
+    if refusal == "full":
+        fill_disk(small_disk)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    ds = load_dataset(DataConfig(source=str(root), val_size=3, cache_dir=str(cache)))
+    plain = load_dataset(DataConfig(source=str(root), val_size=3))
+    assert np.array_equal(ds.train_x, plain.train_x) and np.array_equal(ds.test_y, plain.test_y)
+    err = capsys.readouterr().err
+    assert f"warning: cannot cache the decoded images in {cache}" in err, err
+    assert ("free space there" if refusal == "full" else "at a folder you can write") in err, err
+    assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]  # no cache, whole or partial
+    r = subprocess.run([sys.executable, "-m", "cifar_ray.data", "prepare", str(root), "--cache-dir", str(cache)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "error: the cache was not written" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_env_var_serves_cifar10_but_never_overrides(tmp_path, monkeypatch):
