@@ -869,18 +869,25 @@ def command(argv: Optional[list[str]] = None) -> int:
     except OSError as err:
         if plan is None or args.dry_run or not disk_full(err):
             raise
-        print(disk_full_line(plan), file=sys.stderr)
+        print(disk_full_line(plan, err), file=sys.stderr)
         return EXIT_DISK_FULL
 
 
-def disk_full_line(plan: Plan) -> str:
-    """One line: which folder's disk is full, how much is free, and how to go on. Every file the sweep
-    had written is whole (cifar_ray.storage); what was running is continued by --resume."""
+def disk_full_line(plan: Plan, err: Optional[OSError] = None) -> str:
+    """One line: which folder's disk is full (the file the refused write named, else the results folder),
+    how much is free, and how to go on. Every file the sweep had written is whole (cifar_ray.storage);
+    what was running is continued by --resume, or the sweep is run again when it had not begun."""
     from cifar_ray.storage import free_bytes, human_bytes
 
-    return (f"error: the disk holding {plan.results} is full ({human_bytes(free_bytes(plan.results))} free); "
-            f"the sweep stopped and every file written before is intact: free space, then resume with: "
-            f"{resume_command(plan)}")
+    named = Path(err.filename).absolute() if err is not None and isinstance(err.filename, str) else None
+    if named is None or named.is_relative_to(plan.results):
+        where = plan.results
+    else:
+        where = named if named.is_dir() else named.parent
+    begun = (plan.results / SWEEP_FILE).is_file()
+    then = f"resume with: {resume_command(plan)}" if begun else "run the sweep again (it had not begun)"
+    return (f"error: the disk holding {printable(where)} is full ({human_bytes(free_bytes(where))} free); "
+            f"the sweep stopped and every file written before is intact: free space, then {then}")
 
 
 def exit_cli(code: int) -> None:

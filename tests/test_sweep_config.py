@@ -11,7 +11,7 @@ from cifar_ray.config import ConfigError
 from cifar_ray.space import Domain, build_space, expand_grid, grid_points, trial_count
 from cifar_ray.sweep import main
 from cifar_ray.sweep_config import apply_overrides, read_sweep
-from conftest import WAIT_S
+from conftest import WAIT_S, write_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -450,3 +450,23 @@ def test_a_command_whose_reader_left_before_it_wrote_ends_quietly(unbuffered, tm
     rc, _, err = _quiet_stop(["cifar_ray.models"], tmp_path, False, unbuffered)
     assert rc == 141, err
     assert err == "", err
+
+
+def test_the_full_disk_line_names_the_disk_that_refused_and_resumes_only_a_begun_sweep(tmp_path):
+    """A write refused for want of space outside the results folder (the data cache, Ray's temporary
+    folder) names that folder's disk, not the results folder's; a sweep that had not begun is run
+    again, not resumed (its results folder holds nothing to resume)."""
+    import errno
+
+    from cifar_ray.sweep import disk_full_line, parse_args, plan_from_args
+
+    path = write_sweep(tmp_path, "full")
+    plan = plan_from_args(parse_args([str(path), "--storage-path", str(tmp_path / "results")]))
+    elsewhere = tmp_path / "cache"
+    elsewhere.mkdir()
+    line = disk_full_line(plan, OSError(errno.ENOSPC, "No space left on device", str(elsewhere / "x.npz")))
+    assert line.startswith(f"error: the disk holding {elsewhere} is full (") and "run the sweep again" in line
+    plan.results.mkdir(parents=True)
+    (plan.results / "sweep.yaml").write_text("name: full\n")
+    line = disk_full_line(plan, OSError(errno.ENOSPC, "No space left on device"))
+    assert line.startswith(f"error: the disk holding {plan.results} is full (") and "resume with: python -m" in line
