@@ -162,7 +162,9 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
 def _iter_archive(path: Path) -> Iterator[tuple[str, Optional[bytes]]]:
     """Yield (member name, bytes) of regular files and (name, None) of folders, in place, without
     extracting anything to disk."""
-    if zipfile.is_zipfile(path):
+    # a tar first: is_zipfile finds a zip's end record in the last 64 KiB, so a tar ending in a .zip
+    # member would pass for that zip
+    if not tarfile.is_tarfile(path) and zipfile.is_zipfile(path):
         yield from _iter_zip(path)
         return
     try:
@@ -474,7 +476,7 @@ def uncached_warning(target: Path, err: OSError) -> str:
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Decoded pixels for cfg.source: from the cache when it is valid, else decoded and cached once. A
     cache folder that refuses the file (a full or read-only disk) costs the cache only: a warning, and
-    the images decoded now (data prepare, whose job the cache is, then fails: prepare_cache)."""
+    the images decoded now (`data prepare`, whose one job the cache is, then exits 1: main)."""
     from filelock import FileLock
 
     src = resolve_source(cfg)
