@@ -4,8 +4,9 @@
         [--storage-path DIR] [--address ADDR] [--data SOURCE] [--set KEY=VALUE ...] [--allow-pending]
         [--verbose] [--watch [--watch-port PORT] [--watch-host HOST]]
 
-Exit codes: 0 every trial finished (completed, stopped early, diverged); 1 the results folder's disk
-is full (the sweep stops as on Ctrl-C; free space, then --resume); 2 invalid sweep file or option;
+Exit codes: 0 every trial finished (completed, stopped early, diverged); 1 a disk is full (the sweep
+stops as on Ctrl-C; free space, then --resume); 2 invalid sweep file or option, or another driver
+running on the results folder;
 3 trials errored after their retries; 4 a resource request no node can ever satisfy; 130 interrupted
 (the message says how to resume).
 """
