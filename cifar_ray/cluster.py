@@ -49,7 +49,7 @@ def trial_device(r: ResourcesConfig, train_device: Any) -> str:
         return "cpu"
     if r.gpu > 0 or r.tags.get("cuda"):
         return "cuda"
-    if r.tags.get("mps") or train_device == "mps":
+    if r.tags.get("mps"):  # (an mps device without the tag is refused first: ungranted)
         return "mps"
     return "cpu"
 
