@@ -53,6 +53,21 @@ def recorded(exp: Path) -> int:
     return len(seen)
 
 
+def group_left(pgid: int) -> list[str]:
+    """The processes still in process group `pgid`, as 'PID NAME' (zombies are ended)."""
+    left = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # ended meanwhile
+            continue
+        head, _, tail = text.rpartition(")")  # PID (NAME) STATE PPID PGRP ...; a name may hold ")"
+        state, _, group = tail.split()[:3]
+        if int(group) == pgid and state != "Z":
+            left.append(f"{stat.parent.name} {head.partition('(')[2]}")
+    return left
+
+
 def reports(exp: Path) -> dict[str, int]:
     """Trial folder -> lines in its history (every report, repeats included)."""
     return {h.parent.name: len(analysis.read_rows(h)) for h in exp.glob("base_*/history.jsonl")}
@@ -256,27 +271,24 @@ def test_trials_the_search_had_not_made_run_after_a_resume_without_the_old_stagi
     assert_same_as_straight_run(exp, straight / "results" / "made", ("train.lr", "data.augment"))
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_sweeps_whole_process_group_stops_it_with_the_resume_line(ray_session, tmp_path, straight):
-    """`timeout`, `kill -TERM -PGID` and systemd signal every process of a group or unit: a sweep that
-    started its own Ray loses its GCS and raylet with the same SIGTERM. It ends at once with its summary
-    and resume line, exit 130 (its stop hung on an RPC to the dead GCS for 60 s, then Ray ended it with
-    "Failed to connect to GCS" and no resume line), and --resume finishes it as a straight run."""
+def own_ray_sweep(tmp_path: Path, name: str, act) -> tuple[Path, int, str]:
+    """Run SWEEP as a command that starts its own Ray, in a session and process group of its own (led
+    by the driver); at its second report call act(driver's pid), then wait for the command to end and for
+    every process of its group to end. (the sweep file, its exit code, its console)."""
     import shutil
     import subprocess
     import sys
     import tempfile
 
-    path = write_sweep(tmp_path, "group", **SWEEP)
-    exp = tmp_path / "results" / "group"
+    path = write_sweep(tmp_path, name, **SWEEP)
+    exp = tmp_path / "results" / name
     ray_tmp = Path(tempfile.mkdtemp(prefix="rg", dir="/tmp"))  # short: Ray's socket paths are limited
     home = tmp_path / "home"  # its Ray's token goes there, not to this user's ~/.ray
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HOME": str(home)}
-    log = tmp_path / "group.log"
+    log = tmp_path / f"{name}.log"
     try:
         with open(log, "w") as out:
-            # its own session and process group, led by the driver: the group this test signals is its own
             proc = subprocess.Popen([sys.executable, "-m", "cifar_ray.sweep", str(path), "--storage-path",
                                      str(tmp_path / "results")], stdout=out, stderr=subprocess.STDOUT,
                                     env=env | {"RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"},
@@ -284,18 +296,52 @@ def test_sigterm_to_the_sweeps_whole_process_group_stops_it_with_the_resume_line
             try:
                 wait_for(lambda: recorded(exp) >= 2 or proc.poll() is not None, "two reports")
                 assert proc.poll() is None, log.read_text()[-3000:]
-                os.killpg(proc.pid, signal.SIGTERM)  # the driver, its Ray's GCS, raylet and agents
+                act(proc.pid)
                 code = proc.wait(timeout=WAIT_S)
+                wait_for(lambda: not group_left(proc.pid), "every process of the sweep's Ray to end")
             finally:
-                if proc.poll() is None:
+                if proc.poll() is None or group_left(proc.pid):
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    text = log.read_text()
+    return path, code, log.read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_sweeps_whole_process_group_stops_it_with_the_resume_line(ray_session, tmp_path, straight):
+    """`timeout`, `kill -TERM -PGID` and systemd signal every process of a group or unit, the Ray a sweep
+    started included. That Ray keeps running (its processes block SIGTERM), so the sweep stops as on a
+    SIGTERM to the driver alone: Tune's clean stop, the summary and the resume line, exit 130, no process
+    of it left, and --resume finishes it as a straight run. Before, the signal ended its GCS and raylet
+    too: the stop hung on the dead GCS for 60 s and ended with "Failed to connect to GCS", or, later,
+    with the sweep's own line for its lost Ray, or at times with Ray's exit code 1 and no line at all."""
+    # the driver, its Ray's GCS, raylet, agents and workers
+    path, code, text = own_ray_sweep(tmp_path, "group", lambda pid: os.killpg(pid, signal.SIGTERM))
     assert code == 130, text[-3000:]
-    assert "on the same SIGTERM as the sweep" in text and "resume with:" in text, text[-3000:]
+    assert "stopping: saving the sweep's state" in text and "resume with:" in text, text[-3000:]
+    assert "this sweep's Ray stopped" not in text, text[-3000:]  # its Ray outlived the signal
     assert "Failed to connect to GCS" not in text and "Traceback" not in text, text[-3000:]
     code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
     assert code == 0, out[-3000:]
-    assert_same_as_straight_run(exp, straight, ("train.lr",))
+    assert_same_as_straight_run(tmp_path / "results" / "group", straight, ("train.lr",))
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_own_ray_loses_its_gcs_stops_at_once_and_resumes(ray_session, tmp_path, straight):
+    """kill -9 of the GCS of the Ray a sweep started (the kernel's OOM killer picks a big process): the
+    sweep stops at once with its line for the lost Ray, the summary and the resume line, exit 130, and
+    ends the rest of that Ray (the raylet's agents lived 60 s longer, waiting on the dead GCS); --resume
+    finishes it as a straight run."""
+    def kill_gcs(pid: int) -> None:
+        gcs = [int(p.split()[0]) for p in group_left(pid) if p.split()[1] == "gcs_server"]
+        assert len(gcs) == 1, group_left(pid)
+        os.kill(gcs[0], signal.SIGKILL)  # a process of the group this test started
+
+    path, code, text = own_ray_sweep(tmp_path, "nogcs", kill_gcs)
+    assert code == 130, text[-3000:]
+    assert "this sweep's Ray stopped: its gcs_server ended (signal 9)" in text, text[-3000:]
+    assert "resume with:" in text and "Traceback" not in text, text[-3000:]
+    code, out = SweepProcess(path, tmp_path, ray_session, "--resume").finish()
+    assert code == 0, out[-3000:]
+    assert_same_as_straight_run(tmp_path / "results" / "nogcs", straight, ("train.lr",))
