@@ -46,6 +46,10 @@ from cifar_ray.record import (  # the record's names, importable from here as be
 
 _tune_states = tune_states  # its earlier name (the record's readers moved to cifar_ray.record)
 
+# Picks of a running trial's best checkpoint before evaluate gives up: each pick lists the checkpoints
+# there are now, so a second fails only if Tune removed that one too within the same moment
+CHECKPOINT_PICKS = 5
+
 __all__ = ["load", "Sweep", "BestTrial", "AnalysisError", "ranked", "write_parquet", "local_data", "read_stored_sweep",
            "read_trials", "read_rows", "read_text", "TrialRecord", "ended_status", "tune_outcome", "SWEEP_FILE",
            "TRIALS_FILE", "CURVES_FILE", "OUTCOME_FILE", "HISTORY_FILE", "RESULT_FILE", "PARAMS_FILE", "ERROR_FILE",
@@ -213,7 +217,6 @@ class Sweep:
         from cifar_ray.config import TrialConfig, device_name
         from cifar_ray.data import load_dataset
         from cifar_ray.device import select_device
-        from cifar_ray.engine import load_state
         from cifar_ray.evaluation import evaluate_split
         from cifar_ray.models import build_model
 
@@ -229,9 +232,7 @@ class Sweep:
         else:
             ckpt = self._best_checkpoint(trial_id, self.metric, self.mode)
         rec = self._record(trial_id)
-        if ckpt is None:
-            raise AnalysisError(f"trial {trial_id} has no checkpoint to evaluate")
-        state = load_state(ckpt / STATE_FILE)
+        state = self._load_checkpoint(trial_id, ckpt)
         cfg = TrialConfig.from_flat(local_data(rec.config, data, trial_id), where=f"trial {trial_id}")
         dev = select_device(device or "auto")
         dataset = load_dataset(cfg.data)
@@ -240,6 +241,24 @@ class Sweep:
         model.to(dev)
         with torch.no_grad():
             return evaluate_split(model, cfg, dataset, split, dev)
+
+    def _load_checkpoint(self, trial_id: str, ckpt: Optional[Path]) -> dict:
+        """The state saved in `ckpt`, the trial's best checkpoint when it was picked. A running sweep's
+        Tune removes a checkpoint that drops out of the best `checkpoint.keep` at any moment, so one
+        gone by the time it is read is picked again from those the trial has then."""
+        from cifar_ray.engine import load_state
+
+        for _ in range(CHECKPOINT_PICKS):
+            if ckpt is None:
+                break
+            try:
+                return load_state(ckpt / STATE_FILE)  # an open file stays readable after Tune removes it
+            except FileNotFoundError:
+                ckpt = self._best_checkpoint(trial_id, self.metric, self.mode)
+        if ckpt is None:
+            raise AnalysisError(f"trial {trial_id} has no checkpoint to evaluate")
+        raise AnalysisError(f"trial {trial_id}: its checkpoints were removed as fast as they were read "
+                            f"({CHECKPOINT_PICKS} tries); evaluate it again, or once the sweep has ended")
 
     def curves(self) -> pd.DataFrame:
         """Long format: one row per trial and epoch, every per-epoch metric. Where a trial reported an
@@ -265,6 +284,14 @@ class Sweep:
             return read_stored_sweep(self.path)
         except AnalysisError:
             return {}
+
+    def driver(self) -> Optional[str]:
+        """The sweep driver running on the folder now (its lock, cifar_ray.driver_lock), as `pid 4242 on
+        host vm since 2026-12-05 18:13:45 UTC`; None when none is. With `unfinished` trials, None means the
+        sweep was interrupted (its `--resume` continues it); with a driver, they are running or pending."""
+        from cifar_ray.driver_lock import running_driver
+
+        return running_driver(self.path)
 
     def provenance(self) -> dict:
         """What made the folder (provenance.json): `commit`, `dirty`, `changed`, `versions` (cifar_ray, torch,

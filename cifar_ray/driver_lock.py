@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import Optional
 
 LOCK_FILE = ".driver.lock"
+# A reader asking whether a driver runs (running_driver) holds the lock shared for an instant: a driver
+# taking it in that instant tries again for up to TAKE_TRIES x TAKE_PAUSE_S (2 s: a reader descheduled
+# on a busy machine can hold it for milliseconds) before it calls the folder in use. A driver holds it
+# for its whole sweep, so a real second driver is still refused, 2 s later.
+TAKE_TRIES = 100
+TAKE_PAUSE_S = 0.02
 
 
 class FolderInUse(Exception):
@@ -49,15 +55,20 @@ def take(folder: Path) -> Optional[int]:
             raise FolderInUse(f"{folder / LOCK_FILE} is a symbolic link; a results folder holds plain files "
                               "only (remove it)") from None
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        raw = os.pread(fd, 4096, 0)
-        os.close(fd)
-        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None  # a file system without locks: nothing to guard with
-        who = holder_text(raw)
-        raise FolderInUse(f"another sweep driver is running on it{f' ({who})' if who else ''}") from None
+    for attempt in range(1, TAKE_TRIES + 1):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and attempt < TAKE_TRIES:
+                time.sleep(TAKE_PAUSE_S)  # a reader's probe, over in an instant, or a driver: asked again
+                continue
+            raw = os.pread(fd, 4096, 0)
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None  # a file system without locks: nothing to guard with
+            who = holder_text(raw)
+            raise FolderInUse(f"another sweep driver is running on it{f' ({who})' if who else ''}") from None
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     try:
         os.ftruncate(fd, 0)
@@ -65,6 +76,27 @@ def take(folder: Path) -> Optional[int]:
     except OSError:
         pass  # a full disk: the lock holds all the same, only the message lacks its holder
     return fd
+
+
+def running_driver(folder: Path) -> Optional[str]:
+    """The driver running on the folder now, as `pid 123 on host vm since ...` ("a sweep driver" where its
+    file says nothing readable); None when none is: the sweep ended, was interrupted, or never ran, or
+    the folder's file system has no locks. A driver on another host shows where the lock spans hosts
+    (NFS). The lock is only tried, shared, and let go at once: take() waits that instant out."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # no lock file (no driver since locks were kept), or a link: not a driver's
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        held = err.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        return (holder_text(os.pread(fd, 4096, 0)) or "a sweep driver") if held else None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def release(fd: Optional[int]) -> None:

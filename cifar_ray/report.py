@@ -260,6 +260,8 @@ def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = 
     md_lines = [f"# Sweep {md(sweep.path.name)}", "",
                 f"{len(trials)} trials ({', '.join(f'{n} {md(s)}' for s, n in sorted(counts.items()))}); "
                 f"metric {md(sweep.metric)} ({md(sweep.mode)}).", ""]
+    state = state_line(sweep.driver(), int((trials["status"] == M.UNFINISHED).sum()) if len(trials) else 0)
+    md_lines += [state, ""] if state else []
     try:
         best = sweep.best()
         # a searched key the trial does not have (Optuna asks for it only where it acts) shows as '-' too
@@ -301,6 +303,19 @@ def write_report(results: str, out: Optional[str] = None, evaluate_best: bool = 
         if f"]({name})" not in text and not (name == TEST_REPORT_FILE and evaluate_best and best is not None):
             (out_dir / name).unlink(missing_ok=True)
     return atomic_write_text(out_dir / REPORT_FILE, text)
+
+
+def state_line(driver: Optional[str], unfinished: int) -> str:
+    """Whether the sweep is running now (a driver holds its folder) or was interrupted (trials unfinished
+    and no driver): its `unfinished` trials read alike in the table. '' for a sweep that ended."""
+    if driver:
+        return (f"Running: a sweep driver holds this folder ({md(driver)}); the tables and figures are as of "
+                "this report.")
+    if unfinished:  # a copy of a folder whose sweep runs elsewhere holds no driver either
+        return (f"Interrupted: {unfinished} trial{'s' if unfinished != 1 else ''} unfinished and no sweep driver "
+                "holds this folder; the sweep's `--resume` continues it (a copy of a folder whose sweep runs "
+                "elsewhere reads so too).")
+    return ""
 
 
 def provenance_lines(record: dict) -> list[str]:

@@ -203,6 +203,28 @@ def alive(pid) -> bool:
         return False
 
 
+HOLD_DRIVER_LOCK = """
+import sys
+from pathlib import Path
+from cifar_ray import driver_lock
+fd = driver_lock.take(Path(sys.argv[1]))
+print("held" if fd is not None else "none", flush=True)
+sys.stdin.read()  # until the test closes stdin or kills this process
+"""
+
+
+def hold_driver_lock(folder: Path):
+    """A process of the test's holding the folder's driver lock as a sweep's driver does (it said so);
+    the test kills it by its Popen."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_DRIVER_LOCK, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def wait_for(condition, what: str, timeout: float = WAIT_S):
     """Poll until condition() is truthy and return its value."""
     import time

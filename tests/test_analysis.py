@@ -143,6 +143,41 @@ def test_a_copied_sweep_folder_still_loads(grid_sweep, tmp_path):
     assert sweep.evaluate(split="val").count == 200
 
 
+def test_evaluate_picks_again_when_tune_removes_the_checkpoint_it_picked(grid_sweep, tmp_path, monkeypatch):
+    """A running sweep's Tune removes a checkpoint that drops out of the best `checkpoint.keep` at any
+    moment, so one can go between evaluate's pick and its read: it picks again from those left and
+    evaluates that one (a traceback before); a trial left with none gets the plain error."""
+    copy = tmp_path / "lrmom"
+    shutil.copytree(grid_sweep, copy)
+    sweep = analysis.load(copy)
+    trial = sweep.best().trial_id
+    assert len(sweep.checkpoints(trial)) == 2  # checkpoint.keep: 2
+    pick = analysis.Sweep._best_checkpoint
+    picked: list[Path] = []
+
+    def pick_then_lose_it(self, *args, **kwargs):
+        ckpt = pick(self, *args, **kwargs)
+        picked.append(ckpt)
+        if len(picked) == 1:  # Tune's rotation, right after the pick
+            shutil.rmtree(ckpt)
+        return ckpt
+
+    monkeypatch.setattr(analysis.Sweep, "_best_checkpoint", pick_then_lose_it)
+    ev = sweep.evaluate(trial, split="val")
+    assert len(picked) == 2 and picked[1] != picked[0] and picked[1].is_dir()
+    from cifar_ray.engine import load_state
+
+    epoch = load_state(picked[1] / "state.pt")["epoch"]  # the one evaluated: its reported accuracy
+    curves = sweep.curves()
+    reported = curves[(curves["trial_id"] == trial) & (curves["epoch"] == epoch)]["val_acc"].iloc[0]
+    assert ev.accuracy == pytest.approx(reported, abs=1e-9)
+
+    picked.clear()  # its one checkpoint left goes right after the pick too: none is left to pick
+    with pytest.raises(AnalysisError, match=f"trial {trial} has no checkpoint to evaluate"):
+        sweep.evaluate(trial, split="val")
+    assert len(picked) == 2
+
+
 def test_clear_errors(grid_sweep, tmp_path):
     with pytest.raises(AnalysisError, match="no such folder"):
         analysis.load(tmp_path / "nope")

@@ -1,34 +1,19 @@
 """One driver per results folder (cifar_ray.driver_lock): the lock, its holder's line, and its end with
 the process that held it, however that process ended. The sweep's use of it: tests/test_reliability.py."""
+import fcntl
+import os
+import re
 import subprocess
-import sys
 
 import pytest
 
 from cifar_ray import driver_lock
 from cifar_ray.driver_lock import LOCK_FILE, FolderInUse
-from conftest import WAIT_S
-
-HOLD = """
-import sys
-from pathlib import Path
-from cifar_ray import driver_lock
-fd = driver_lock.take(Path(sys.argv[1]))
-print("held" if fd is not None else "none", flush=True)
-sys.stdin.read()  # until the test closes stdin or kills this process
-"""
-
-
-def holder(folder):
-    """A process of this test holding the folder's lock (it said so)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
+from conftest import WAIT_S, hold_driver_lock
 
 
 def test_a_held_folder_is_refused_naming_its_holder_and_free_once_the_holder_is_killed(tmp_path):
-    proc = holder(tmp_path)
+    proc = hold_driver_lock(tmp_path)
     try:
         with pytest.raises(FolderInUse, match=f"another sweep driver is running on it \\(pid {proc.pid} on host .+ "
                                               "since 20[0-9-]+ [0-9:]+ UTC\\)"):
@@ -72,7 +57,7 @@ def test_a_link_at_the_locks_name_is_refused_and_never_followed(tmp_path):
 
 
 def test_a_holder_file_that_says_nothing_readable_still_refuses(tmp_path):
-    proc = holder(tmp_path)
+    proc = hold_driver_lock(tmp_path)
     try:
         (tmp_path / LOCK_FILE).write_bytes(b"\xff\x00 not json")  # the lock is the kernel's, not the text's
         with pytest.raises(FolderInUse, match="another sweep driver is running on it\\.?$"):
@@ -81,6 +66,54 @@ def test_a_holder_file_that_says_nothing_readable_still_refuses(tmp_path):
         proc.stdin.close()
         proc.wait(timeout=WAIT_S)
     driver_lock.release(driver_lock.take(tmp_path))
+
+
+def test_running_driver_names_the_holder_while_it_runs_and_nothing_once_it_has_ended(tmp_path):
+    assert driver_lock.running_driver(tmp_path) is None  # no lock file: no driver since locks were kept
+    proc = hold_driver_lock(tmp_path)
+    try:
+        for _ in range(2):  # asking takes nothing from the holder
+            assert re.fullmatch(f"pid {proc.pid} on host .+ since 20[0-9-]+ [0-9:]+ UTC",
+                                driver_lock.running_driver(tmp_path) or "")
+        with pytest.raises(FolderInUse):
+            driver_lock.take(tmp_path)
+    finally:
+        proc.kill()  # kill -9 of the process this test started: an interrupted sweep
+        proc.wait(timeout=WAIT_S)
+    assert driver_lock.running_driver(tmp_path) is None
+    driver_lock.release(driver_lock.take(tmp_path))
+    link = tmp_path / "linked"
+    link.mkdir()
+    (link / LOCK_FILE).symlink_to(tmp_path / LOCK_FILE)  # a link at the lock's name is no driver's
+    assert driver_lock.running_driver(link) is None
+
+
+def test_a_driver_that_starts_while_a_reader_asks_waits_the_question_out(tmp_path, monkeypatch):
+    """running_driver holds the lock shared for an instant; a driver taking it then is not refused. The
+    reader's instant here ends at the driver's first pause (its first try found the lock held); a reader
+    that never lets go is a holder, and refuses it after TAKE_TRIES tries."""
+    (tmp_path / LOCK_FILE).touch()
+    reader = os.open(tmp_path / LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(reader, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        fcntl.flock(reader, fcntl.LOCK_UN)  # the reader's question is over
+
+    monkeypatch.setattr(driver_lock.time, "sleep", pause)
+    try:
+        fd = driver_lock.take(tmp_path)
+        assert fd is not None and len(pauses) == 1
+        driver_lock.release(fd)
+        fcntl.flock(reader, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        pauses.clear()
+        monkeypatch.setattr(driver_lock.time, "sleep", pauses.append)  # it holds on
+        with pytest.raises(FolderInUse, match="another sweep driver is running on it"):
+            driver_lock.take(tmp_path)
+        assert len(pauses) == driver_lock.TAKE_TRIES - 1
+    finally:
+        os.close(reader)
 
 
 def test_a_folder_that_cannot_hold_the_file_is_not_guarded(small_disk):

@@ -15,7 +15,7 @@ from cifar_ray import analysis
 from cifar_ray.insight import settled_epoch
 from cifar_ray.refine import main as refine_main
 from cifar_ray.report import curve_label, write_report
-from conftest import WAIT_S
+from conftest import WAIT_S, hold_driver_lock
 
 
 def fake_sweep(tmp_path: Path, name: str, sections: dict, trials: list[tuple[dict, list[float], str]],
@@ -630,6 +630,41 @@ def test_a_running_grids_heatmap_keeps_every_configuration_and_a_report_drops_wh
     assert sorted(p.name for p in out.iterdir()) == ["curves.parquet", "report.md", "trials.parquet"]
     write_report(str(running), str(out))
     assert (out / "heatmap.png").is_file() and "![Grid](heatmap.png)" in (out / "report.md").read_text()
+
+
+def test_analysis_and_the_report_tell_a_running_sweep_from_an_interrupted_one(tmp_path):
+    """`unfinished` trials read alike whether the sweep runs now or was interrupted: the driver's lock
+    tells the two apart (sweep.driver(), the report's Running / Interrupted line)."""
+    from cifar_ray import driver_lock
+
+    grid_of = {"train": {"lr": {"grid": [0.01, 0.1, 1.0]}}}
+    exp = fake_sweep(tmp_path, "half", grid_of, [({"train.lr": 0.01}, [0.4, 0.5], "completed"),
+                                                 ({"train.lr": 0.1}, [0.3], "unfinished"),
+                                                 ({"train.lr": 1.0}, [], "unfinished")])
+    sweep = analysis.load(exp)
+
+    def report() -> str:
+        return write_report(str(exp), str(tmp_path / "report")).read_text()
+
+    assert sweep.driver() is None
+    text = report()
+    assert "Interrupted: 2 trials unfinished and no sweep driver holds this folder; the sweep's `--resume` " \
+           "continues it" in text and "Running:" not in text
+    proc = hold_driver_lock(exp)  # as a sweep's driver holds it while it runs
+    try:
+        assert re.fullmatch(f"pid {proc.pid} on host .+ since 20[0-9-]+ [0-9:]+ UTC", sweep.driver() or "")
+        text = report()
+        assert f"Running: a sweep driver holds this folder (pid {proc.pid} on host " in text
+        assert "Interrupted" not in text
+        with pytest.raises(driver_lock.FolderInUse):  # reading it left the driver its lock
+            driver_lock.take(exp)
+    finally:
+        proc.kill()  # the driver this test started, killed: the sweep is interrupted
+        proc.wait(timeout=WAIT_S)
+    assert sweep.driver() is None and "Interrupted: 2 trials unfinished" in report()
+    ended = fake_sweep(tmp_path, "ended", grid_of, [({"train.lr": lr}, [0.4], "completed") for lr in (0.01, 0.1)])
+    text = write_report(str(ended), str(tmp_path / "ended-report")).read_text()
+    assert "Running:" not in text and "Interrupted" not in text
 
 
 def test_a_fused_sweeps_architecture_bars_say_that_time_and_memory_are_the_packs(tmp_path):
