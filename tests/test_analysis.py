@@ -146,7 +146,7 @@ def test_a_copied_sweep_folder_still_loads(grid_sweep, tmp_path):
 def test_evaluate_picks_again_when_tune_removes_the_checkpoint_it_picked(grid_sweep, tmp_path, monkeypatch):
     """A running sweep's Tune removes a checkpoint that drops out of the best `checkpoint.keep` at any
     moment, so one can go between evaluate's pick and its read: it picks again from those left and
-    evaluates that one (a traceback before); a trial left with none gets the plain error."""
+    evaluates that one (FileNotFoundError before); a trial left with none gets the plain error."""
     copy = tmp_path / "lrmom"
     shutil.copytree(grid_sweep, copy)
     sweep = analysis.load(copy)
